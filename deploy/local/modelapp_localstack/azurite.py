@@ -1,0 +1,64 @@
+"""Azurite (pinned in package.json) standing in for Azure Blob Storage."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .binaries import REPO_ROOT
+from .procs import ManagedProcess, StackError, free_port, log, port_open
+
+# Azurite's well-known development account (published in Azurite's README).
+ACCOUNT_NAME = "devstoreaccount1"
+ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+@dataclass
+class Azurite:
+    blob_endpoint: str
+    account_name: str
+    account_key: str
+    process: ManagedProcess
+
+    @property
+    def connection_string(self) -> str:
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={self.account_name};"
+            f"AccountKey={self.account_key};BlobEndpoint={self.blob_endpoint};"
+        )
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def start_azurite(run_dir: Path, *, in_memory: bool = False) -> Azurite:
+    executable = REPO_ROOT / "node_modules" / ".bin" / "azurite-blob"
+    if not executable.exists():
+        raise StackError(f"{executable} is missing: run `npm ci` in {REPO_ROOT}")
+    started = time.monotonic()
+    port = free_port()
+    data = run_dir / "azurite"
+    data.mkdir(parents=True, exist_ok=True)
+    args = [
+        str(executable),
+        "--blobHost", "127.0.0.1",
+        "--blobPort", str(port),
+        "--location", str(data),
+        "--disableTelemetry",
+        # The Python SDK speaks a newer API version than Azurite knows.
+        "--skipApiVersionCheck",
+        "--loose",
+    ]
+    if in_memory:
+        args.append("--inMemoryPersistence")
+    process = ManagedProcess("azurite", args, run_dir / "logs" / "azurite.log", cwd=data)
+    process.start()
+    try:
+        process.wait_ready(lambda: port_open(port), 30, "blob port")
+    except BaseException:
+        process.stop()
+        raise
+    endpoint = f"http://127.0.0.1:{port}/{ACCOUNT_NAME}"
+    log(f"Azurite up at {endpoint} in {time.monotonic() - started:.1f}s")
+    return Azurite(endpoint, ACCOUNT_NAME, ACCOUNT_KEY, process)

@@ -1,0 +1,203 @@
+"""Debian's docker-registry (CNCF distribution) with TLS and htpasswd auth.
+
+Its notifications stand in for ACR webhooks; they go to a URL the caller picks.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import io
+import json
+import secrets
+import shutil
+import ssl
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import bcrypt
+import yaml
+
+from .pki import CertificateAuthority
+from .procs import ManagedProcess, StackError, free_port, log
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+MANIFEST_ACCEPT = ", ".join(
+    [
+        OCI_MANIFEST,
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    ]
+)
+
+
+@dataclass
+class Registry:
+    host: str
+    username: str
+    password: str
+    ca_file: Path
+    notify_token: str | None
+    process: ManagedProcess
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}"
+
+    def dockerconfigjson(self) -> str:
+        auth = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+        return json.dumps({"auths": {self.host: {"username": self.username, "password": self.password,
+                                                 "auth": auth}}})
+
+    def _request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        request = urllib.request.Request(self.url + path, data=body, method=method)
+        token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        for key, value in (headers or {}).items():
+            request.add_header(key, value)
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=30) as response:
+                return response.status, dict(response.headers.items()), response.read()
+        except urllib.error.HTTPError as error:
+            with error:
+                return error.code, dict(error.headers.items()), error.read()
+
+    def _push_blob(self, repository: str, data: bytes) -> str:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        status, headers, _ = self._request("HEAD", f"/v2/{repository}/blobs/{digest}")
+        if status == 200:
+            return digest
+        status, headers, body = self._request("POST", f"/v2/{repository}/blobs/uploads/", b"")
+        if status != 202:
+            raise StackError(f"blob upload start failed: {status} {body[:200]!r}")
+        location = headers["Location"]
+        if location.startswith("https://"):
+            location = location.split("/", 3)[3]
+            location = "/" + location
+        separator = "&" if "?" in location else "?"
+        status, _, body = self._request(
+            "PUT", f"{location}{separator}digest={digest}", data,
+            {"Content-Type": "application/octet-stream"},
+        )
+        if status != 201:
+            raise StackError(f"blob upload failed: {status} {body[:200]!r}")
+        return digest
+
+    def push_random_image(self, repository: str, tag: str) -> str:
+        """Push a small, unique, real OCI image (one layer with one file); return its digest."""
+        payload = secrets.token_hex(16).encode()
+        tar_bytes = io.BytesIO()
+        with tarfile.open(fileobj=tar_bytes, mode="w") as archive:
+            info = tarfile.TarInfo("payload.txt")
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+        layer = gzip.compress(tar_bytes.getvalue(), mtime=0)
+        diff_id = "sha256:" + hashlib.sha256(tar_bytes.getvalue()).hexdigest()
+        config = json.dumps({
+            "architecture": "amd64", "os": "linux",
+            "config": {"Cmd": ["/payload.txt"]},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }).encode()
+        layer_digest = self._push_blob(repository, layer)
+        config_digest = self._push_blob(repository, config)
+        manifest = json.dumps({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
+            "layers": [{"mediaType": OCI_LAYER, "digest": layer_digest, "size": len(layer)}],
+        }).encode()
+        status, headers, body = self._request(
+            "PUT", f"/v2/{repository}/manifests/{tag}", manifest, {"Content-Type": OCI_MANIFEST}
+        )
+        if status != 201:
+            raise StackError(f"manifest push failed: {status} {body[:300]!r}")
+        return headers.get("Docker-Content-Digest") or "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+    def resolve(self, repository: str, tag: str) -> str:
+        """Tag to digest, as a client would: HEAD the manifest with the Accept headers."""
+        status, headers, _ = self._request(
+            "HEAD", f"/v2/{repository}/manifests/{tag}", headers={"Accept": MANIFEST_ACCEPT}
+        )
+        if status != 200:
+            raise StackError(f"cannot resolve {repository}:{tag}: HTTP {status}")
+        return headers["Docker-Content-Digest"]
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def start_registry(
+    run_dir: Path,
+    ca: CertificateAuthority,
+    *,
+    notify_url: str | None = None,
+    notify_token: str | None = None,
+) -> Registry:
+    executable = shutil.which("docker-registry")
+    if executable is None:
+        raise StackError("docker-registry is missing: apt-get install docker-registry")
+    started = time.monotonic()
+    folder = run_dir / "registry"
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    serving = ca.issue("registry", "modelapp-local-registry", dns_names=("localhost",),
+                       ip_addresses=("127.0.0.1",), server=True)
+    username, password = "modelapp", secrets.token_urlsafe(16)
+    htpasswd = folder / "htpasswd"
+    htpasswd.write_text(f"{username}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode()}\n")
+    config: dict[str, object] = {
+        "version": 0.1,
+        "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": True}},
+        "storage": {"filesystem": {"rootdirectory": str(folder / "data")}, "delete": {"enabled": True}},
+        "http": {
+            "addr": f"127.0.0.1:{port}",
+            "secret": secrets.token_hex(16),
+            "tls": {"certificate": str(serving.cert), "key": str(serving.key)},
+        },
+        "auth": {"htpasswd": {"realm": "modelapp-local", "path": str(htpasswd)}},
+    }
+    if notify_url:
+        headers = {"Authorization": [f"Bearer {notify_token}"]} if notify_token else {}
+        config["notifications"] = {
+            "events": {"includereferences": True},
+            "endpoints": [{
+                "name": "modelapp-operator",
+                "url": notify_url,
+                "headers": headers,
+                "timeout": "2s",
+                "threshold": 3,
+                "backoff": "1s",
+                # Pulls are not changes; only pushes matter to the operator.
+                "ignoredmediatypes": ["application/octet-stream"],
+                "ignore": {"actions": ["pull"]},
+            }],
+        }
+    config_path = folder / "config.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    process = ManagedProcess("docker-registry", [executable, "serve", str(config_path)],
+                             run_dir / "logs" / "registry.log")
+    process.start()
+    registry = Registry(f"127.0.0.1:{port}", username, password, ca.cert_path, notify_token, process)
+
+    def ready() -> bool:
+        status, _, _ = registry._request("GET", "/v2/")
+        return status == 200
+
+    try:
+        process.wait_ready(ready, 30, "/v2/")
+    except BaseException:
+        process.stop()
+        raise
+    log(f"registry up at {registry.url} in {time.monotonic() - started:.1f}s")
+    return registry

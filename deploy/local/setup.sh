@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Set up everything the local stack and the tests need, on a fresh machine or an
+# old one: Debian packages, the pinned Node tools, the Python environment and the
+# control-plane binaries (built with Go and cached by version). Idempotent and
+# quiet when there is nothing to do.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export PATH="/usr/local/go/bin:$PATH"
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+started=$SECONDS
+
+debian_packages=(buildah docker-registry wrk)
+missing=()
+for package in "${debian_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if ((${#missing[@]})); then
+  step "installing Debian packages: ${missing[*]}"
+  sudo_cmd=(); [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+for tool in go node npm python3; do
+  command -v "$tool" >/dev/null || { echo "setup: $tool is required but not on PATH" >&2; exit 1; }
+done
+
+if [[ ! -x node_modules/.bin/azurite-blob ]] || [[ package-lock.json -nt node_modules/.package-lock.json ]]; then
+  step "installing pinned Node tools (npm ci)"
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+  step "creating the Python environment (.venv)"
+  python3 -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
+stamp=.venv/.modelapp-installed
+if [[ ! -f $stamp ]] || [[ pyproject.toml -nt $stamp ]]; then
+  step "installing ModelApp and its development dependencies into .venv"
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+
+step "control-plane binaries (cached in .cache/ by version)"
+.venv/bin/modelapp-stack build
+printf '\nsetup: ready in %ss\n' "$((SECONDS - started))" >&2
