@@ -110,8 +110,9 @@ def test_pod_security_admission_enforces_restricted(kube: KubeCluster) -> None:
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": "privileged", "namespace": namespace},
-        "spec": {"containers": [{"name": "c", "image": "example.invalid/c:1",
-                                 "securityContext": {"privileged": True}}]},
+        "spec": {
+            "containers": [{"name": "c", "image": "example.invalid/c:1", "securityContext": {"privileged": True}}]
+        },
     }
     rejected = kube.kubectl("apply", "-f", "-", input=json.dumps(pod), check=False)
     assert rejected.returncode != 0

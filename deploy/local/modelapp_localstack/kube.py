@@ -191,6 +191,18 @@ class KubeCluster:
             )
         return result
 
+    def set_never_ready_images(self, images: list[str]) -> None:
+        """Make kwok leave pods whose first container runs one of `images` unready (Pending) for good.
+
+        This configures the fake nodes, like a broken image would on a real cluster;
+        nothing in the code under test knows about it. An empty list restores the default.
+        """
+        expressions = [e for e in default_stages()[0]["spec"]["selector"]["matchExpressions"]]
+        if images:
+            expressions.append({"key": ".spec.containers.[0].image", "operator": "NotIn", "values": images})
+        patch = {"spec": {"selector": {"matchExpressions": expressions}}}
+        self.kubectl("patch", "stage.kwok.x-k8s.io", POD_READY_STAGE, "--type=merge", "-p", json.dumps(patch))
+
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop()
@@ -312,7 +324,7 @@ def start_cluster(run_dir: Path, *, nodes: int = 2) -> KubeCluster:
                 f"--cluster-signing-cert-file={ca.cert_path}",
                 f"--cluster-signing-key-file={ca.key_path}",
                 "--use-service-account-credentials=false",
-                "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service-lb-controller,-route",
+                "--controllers=*,-node-ipam-controller,-node-lifecycle-controller",
                 # Fast feedback for tests and local runs.
                 "--concurrent-deployment-syncs=10",
                 "--concurrent-replicaset-syncs=10",
@@ -372,6 +384,9 @@ def start_cluster(run_dir: Path, *, nodes: int = 2) -> KubeCluster:
             # The default ServiceAccount shows the controller manager is working.
             has_sa = cluster.kubectl("get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0
             if ready.count("True") == nodes and has_sa:
+                # The API server taints new nodes not-ready; lifting that is the node lifecycle
+                # controller's job, which is off because fake nodes send no kubelet heartbeats.
+                cluster.kubectl("taint", "nodes", "--all", "node.kubernetes.io/not-ready:NoSchedule-", check=False)
                 break
             if time.monotonic() > deadline:
                 raise StackError(f"control plane not ready after 60s: nodes={ready} default-sa={has_sa}")
