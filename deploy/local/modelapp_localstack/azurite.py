@@ -44,14 +44,13 @@ def start_azurite(run_dir: Path, *, in_memory: bool = False) -> Azurite:
         str(executable),
         "--blobHost", "127.0.0.1",
         "--blobPort", str(port),
-        "--location", str(data),
         "--disableTelemetry",
         # The Python SDK speaks a newer API version than Azurite knows.
         "--skipApiVersionCheck",
         "--loose",
     ]
-    if in_memory:
-        args.append("--inMemoryPersistence")
+    # Azurite refuses --location together with --inMemoryPersistence.
+    args += ["--inMemoryPersistence"] if in_memory else ["--location", str(data)]
     process = ManagedProcess("azurite", args, run_dir / "logs" / "azurite.log", cwd=data)
     process.start()
     try:

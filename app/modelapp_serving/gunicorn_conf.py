@@ -1,0 +1,112 @@
+"""gunicorn settings for the serving app (`gunicorn -c python:modelapp_serving.gunicorn_conf`).
+
+Env: MODELAPP_PORT (8080), MODELAPP_WORKERS (2 x cores + 1), MODELAPP_WORKER_CLASS (gthread),
+MODELAPP_THREADS (2), MODELAPP_ACCESS_LOG (false), MODELAPP_LOG_LEVEL (info).
+The master checks the config before forking; each worker downloads nothing itself unless it is the
+first to take the cache lock (see download.py), then loads the verified file in a background thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from modelapp_serving.config import ConfigError, ServingConfig
+from modelapp_serving.download import RUN_ID_ENV
+from modelapp_serving.metrics import MULTIPROC_ENV
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        sys.exit(f"{name} must be an integer, not {raw!r}")
+    if value < 1:
+        sys.exit(f"{name} must be at least 1, not {value}")
+    return value
+
+
+def _cores() -> int:
+    """CPUs this container may use: the cgroup quota if one is set, else the CPUs it may run on.
+
+    os.cpu_count() is the node's count: on a 64-core node a 2-CPU pod would start 129 workers.
+    """
+    available = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return available
+    if quota == "max":
+        return available
+    return max(1, min(available, math.ceil(int(quota) / int(period))))
+
+
+wsgi_app = "modelapp_serving.web:create_app()"
+bind = [f"0.0.0.0:{_env_int('MODELAPP_PORT', 8080)}"]
+workers = _env_int("MODELAPP_WORKERS", 2 * _cores() + 1)
+# gthread keeps connections alive (sync closes each one): about 1.7x the req/s of sync workers for a
+# small model on 2 cores, measured with wrk -c4.
+worker_class = os.environ.get("MODELAPP_WORKER_CLASS", "gthread")
+threads = _env_int("MODELAPP_THREADS", 2)
+keepalive = 5
+# Heartbeat files on tmpfs: the root filesystem may be read-only and disk-backed tmp can stall workers.
+worker_tmp_dir = "/dev/shm" if Path("/dev/shm").is_dir() else None  # noqa: S108 - tmpfs, as gunicorn advises
+accesslog = "-" if os.environ.get("MODELAPP_ACCESS_LOG", "").lower() in ("1", "true", "yes", "on") else None
+loglevel = os.environ.get("MODELAPP_LOG_LEVEL", "info")
+# Loading happens in a background thread, so a slow download never trips the worker timeout.
+timeout = 30
+graceful_timeout = 20
+preload_app = False
+# gunicorn >= 25 opens a control socket under $HOME by default: not wanted in a pod (read-only root).
+control_socket_disable = True
+
+
+def _configure_app_logging() -> None:
+    # Not logconfig_dict: with it gunicorn formats an access-log line for every request even when off.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"))
+    app_logger = logging.getLogger("modelapp_serving")
+    app_logger.handlers[:] = [handler]
+    app_logger.setLevel(loglevel.upper())
+    app_logger.propagate = False
+    logging.getLogger("azure").setLevel(logging.WARNING)
+
+
+def on_starting(server: Any) -> None:
+    """In the master, before any worker: fail fast on bad config, reset metrics, set the run id."""
+    try:
+        ServingConfig.from_env()
+    except ConfigError as error:
+        sys.exit(f"modelapp-serve: configuration error: {error}")
+    os.environ[RUN_ID_ENV] = uuid.uuid4().hex
+    multiproc_dir = os.environ.get(MULTIPROC_ENV)
+    if multiproc_dir:
+        # Files from an earlier run would be summed into this run's counters.
+        path = Path(multiproc_dir)
+        if path.is_dir():
+            for entry in path.iterdir():
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    _configure_app_logging()
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess  # noqa: PLC0415 - only needed in multiprocess mode
+
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

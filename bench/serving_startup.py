@@ -1,0 +1,198 @@
+"""Start-up benchmark: verified model download from Azurite vs a plain local file copy.
+
+Publishes a random blob (1 GiB by default) to a private Azurite on loopback, then times
+`fetch_verified_model` (ETag-pinned parallel ranged download, sha256 while streaming, atomic write
+into the cache dir) against `shutil.copyfile` of the same file on the same disk. Prints a markdown
+table with the medians. Goal: the verified download reaches >= 80 % of the copy's throughput.
+
+    .venv/bin/python bench/serving_startup.py [--size-mib 1024] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# bench/ is not a package: make the source roots importable when run as a script.
+for _source_root in ("app", "deploy/local"):
+    if str(REPO_ROOT / _source_root) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT / _source_root))
+
+from modelapp_localstack.azurite import start_azurite  # noqa: E402
+from modelapp_serving.config import ModelFormat, ModelSpec  # noqa: E402
+from modelapp_serving.download import DownloadSettings, fetch_verified_model, make_blob_client  # noqa: E402
+from modelapp_serving.publish import file_sha256, publish_model  # noqa: E402
+
+_WRITE_BYTES = 64 << 20
+GOAL_RATIO = 0.8
+
+
+@dataclass(frozen=True)
+class Timing:
+    name: str
+    seconds: list[float]
+    size: int
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.size / 1e6 / self.median_s
+
+
+class DiscardingWriter:
+    """A seekable sink: measures what Azurite and the SDK deliver without hashing or writing."""
+
+    def __init__(self) -> None:
+        self._position = 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._position = offset
+        return offset
+
+    def write(self, data: bytes) -> int:
+        self._position += len(data)
+        return len(data)
+
+
+def write_random_file(path: Path, size: int) -> None:
+    with path.open("wb") as file:
+        remaining = size
+        while remaining:
+            chunk = min(remaining, _WRITE_BYTES)
+            file.write(os.urandom(chunk))
+            remaining -= chunk
+
+
+def time_runs(runs: int, action: Callable[[], None], cleanup: Callable[[], None]) -> list[float]:
+    seconds = []
+    for _ in range(runs):
+        cleanup()
+        started = time.perf_counter()
+        action()
+        seconds.append(time.perf_counter() - started)
+    cleanup()
+    return seconds
+
+
+def markdown_table(download: Timing, copy: Timing, context: list[Timing], settings: DownloadSettings, runs: int) -> str:
+    ratio = download.mb_per_s / copy.mb_per_s
+    verdict = "meets" if ratio >= GOAL_RATIO else "misses"
+    lines = [
+        f"Model start-up: {download.size / (1 << 20):.0f} MiB blob, median of {runs} runs "
+        f"(concurrency {settings.concurrency}, chunk {settings.chunk_bytes >> 20} MiB)",
+        "",
+        "| method | median s | MB/s | runs (s) |",
+        "|---|---:|---:|---|",
+    ]
+    for timing in (download, copy, *context):
+        runs_text = ", ".join(f"{s:.2f}" for s in timing.seconds)
+        lines.append(f"| {timing.name} | {timing.median_s:.2f} | {timing.mb_per_s:.0f} | {runs_text} |")
+    lines += [
+        "",
+        f"download / copy throughput: **{ratio:.2f}** ({verdict} the {GOAL_RATIO:.0%} goal); "
+        f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=DownloadSettings.concurrency)
+    parser.add_argument("--chunk-mib", type=int, default=DownloadSettings.chunk_bytes >> 20)
+    parser.add_argument("--work-dir", type=Path, default=None, help="where the temp folder goes (default: $TMPDIR)")
+    args = parser.parse_args(argv)
+    if args.runs < 3:
+        parser.error("--runs must be at least 3 (medians)")
+    size = args.size_mib << 20
+
+    with tempfile.TemporaryDirectory(prefix="modelapp-bench-", dir=args.work_dir) as temp:
+        work = Path(temp)
+        print(f"writing {args.size_mib} MiB of random bytes …", file=sys.stderr)
+        source = work / "model.onnx"
+        write_random_file(source, size)
+        # On disk in the temp folder (Azurite refuses --inMemoryPersistence together with --location).
+        azurite = start_azurite(work / "run")
+        try:
+            print("publishing to Azurite …", file=sys.stderr)
+            blob_url = f"{azurite.blob_endpoint}/bench/model.onnx"
+            published = publish_model(source, blob_url, connection_string=azurite.connection_string, progress=True)
+            spec = ModelSpec(url=blob_url, etag=published.etag, sha256=published.sha256, format=ModelFormat.ONNX)
+            settings = DownloadSettings(
+                connection_string=azurite.connection_string,
+                concurrency=args.concurrency,
+                chunk_bytes=args.chunk_mib << 20,
+            )
+            cache_dir = work / "cache"
+            copy_target = work / "copy.onnx"
+
+            def clear_cache() -> None:
+                shutil.rmtree(cache_dir, ignore_errors=True)
+
+            def download() -> None:
+                result = fetch_verified_model(spec, cache_dir, settings)
+                if not result.downloaded or result.size != size:
+                    raise RuntimeError("the benchmark expected a fresh, complete download")
+
+            def remove_copy() -> None:
+                copy_target.unlink(missing_ok=True)
+
+            print("timing …", file=sys.stderr)
+            # Interleave so both see the same machine load; alternate which goes first.
+            download_s: list[float] = []
+            copy_s: list[float] = []
+
+            def copy() -> None:
+                shutil.copyfile(source, copy_target)
+
+            hash_s: list[float] = []
+            raw_s: list[float] = []
+            raw_client = make_blob_client(spec, settings)
+
+            def raw_download() -> None:
+                raw_client.download_blob(max_concurrency=settings.concurrency).readinto(DiscardingWriter())
+
+            def hash_only() -> None:
+                file_sha256(source)
+
+            for run in range(args.runs):
+                hash_s += time_runs(1, hash_only, lambda: None)
+                raw_s += time_runs(1, raw_download, lambda: None)
+                if run % 2 == 0:
+                    download_s += time_runs(1, download, clear_cache)
+                    copy_s += time_runs(1, copy, remove_copy)
+                else:
+                    copy_s += time_runs(1, copy, remove_copy)
+                    download_s += time_runs(1, download, clear_cache)
+        finally:
+            azurite.stop()
+
+    download_timing = Timing("verified download (If-Match, sha256, atomic write)", download_s, size)
+    copy_timing = Timing("shutil.copyfile (same disk)", copy_s, size)
+    raw_timing = Timing("plain SDK download, nothing hashed or written (Azurite + SDK ceiling)", raw_s, size)
+    hash_timing = Timing("sha256 of the file on disk (bound for any verified download)", hash_s, size)
+    print(markdown_table(download_timing, copy_timing, [raw_timing, hash_timing], settings, args.runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
