@@ -1,0 +1,98 @@
+"""Run the ModelApp operator: `python -m modelapp_operator` (or `modelapp-operator`).
+
+Configuration comes from MODELAPP_* environment variables (see config.py and
+docs/modelapp-spec.md); the command line only chooses namespaces, the liveness
+endpoint and verbosity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+
+import kopf
+import modelapp_operator.handlers  # noqa: F401 - importing registers the kopf handlers
+from modelapp_operator.config import ConfigError, OperatorConfig
+from modelapp_operator.redact import RedactingFilter
+
+DESCRIPTION = """\
+Kubernetes operator for ModelApp resources (modelapp.io/v1alpha1): resolves each
+ModelApp's image tag to a digest and its model blob to an ETag and sha256, and
+runs them as a Deployment and a Service.
+
+Environment:
+  MODELAPP_NAMESPACES               comma-separated namespaces to watch (empty: all)
+  MODELAPP_POLL_INTERVAL_SECONDS    how often tags and blobs are re-checked (default 30)
+  MODELAPP_LOG_FORMAT               text (default) or json
+  MODELAPP_REGISTRY_CA_FILE         extra CA bundle for registries with a private CA
+  MODELAPP_REGISTRY_INSECURE_HOSTS  comma-separated registry hosts reached over plain HTTP
+  MODELAPP_REGISTRY_TIMEOUT_SECONDS timeout of registry and blob calls (default 10)
+  MODELAPP_LIVENESS_PORT            port of the liveness endpoint (default 8081)
+  KUBECONFIG                        kubeconfig to use outside a cluster
+"""
+
+
+def configure_logging(log_format: str, *, verbose: bool) -> None:
+    kopf.configure(verbose=verbose, log_format=kopf.LogFormat.JSON if log_format == "json" else kopf.LogFormat.FULL)
+    redacting = RedactingFilter()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(redacting)
+    # The storage SDK logs every request at INFO; errors still reach us as exceptions.
+    logging.getLogger("azure").setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelapp-operator", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        dest="namespaces",
+        metavar="NAMESPACE",
+        help="watch this namespace (repeatable); overrides MODELAPP_NAMESPACES",
+    )
+    scope.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="watch all namespaces; overrides MODELAPP_NAMESPACES"
+    )
+    parser.add_argument(
+        "--liveness",
+        metavar="URL",
+        help="liveness endpoint, e.g. http://0.0.0.0:8081/healthz (default: on MODELAPP_LIVENESS_PORT); 'off' disables",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = OperatorConfig.from_env()
+    except ConfigError as error:
+        print(f"modelapp-operator: configuration error: {error}", file=sys.stderr)
+        return 2
+    namespaces: tuple[str, ...] = () if args.all_namespaces else tuple(args.namespaces or config.namespaces)
+    if args.liveness == "off":
+        liveness: str | None = None
+    else:
+        liveness = args.liveness or f"http://0.0.0.0:{config.liveness_port}/healthz"
+
+    config = dataclasses.replace(config, namespaces=namespaces)
+    configure_logging(config.log_format, verbose=args.verbose)
+    kopf.run(
+        standalone=True,  # one replica (Recreate strategy): no peering objects needed
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        liveness_endpoint=liveness,
+        memo=kopf.Memo(config=config),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

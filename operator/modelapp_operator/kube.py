@@ -1,0 +1,227 @@
+"""A small async Kubernetes API client (aiohttp) for the few calls the operator makes itself.
+
+kopf watches and patches the ModelApps; this client reads and writes the children
+(server-side apply), reads Secrets, writes the ModelApp status and posts Events.
+It authenticates with the same connection info kopf would use: the pod's service
+account in a cluster, else the kubeconfig (KUBECONFIG or ~/.kube/config).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import ssl
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+from urllib.parse import quote
+
+import aiohttp
+import kopf
+from modelapp_operator.build import FIELD_MANAGER
+from modelapp_operator.model import API_VERSION, KIND, PLURAL
+from modelapp_operator.redact import redact
+
+EventType = Literal["Normal", "Warning"]
+
+_SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+class KubeError(Exception):
+    """A Kubernetes API call failed (after the client's own handling of 404)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"Kubernetes API error {status}: {redact(message)}")
+        self.status = status
+
+
+class KubeClient(Protocol):
+    """The Kubernetes calls reconcile needs."""
+
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None: ...
+
+    async def patch_modelapp_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None: ...
+
+    async def patch_modelapp_annotations(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None: ...
+
+    async def post_event(self, involved: Mapping[str, Any], type_: EventType, reason: str, message: str) -> None: ...
+
+
+_PLURALS = {"Deployment": "deployments", "Service": "services", "Secret": "secrets", KIND: PLURAL}
+
+
+def resource_path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
+    """URL path of a namespaced resource (collection when name is None)."""
+    base = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    path = f"{base}/namespaces/{quote(namespace, safe='')}/{_PLURALS[kind]}"
+    return f"{path}/{quote(name, safe='')}" if name is not None else path
+
+
+class AiohttpKubeClient:
+    """KubeClient on one aiohttp session. Close it with `close()`."""
+
+    def __init__(
+        self,
+        server: str,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        headers: Callable[[], Mapping[str, str]],
+        timeout_seconds: float = 30.0,
+    ) -> None:
+        self._server = server.rstrip("/")
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
+        self._headers = headers
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=timeout_seconds, connect=10), raise_for_status=False
+        )
+
+    @classmethod
+    def from_connection_info(cls, info: kopf.ConnectionInfo, *, token_file: Path | None = None) -> AiohttpKubeClient:
+        static_headers = dict(info.as_http_headers())
+
+        def headers() -> Mapping[str, str]:
+            # Projected service-account tokens rotate on disk: read the current one per request.
+            if token_file is not None and token_file.exists():
+                return {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+            return static_headers
+
+        context = info.as_ssl_context() if info.server.startswith("https:") else None
+        return cls(info.server, ssl_context=context, headers=headers)
+
+    @classmethod
+    def connect(cls) -> AiohttpKubeClient:
+        """In a pod: the service account; elsewhere: the kubeconfig. Raises kopf.LoginError if neither."""
+        settings = kopf.OperatorSettings()
+        if (_SERVICE_ACCOUNT_DIR / "token").exists():
+            info = kopf.login_with_service_account(settings=settings)
+            host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
+            if info is not None and host and port:
+                server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+                info = _replace_server(info, server)
+            if info is not None:
+                return cls.from_connection_info(info, token_file=_SERVICE_ACCOUNT_DIR / "token")
+        info = kopf.login_with_kubeconfig(settings=settings)
+        if info is None:
+            raise kopf.LoginError("no service account token and no kubeconfig (set KUBECONFIG)")
+        return cls.from_connection_info(info)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        content_type: str = "application/json",
+        params: Mapping[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        headers = {"Accept": "application/json", **self._headers()}
+        data = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            data = json.dumps(body)
+        try:
+            async with self._session.request(
+                method, self._server + path, data=data, headers=headers, params=params, ssl=self._ssl
+            ) as response:
+                text = await response.text()
+                payload: Any = json.loads(text) if text and response.content_type == "application/json" else text
+                return response.status, payload
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise KubeError(0, f"{method} {path}: {type(error).__name__}: {error}") from None
+
+    @staticmethod
+    def _check(status: int, payload: Any, what: str) -> None:
+        if status >= 400:
+            message = payload.get("message", "") if isinstance(payload, dict) else str(payload)[:500]
+            raise KubeError(status, f"{what}: {message}")
+
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        status, payload = await self._request("GET", resource_path(api_version, kind, namespace, name))
+        if status == 404:
+            return None
+        self._check(status, payload, f"get {kind} {namespace}/{name}")
+        return payload  # type: ignore[no-any-return]
+
+    async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Server-side apply as the operator's field manager (force: we own these fields)."""
+        metadata = obj["metadata"]
+        path = resource_path(obj["apiVersion"], obj["kind"], metadata["namespace"], metadata["name"])
+        status, payload = await self._request(
+            "PATCH",
+            path,
+            body=obj,
+            content_type="application/apply-patch+yaml",
+            params={"fieldManager": FIELD_MANAGER, "force": "true"},
+        )
+        self._check(status, payload, f"apply {obj['kind']} {metadata['namespace']}/{metadata['name']}")
+        return payload  # type: ignore[no-any-return]
+
+    async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        secret = await self.get("v1", "Secret", namespace, name)
+        if secret is None:
+            return None
+        return {key: base64.b64decode(value) for key, value in (secret.get("data") or {}).items()}
+
+    async def patch_modelapp_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        path = resource_path(API_VERSION, KIND, namespace, name) + "/status"
+        code, payload = await self._request(
+            "PATCH", path, body={"status": status}, content_type="application/merge-patch+json"
+        )
+        if code == 404:
+            return  # deleted meanwhile: nothing to report on
+        self._check(code, payload, f"patch status of ModelApp {namespace}/{name}")
+
+    async def patch_modelapp_annotations(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None:
+        path = resource_path(API_VERSION, KIND, namespace, name)
+        code, payload = await self._request(
+            "PATCH",
+            path,
+            body={"metadata": {"annotations": dict(annotations)}},
+            content_type="application/merge-patch+json",
+        )
+        if code == 404:
+            return
+        self._check(code, payload, f"annotate ModelApp {namespace}/{name}")
+
+    async def post_event(self, involved: Mapping[str, Any], type_: EventType, reason: str, message: str) -> None:
+        metadata = involved.get("metadata") or {}
+        namespace = metadata.get("namespace") or "default"
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{metadata.get('name', 'modelapp')}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": involved.get("apiVersion", API_VERSION),
+                "kind": involved.get("kind", KIND),
+                "name": metadata.get("name"),
+                "namespace": namespace,
+                "uid": metadata.get("uid"),
+                "resourceVersion": metadata.get("resourceVersion"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": redact(message)[:1024],
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": FIELD_MANAGER,
+            "reportingInstance": os.environ.get("HOSTNAME", FIELD_MANAGER)[:128],
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self._request("POST", f"/api/v1/namespaces/{quote(namespace, safe='')}/events", body=event)
+        # An event that cannot be posted (status >= 400) must not fail the reconcile: ignore it.
+
+
+def _replace_server(info: kopf.ConnectionInfo, server: str) -> kopf.ConnectionInfo:
+    return dataclasses.replace(info, server=server)

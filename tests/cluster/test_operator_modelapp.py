@@ -1,0 +1,564 @@
+"""The operator as in production (`python -m modelapp_operator`) against the local control plane,
+the TLS registry and Azurite: create, roll exactly once, relabel without rolling, delete, pod security,
+and leave foreign objects alone."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from azure.storage.blob import BlobServiceClient, ContainerClient
+from modelapp_localstack import Azurite, KubeCluster, Registry
+
+pytestmark = pytest.mark.cluster
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = REPO_ROOT / "crds" / "modelapp.yaml"
+NAMESPACE_PREFIX = f"op-{uuid.uuid4().hex[:6]}"
+T = TypeVar("T")
+
+
+@dataclass
+class Operator:
+    process: subprocess.Popen[bytes]
+    log_file: Path
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, *secrets: str) -> None:
+        """Stop it as Kubernetes would (SIGTERM) and check its log for crashes and leaked credentials."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        text = self.log_file.read_text(errors="replace")
+        assert "Traceback" not in text, self.log_tail(200)
+        for secret in secrets:
+            assert secret not in text, "a credential reached the operator log"
+
+
+def start_operator(kube: KubeCluster, registry: Registry, log_file: Path, namespace_pattern: str) -> Operator:
+    """`python -m modelapp_operator` as in production, watching the namespaces matching the pattern."""
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+    kube.kubectl("wait", "--for=condition=Established", "crd/modelapps.modelapp.io", "--timeout=60s")
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kube.kubeconfig),
+        "MODELAPP_REGISTRY_CA_FILE": str(registry.ca_file),
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "operator"), os.environ.get("PYTHONPATH", "")]),
+    }
+    with log_file.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "modelapp_operator", "--namespace", namespace_pattern, "--liveness", "off"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+        )
+    return Operator(process=process, log_file=log_file)
+
+
+@pytest.fixture(scope="module")
+def operator(
+    kube: KubeCluster, registry: Registry, azurite: Azurite, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Operator]:
+    log_file = tmp_path_factory.mktemp("operator") / "operator.log"
+    running = start_operator(kube, registry, log_file, f"{NAMESPACE_PREFIX}-*")
+    try:
+        yield running
+    finally:
+        running.stop(registry.password, azurite.account_key)
+
+
+@pytest.fixture(scope="module")
+def models(azurite: Azurite) -> ContainerClient:
+    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    container = service.get_container_client("models")
+    with contextlib.suppress(Exception):
+        container.create_container()
+    return container
+
+
+@dataclass
+class App:
+    namespace: str
+    name: str
+    repository: str
+    digest: str
+    blob_name: str
+    model_sha256: str
+    model_etag: str
+
+
+def publish_model(models: ContainerClient, blob_name: str, content: bytes) -> tuple[str, str]:
+    sha = hashlib.sha256(content).hexdigest()
+    blob = models.get_blob_client(blob_name)
+    result = blob.upload_blob(content, overwrite=True, metadata={"sha256": sha, "format": "onnx"})
+    return sha, str(result["etag"])
+
+
+def make_namespace(kube: KubeCluster, labels: dict[str, str] | None = None, prefix: str = NAMESPACE_PREFIX) -> str:
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels or {}}}
+    kube.kubectl("apply", "-f", "-", input=json.dumps(namespace))
+    return name
+
+
+def prepare(
+    kube: KubeCluster,
+    registry: Registry,
+    azurite: Azurite,
+    models: ContainerClient,
+    labels: dict[str, str] | None = None,
+    prefix: str = NAMESPACE_PREFIX,
+) -> App:
+    namespace = make_namespace(kube, labels, prefix)
+    secrets = [
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "regcred", "namespace": namespace},
+            "type": "kubernetes.io/dockerconfigjson",
+            "stringData": {".dockerconfigjson": registry.dockerconfigjson()},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "storage", "namespace": namespace},
+            "stringData": {"connectionString": azurite.connection_string},
+        },
+    ]
+    kube.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": secrets}))
+    repository = f"{registry.host}/apps/{namespace}"
+    digest = registry.push_random_image(f"apps/{namespace}", "stable")
+    blob_name = f"{namespace}/model.onnx"
+    sha, etag = publish_model(models, blob_name, f"model of {namespace} v1".encode())
+    return App(namespace, "iris", repository, digest, blob_name, sha, etag)
+
+
+def modelapp(app: App, azurite: Azurite, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "modelapp.io/v1alpha1",
+        "kind": "ModelApp",
+        "metadata": {"name": app.name, "namespace": app.namespace},
+        "spec": {
+            "image": {"repository": app.repository, "tag": "stable", "pullSecretName": "regcred"},
+            "model": {
+                "blob": {"accountUrl": azurite.blob_endpoint, "container": "models", "name": app.blob_name},
+                "credentials": {"secretRef": {"name": "storage"}},
+            },
+            "replicas": 2,
+            "env": [{"name": "LOG_LEVEL", "value": "info"}],
+            "rollout": {"maxSurge": 1, "maxUnavailable": 0},
+        },
+    }
+    body["spec"].update(spec)
+    return body
+
+
+def get(kube: KubeCluster, kind: str, app: App, name: str | None = None) -> dict[str, Any] | None:
+    result = kube.kubectl("get", kind, name or app.name, "-n", app.namespace, "-o", "json", check=False)
+    if result.returncode != 0:
+        assert "NotFound" in result.stderr, result.stderr
+        return None
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def wait_for(what: str, check: Callable[[], T | None], operator: Operator, timeout: float = 90) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}\n--- operator log ---\n{operator.log_tail()}")
+
+
+def conditions(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in (body.get("status") or {}).get("conditions") or []}
+
+
+def wait_ready(
+    kube: KubeCluster, app: App, operator: Operator, generation: int | None = None, timeout: float = 90
+) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        body = get(kube, "modelapp", app)
+        if body is None:
+            return None
+        status = body.get("status") or {}
+        wanted = generation if generation is not None else body["metadata"]["generation"]
+        condition = conditions(body).get("Ready") or {}
+        if condition.get("status") == "True" and status.get("observedGeneration") == wanted:
+            return body
+        return None
+
+    return wait_for(f"ModelApp {app.namespace}/{app.name} Ready", ready, operator, timeout)
+
+
+def replicasets(kube: KubeCluster, app: App) -> list[dict[str, Any]]:
+    result = kube.kubectl(
+        "get", "rs", "-n", app.namespace, "-l", f"app.kubernetes.io/instance={app.name}", "-o", "json"
+    )
+    return json.loads(result.stdout)["items"]  # type: ignore[no-any-return]
+
+
+def apply(kube: KubeCluster, body: dict[str, Any]) -> None:
+    kube.kubectl("apply", "--server-side", "--field-manager=test", "-f", "-", input=json.dumps(body))
+
+
+def operator_fields(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    return [m for m in obj["metadata"].get("managedFields", []) if m.get("manager") == "modelapp-operator"]
+
+
+def env_of(deployment: dict[str, Any]) -> dict[str, Any]:
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_create_renders_children_by_digest_and_becomes_ready(
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+) -> None:
+    app = prepare(kube, registry, azurite, models)
+    apply(kube, modelapp(app, azurite))
+
+    body = wait_ready(kube, app, operator)
+    deployment = get(kube, "deployment", app)
+    service = get(kube, "service", app)
+    assert deployment is not None and service is not None
+
+    pod = deployment["spec"]["template"]
+    assert pod["spec"]["containers"][0]["image"] == f"{app.repository}@{app.digest}"
+    assert pod["metadata"]["annotations"]["modelapp.io/model-version"] == app.model_etag
+    assert pod["metadata"]["annotations"]["modelapp.io/model-sha256"] == app.model_sha256
+    env = env_of(deployment)
+    assert env["MODELAPP_MODEL_URL"] == f"{azurite.blob_endpoint}/models/{app.blob_name}"
+    assert env["MODELAPP_MODEL_ETAG"] == app.model_etag
+    assert env["MODELAPP_MODEL_SHA256"] == app.model_sha256
+    assert env["MODELAPP_MODEL_FORMAT"] == "onnx"
+    assert env["MODELAPP_MODEL_CONNECTION_STRING"] == {"secretKeyRef": {"name": "storage", "key": "connectionString"}}
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    owner = deployment["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["uid"], owner["controller"], owner["blockOwnerDeletion"]) == (
+        "ModelApp",
+        body["metadata"]["uid"],
+        True,
+        True,
+    )
+    assert service["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
+    assert service["spec"]["ports"][0]["port"] == 80
+
+    status = body["status"]
+    assert status["image"]["digest"] == app.digest
+    assert status["image"]["shortDigest"] == app.digest.removeprefix("sha256:")[:12]
+    assert status["model"]["version"] == app.model_etag and status["model"]["sha256"] == app.model_sha256
+    assert status["readyReplicas"] == 2 and status["replicaSummary"] == "2/2"
+    assert {t: c["status"] for t, c in conditions(body).items()} == {
+        "Ready": "True",
+        "Progressing": "False",
+        "Degraded": "False",
+        "ImageResolved": "True",
+        "ModelResolved": "True",
+    }
+    assert "connectionString" not in json.dumps(status) and azurite.account_key not in json.dumps(status)
+
+    table = kube.kubectl("get", "ma", app.name, "-n", app.namespace).stdout
+    assert app.digest.removeprefix("sha256:")[:12] in table and "2/2" in table and "True" in table
+
+    events = kube.kubectl(
+        "get", "events", "-n", app.namespace, "--field-selector", "involvedObject.kind=ModelApp", "-o", "json"
+    )
+    reasons = {e["reason"] for e in json.loads(events.stdout)["items"]}
+    assert {"RolloutStarted", "Ready"} <= reasons
+
+
+def test_template_change_rolls_once_and_relabel_rolls_nothing(
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+) -> None:
+    app = prepare(kube, registry, azurite, models)
+    apply(kube, modelapp(app, azurite))
+    wait_ready(kube, app, operator)
+    assert len(replicasets(kube, app)) == 1
+
+    # A change that matters: env. Exactly one new ReplicaSet.
+    changed = modelapp(app, azurite, env=[{"name": "LOG_LEVEL", "value": "debug"}])
+    apply(kube, changed)
+    body = wait_ready(kube, app, operator, generation=2)
+    sets = replicasets(kube, app)
+    assert len(sets) == 2, [rs["metadata"]["name"] for rs in sets]
+    deployment = get(kube, "deployment", app)
+    assert deployment is not None and env_of(deployment)["LOG_LEVEL"] == "debug"
+    deployment_generation = deployment["metadata"]["generation"]
+
+    # A label on the ModelApp: the operator handles it (kopf records the new state) but rolls nothing.
+    kube.kubectl("label", "modelapp", app.name, "-n", app.namespace, "team=search")
+
+    def handled() -> bool:
+        current = get(kube, "modelapp", app) or {}
+        recorded = (current.get("metadata", {}).get("annotations") or {}).get(
+            "operator.modelapp.io/last-handled-configuration", ""
+        )
+        return "search" in recorded
+
+    wait_for("the operator to handle the label change", handled, operator)
+    time.sleep(2)
+    deployment = get(kube, "deployment", app)
+    assert deployment is not None and deployment["metadata"]["generation"] == deployment_generation
+    assert len(replicasets(kube, app)) == 2
+    assert "team" not in deployment["spec"]["template"]["metadata"]["labels"]
+    relabelled = get(kube, "modelapp", app)
+    assert relabelled is not None and relabelled["status"] == body["status"]
+
+
+def test_moved_tag_and_new_model_each_roll_once(
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+) -> None:
+    app = prepare(kube, registry, azurite, models)
+    apply(kube, modelapp(app, azurite))
+    wait_ready(kube, app, operator)
+
+    # The tag moves; a reconcile request (what the poller and the receiver do) rolls to the new digest.
+    new_digest = registry.push_random_image(f"apps/{app.namespace}", "stable")
+    assert new_digest != app.digest
+    kube.kubectl(
+        "annotate", "modelapp", app.name, "-n", app.namespace, "--overwrite",
+        f"modelapp.io/reconcile-requested-at={time.time()}",
+    )  # fmt: skip
+
+    def rolled_to(digest: str) -> dict[str, Any] | None:
+        body = get(kube, "modelapp", app)
+        ready = conditions(body or {}).get("Ready") or {}
+        if body and body["status"]["image"]["digest"] == digest and ready.get("status") == "True":
+            return body
+        return None
+
+    wait_for("rollout of the moved tag", lambda: rolled_to(new_digest), operator)
+    assert len(replicasets(kube, app)) == 2
+
+    # A new model version: one more rollout, with the new ETag and sha256 in the pods.
+    sha, etag = publish_model(models, app.blob_name, b"model v2")
+    kube.kubectl(
+        "annotate", "modelapp", app.name, "-n", app.namespace, "--overwrite",
+        f"modelapp.io/reconcile-requested-at={time.time()}",
+    )  # fmt: skip
+
+    def model_rolled() -> dict[str, Any] | None:
+        body = rolled_to(new_digest)
+        return body if body and body["status"]["model"]["version"] == etag else None
+
+    wait_for("rollout of the new model", model_rolled, operator)
+    deployment = get(kube, "deployment", app)
+    assert deployment is not None
+    assert env_of(deployment)["MODELAPP_MODEL_ETAG"] == etag and env_of(deployment)["MODELAPP_MODEL_SHA256"] == sha
+    assert len(replicasets(kube, app)) == 3
+
+
+def test_scaled_or_edited_deployment_is_put_back(
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+) -> None:
+    app = prepare(kube, registry, azurite, models)
+    apply(kube, modelapp(app, azurite))
+    wait_ready(kube, app, operator)
+    kube.kubectl("scale", "deployment", app.name, "-n", app.namespace, "--replicas=4")
+    kube.kubectl("set", "image", f"deployment/{app.name}", "app=example.com/other:1", "-n", app.namespace)
+
+    def restored() -> bool:
+        deployment = get(kube, "deployment", app) or {}
+        spec = deployment.get("spec") or {}
+        image = spec.get("template", {}).get("spec", {}).get("containers", [{}])[0].get("image")
+        return spec.get("replicas") == 2 and image == f"{app.repository}@{app.digest}"
+
+    wait_for("the operator to restore its Deployment", restored, operator)
+    wait_ready(kube, app, operator)
+
+
+def test_deleting_the_modelapp_deletes_its_children(
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+) -> None:
+    app = prepare(kube, registry, azurite, models)
+    apply(kube, modelapp(app, azurite))
+    wait_ready(kube, app, operator)
+    kube.kubectl("delete", "modelapp", app.name, "-n", app.namespace, "--wait=true", "--timeout=60s")
+
+    def children_gone() -> bool:
+        return get(kube, "deployment", app) is None and get(kube, "service", app) is None
+
+    wait_for("garbage collection of the Deployment and Service", children_gone, operator)
+
+
+def test_pod_template_is_admitted_under_restricted_pod_security(
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+) -> None:
+    labels = {
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": "latest",
+        "pod-security.kubernetes.io/warn": "restricted",
+    }
+    app = prepare(kube, registry, azurite, models, labels=labels)
+    apply(kube, modelapp(app, azurite))
+    wait_ready(kube, app, operator)  # the ReplicaSet could create its pods
+
+    deployment = get(kube, "deployment", app)
+    assert deployment is not None
+    template = deployment["spec"]["template"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "admission-check", "namespace": app.namespace, "labels": {"check": "psa"}},
+        "spec": template["spec"],
+    }
+    result = kube.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(pod), check=False)
+    assert result.returncode == 0, result.stderr
+    assert "violate" not in result.stderr, result.stderr
+
+    # Sanity check that the namespace does enforce: a root pod is refused.
+    root = json.loads(json.dumps(pod))
+    root["spec"]["securityContext"] = {}
+    root["spec"]["containers"][0]["securityContext"] = {"runAsUser": 0}
+    refused = kube.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(root), check=False)
+    assert refused.returncode != 0 and "restricted" in refused.stderr
+
+
+def test_foreign_deployment_is_left_alone(
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+) -> None:
+    app = prepare(kube, registry, azurite, models)
+    foreign = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": app.name, "namespace": app.namespace},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "someone-else"}},
+            "template": {
+                "metadata": {"labels": {"app": "someone-else"}},
+                "spec": {"containers": [{"name": "c", "image": "example.com/other:1"}]},
+            },
+        },
+    }
+    apply(kube, foreign)
+    before = get(kube, "deployment", app)
+    apply(kube, modelapp(app, azurite))
+
+    def conflict() -> dict[str, Any] | None:
+        body = get(kube, "modelapp", app)
+        ready = conditions(body or {}).get("Ready") or {}
+        return body if ready.get("reason") == "NameConflict" else None
+
+    body = wait_for("Ready=False NameConflict", conflict, operator)
+    assert conditions(body)["Ready"]["status"] == "False"
+    after = get(kube, "deployment", app)
+    assert before is not None and after is not None
+    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    assert "ownerReferences" not in after["metadata"]
+
+
+def test_missing_blob_is_reported_then_recovered(
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+) -> None:
+    app = prepare(kube, registry, azurite, models)
+    body = modelapp(app, azurite)
+    body["spec"]["model"]["blob"]["name"] = f"{app.namespace}/later.onnx"
+    apply(kube, body)
+
+    def blob_not_found() -> dict[str, Any] | None:
+        current = get(kube, "modelapp", app)
+        model = conditions(current or {}).get("ModelResolved") or {}
+        return current if model.get("reason") == "BlobNotFound" else None
+
+    current = wait_for("ModelResolved=False BlobNotFound", blob_not_found, operator)
+    assert conditions(current)["Ready"]["status"] == "False"
+    assert get(kube, "deployment", app) is None
+
+    publish_model(models, f"{app.namespace}/later.onnx", b"late model")
+    kube.kubectl(
+        "annotate", "modelapp", app.name, "-n", app.namespace, "--overwrite",
+        f"modelapp.io/reconcile-requested-at={time.time()}",
+    )  # fmt: skip
+    # kopf keeps a failed handler's retry delay (30 s for a missing blob) even when asked again.
+    wait_ready(kube, app, operator, timeout=150)
+
+
+def test_restarted_operator_resumes_without_touching_children(
+    kube: KubeCluster,
+    registry: Registry,
+    azurite: Azurite,
+    models: ContainerClient,
+    tmp_path: Path,
+) -> None:
+    """A restart runs the resume handler: same desired objects, so nothing is applied and nothing rolls."""
+    prefix = f"{NAMESPACE_PREFIX}r"  # not matched by the module's operator
+    app = prepare(kube, registry, azurite, models, prefix=prefix)
+    first = start_operator(kube, registry, tmp_path / "first.log", f"{prefix}-*")
+    try:
+        apply(kube, modelapp(app, azurite))
+        before = wait_ready(kube, app, first)
+    finally:
+        first.stop(registry.password, azurite.account_key)
+    deployment_before = get(kube, "deployment", app)
+    service_before = get(kube, "service", app)
+    assert deployment_before is not None and service_before is not None
+
+    second = start_operator(kube, registry, tmp_path / "second.log", f"{prefix}-*")
+    try:
+        wait_for(
+            "the resume handler",
+            lambda: "Handler 'reconcile-resume' succeeded" in second.log_file.read_text(errors="replace"),
+            second,
+        )
+        deployment_after = get(kube, "deployment", app)
+        service_after = get(kube, "service", app)
+        after = get(kube, "modelapp", app)
+    finally:
+        second.stop(registry.password, azurite.account_key)
+    assert deployment_after is not None and service_after is not None and after is not None
+    # Not applied again: our field manager's entry is unchanged (the Deployment's status may still move).
+    assert operator_fields(deployment_after) == operator_fields(deployment_before)
+    assert deployment_after["metadata"]["generation"] == deployment_before["metadata"]["generation"]
+    assert service_after["metadata"]["resourceVersion"] == service_before["metadata"]["resourceVersion"]
+    assert after["status"] == before["status"]
+    assert len(replicasets(kube, app)) == 1
+
+
+def test_bad_registry_credentials_are_reported_without_leaking_them(
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+) -> None:
+    app = prepare(kube, registry, azurite, models)
+    wrong_password = f"not-{registry.password}-wrong"
+    wrong = registry.dockerconfigjson().replace(registry.password, wrong_password)
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "regcred", "namespace": app.namespace},
+        "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": wrong},
+    }
+    kube.kubectl("apply", "-f", "-", input=json.dumps(secret))
+    apply(kube, modelapp(app, azurite))
+
+    def unauthorized() -> dict[str, Any] | None:
+        body = get(kube, "modelapp", app)
+        image = conditions(body or {}).get("ImageResolved") or {}
+        return body if image.get("reason") == "RegistryUnauthorized" else None
+
+    body = wait_for("ImageResolved=False RegistryUnauthorized", unauthorized, operator)
+    assert conditions(body)["Ready"]["status"] == "False"
+    assert get(kube, "deployment", app) is None
+    events = kube.kubectl("get", "events", "-n", app.namespace, "-o", "json").stdout
+    assert "RegistryUnauthorized" in events
+    for text in (json.dumps(body), events, operator.log_file.read_text(errors="replace")):
+        assert wrong_password not in text and registry.password not in text
