@@ -1,0 +1,84 @@
+"""KServe peer for the /predict benchmark: kserve's own ModelServer serving a joblib scikit-learn model.
+
+Runs inside the kserve virtualenv that `bench/serving_rps.py` builds from `requirements-kserve.txt`,
+never in the project venv. It mirrors what KServe's sklearn server does (a `kserve.Model` whose
+`predict` calls the estimator on the V1 `instances`), but loads the local file itself because
+kserve 0.21 no longer ships `kserve.storage`.
+
+    python bench/serving/kserve_server.py --model_file iris.joblib --http_port 8080 --workers 2 \
+        --enable_grpc false --enable_latency_logging false
+"""
+
+# The kserve venv, not the project venv, has kserve; mypy checks this file without it.
+# mypy: disallow-subclassing-any=False
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+from typing import Any
+
+# kserve 0.21 with fastapi 0.165 warns on every request; keep the log (and the benchmark) quiet. At module
+# level because kserve's worker processes are spawned and re-import this module before serving.
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
+
+import joblib  # type: ignore[import-untyped]  # noqa: E402
+import kserve  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
+import numpy as np  # noqa: E402
+from kserve.model_server import parser as kserve_parser  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
+from kserve.protocol.rest import server as rest_server  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
+
+LOOPBACK = "127.0.0.1"
+
+
+class SKLearnJoblibModel(kserve.Model):  # type: ignore[misc,unused-ignore]
+    """V1 `{"instances": [[...], ...]}` in, `{"predictions": [...]}` out, like KServe's sklearn server.
+
+    Module level (not local to main) because kserve pickles the model registry into spawned workers.
+    """
+
+    def __init__(self, name: str, model_file: Path) -> None:
+        super().__init__(name)
+        self.model_file = model_file
+        self.estimator: Any = None
+
+    def load(self) -> bool:
+        self.estimator = joblib.load(self.model_file)
+        self.ready = True
+        return True
+
+    def predict(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
+        instances = np.asarray(payload["instances"], dtype=np.float64)
+        return {"predictions": self.estimator.predict(instances).tolist()}
+
+
+def force_loopback_bind() -> None:
+    """kserve hard-codes host 0.0.0.0 in its uvicorn config; the benchmark must stay on loopback.
+
+    The multi-worker server binds the socket in the parent from this config and hands it to spawned
+    children (which unpickle it, not re-run __init__), so patching right after construction covers both
+    the 1- and N-worker paths.
+    """
+    original_init = rest_server.RESTServer.__init__
+
+    def init_on_loopback(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.config.host = LOOPBACK
+
+    rest_server.RESTServer.__init__ = init_on_loopback
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(parents=[kserve_parser])
+    parser.add_argument("--model_file", type=Path, required=True, help="joblib file of the estimator")
+    args, _ = parser.parse_known_args()
+    force_loopback_bind()
+    model = SKLearnJoblibModel(args.model_name, args.model_file)
+    model.load()
+    kserve.ModelServer().start([model])
+
+
+if __name__ == "__main__":
+    main()
