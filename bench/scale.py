@@ -1,0 +1,178 @@
+"""Scale: 1,000 ModelApps sharing 10 images and 10 models, from a cold operator start.
+
+Starts the local stack, pushes the images, publishes the models, creates the ModelApps (spread
+over --namespaces namespaces) while no operator runs, then starts `python -m modelapp_operator`
+and measures:
+
+  - time until every Deployment exists with the right image digest and model ETag,
+  - time until every ModelApp is Ready,
+  - the operator's peak RSS (VmHWM from /proc/<pid>/status) and its RSS at the end,
+  - requests to the registry and blob service per poll interval, from the watch hub's
+    per-poll log line ("watch poll: ... N requests since last poll"), over --observe-polls
+    polls after convergence. With the hub's shared cache this should be images + models (20).
+
+    .venv/bin/python bench/scale.py [--apps 1000] [--images 10] [--models 10] [--namespaces 10]
+        [--poll-interval 10] [--observe-polls 3] [--timeout 1800] [--out bench/out/scale.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.operator_stack import (  # noqa: E402
+    MANAGED_BY_SELECTOR,
+    KubeApi,
+    OperatorProcess,
+    apply_objects,
+    modelapp,
+    models_container,
+    namespace_objects,
+    publish_model,
+    start_stack,
+    template_of,
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--apps", type=int, default=1000)
+    parser.add_argument("--images", type=int, default=10)
+    parser.add_argument("--models", type=int, default=10)
+    parser.add_argument("--namespaces", type=int, default=10)
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--nodes", type=int, default=4, help="kwok nodes (1000 pods each at most)")
+    parser.add_argument("--poll-interval", type=float, default=10.0)
+    parser.add_argument("--observe-polls", type=int, default=3, help="polls to observe after convergence")
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--operator-src", type=Path, default=REPO_ROOT / "operator", help="operator source root to run")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out" / "scale.md")
+    args = parser.parse_args()
+
+    stack = start_stack(notify_port=None, notify_token=None, nodes=args.nodes)
+    try:
+        kube, registry, azurite = stack.kube, stack.registry, stack.azurite
+        assert kube is not None and registry is not None and azurite is not None
+        api = KubeApi(kube.kubeconfig)
+        container = models_container(azurite)
+
+        images = [f"bench-scale/image-{i}" for i in range(args.images)]
+        digests = {path: registry.push_random_image(path, "stable") for path in images}
+        blobs = [f"scale/model-{i}.onnx" for i in range(args.models)]
+        etags = {name: publish_model(container, name, f"scale model {name}".encode()) for name in blobs}
+
+        namespaces = [f"bench-scale-{i}" for i in range(args.namespaces)]
+        objects = [obj for namespace in namespaces for obj in namespace_objects(namespace, registry, azurite)]
+        expected: dict[tuple[str, str], tuple[str, str]] = {}
+        apps = []
+        for index in range(args.apps):
+            namespace, name = namespaces[index % len(namespaces)], f"app-{index:05d}"
+            image, blob = images[index % len(images)], blobs[(index // len(images)) % len(blobs)]
+            apps.append(modelapp(namespace, name, f"{registry.host}/{image}", azurite, blob, replicas=args.replicas))
+            expected[(namespace, name)] = (f"{registry.host}/{image}@{digests[image]}", etags[blob])
+        created = time.monotonic()
+        apply_objects(kube, objects)
+        apply_objects(kube, apps)
+        print(f"created {args.apps} ModelApps in {time.monotonic() - created:.1f}s", file=sys.stderr)
+
+        env = {"MODELAPP_POLL_INTERVAL_SECONDS": str(args.poll_interval), "MODELAPP_RECEIVER_ENABLED": "false"}
+        out_dir = args.out.parent / "scale"
+        operator = OperatorProcess.start(kube, registry, out_dir / "operator.log", env, args.operator_src)
+        started = time.monotonic()
+        deployed_at: float | None = None
+        ready_at: float | None = None
+        rss_samples: list[int] = []
+        try:
+            while time.monotonic() - started < args.timeout and (deployed_at is None or ready_at is None):
+                operator.check_alive()
+                rss = operator.rss_kib()
+                if rss:
+                    rss_samples.append(rss)
+                if deployed_at is None:
+                    deployments = api.items(f"/apis/apps/v1/deployments?labelSelector={MANAGED_BY_SELECTOR}")
+                    right = sum(
+                        1
+                        for d in deployments
+                        if expected.get((d["metadata"]["namespace"], d["metadata"]["name"])) == template_of(d)
+                    )
+                    if right == args.apps:
+                        deployed_at = time.monotonic() - started
+                if ready_at is None:
+                    bodies = api.items("/apis/modelapp.io/v1alpha1/modelapps")
+                    states = Counter(
+                        next(
+                            (
+                                c.get("status")
+                                for c in (b.get("status") or {}).get("conditions") or []
+                                if c.get("type") == "Ready"
+                            ),
+                            "None",
+                        )
+                        for b in bodies
+                    )
+                    if states.get("True", 0) == args.apps:
+                        ready_at = time.monotonic() - started
+                    print(
+                        f"t={time.monotonic() - started:6.1f}s deployed={'yes' if deployed_at else 'no'} "
+                        f"ready={dict(states)} rss={rss} KiB",
+                        file=sys.stderr,
+                    )
+                time.sleep(1.0)
+
+            polls_before = len(list(operator.poll_lines()))
+            deadline = time.monotonic() + (args.observe_polls + 1) * args.poll_interval + 10
+            while time.monotonic() < deadline and len(list(operator.poll_lines())) < polls_before + args.observe_polls:
+                operator.check_alive()
+                time.sleep(1.0)
+            polls = list(operator.poll_lines())[polls_before:]
+            peak_kib = operator.peak_rss_kib()
+            end_kib = operator.rss_kib()
+        finally:
+            operator.stop()
+    finally:
+        stack.stop()
+
+    def seconds(value: float | None) -> str:
+        return f"{value:.1f}" if value is not None else f"not within {args.timeout:.0f}"
+
+    requests = [p[2] for p in polls]
+    per_poll = (
+        f"{statistics.median(requests):.0f} (each: {', '.join(map(str, requests))}; keys "
+        f"{polls[-1][0]} images + {polls[-1][1]} models)"
+        if polls
+        else "n/a (no 'watch poll:' log lines: is the watch hub wired?)"
+    )
+    command = shlex.join([".venv/bin/python", *sys.argv])
+    lines = [
+        "## Scale: shared images and models",
+        "",
+        f"Command: `{command}`  ",
+        f"{args.apps} ModelApps ({args.replicas} replica each) in {args.namespaces} namespaces sharing "
+        f"{args.images} images and {args.models} models; cold operator start; poll interval {args.poll_interval:g} s.",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        f"| all Deployments with the right digest and ETag | {seconds(deployed_at)} s |",
+        f"| all ModelApps Ready | {seconds(ready_at)} s |",
+        f"| operator peak RSS (VmHWM) | {peak_kib / 1024:.0f} MiB |" if peak_kib else "| operator peak RSS | n/a |",
+        f"| operator RSS at the end | {end_kib / 1024:.0f} MiB |" if end_kib else "| operator RSS at the end | n/a |",
+        f"| registry + blob requests per poll interval | {per_poll} |",
+    ]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report)
+    return 0 if deployed_at is not None and ready_at is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
