@@ -338,7 +338,10 @@ def run_wrk(settings: LoadSettings, url: str, body_file: Path, duration_s: int) 
 PROFILE_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model predict (onnxruntime / estimator)", ("OnnxModel.predict", "SklearnModel.predict")),
     ("app: parse body, build answer", ("parse_features", "predictions_body")),
-    ("Flask/werkzeug around the app (routing, request/response objects, metrics)", ("Flask.__call__",)),
+    (
+        "WSGI around the app (the /predict fast path or Flask/werkzeug, and metrics)",
+        ("PredictFastPath.__call__", "Flask.__call__", "MetricsMiddleware.__call__"),
+    ),
     ("gunicorn: write the response", ("Response.write", "Response.send_headers", "Response.close")),
     ("gunicorn: close the connection (close_graceful waits for the client's FIN)", ("close_graceful",)),
     ("gunicorn: parse the request", ("Parser.__next__", "Request.__init__ (gunicorn")),
@@ -562,22 +565,28 @@ def modelapp_spec(
     tuning: dict[str, str] = {}
     unset: tuple[str, ...] = ()
     if worker_class is None:
-        default_class, default_threads = modelapp_default_worker_class()
+        defaults = modelapp_default_worker_class()
         name, key = "ModelApp", "modelapp"
-        worker_text = f"{default_class} workers" + (
-            f" x {default_threads} threads" if default_class == "gthread" else ""
+        worker_text = f"{defaults.worker_class} workers" + (
+            f" x {defaults.threads} threads" if defaults.worker_class == "gthread" else ""
         )
+        worker_text += ", reuse-port" if defaults.reuse_port else ""
         worker_text += " (the app's defaults)"
-        unset = ("MODELAPP_WORKER_CLASS", "MODELAPP_THREADS")
-    elif worker_class == "gthread":
-        name, key = f"ModelApp gthread x{threads}", f"modelapp-gthread-{threads}"
-        worker_text = f"gthread workers x {threads} threads"
-        tuning = {"MODELAPP_WORKER_CLASS": "gthread", "MODELAPP_THREADS": str(threads)}
+        # What ships is what is measured: nothing from the caller's environment tunes this variant.
+        unset = ("MODELAPP_WORKER_CLASS", "MODELAPP_THREADS", "MODELAPP_REUSE_PORT")
     else:
-        name, key, worker_text = f"ModelApp {worker_class}", f"modelapp-{worker_class}", f"{worker_class} workers"
-        tuning = {"MODELAPP_WORKER_CLASS": worker_class, "MODELAPP_THREADS": "1"}
-    if reuse_port:
-        name, key, worker_text = f"{name} reuse-port", f"{key}-reuse-port", f"{worker_text}, --reuse-port"
+        if worker_class == "gthread":
+            name, key = f"ModelApp gthread x{threads}", f"modelapp-gthread-{threads}"
+            worker_text = f"gthread workers x {threads} threads"
+            tuning = {"MODELAPP_WORKER_CLASS": "gthread", "MODELAPP_THREADS": str(threads)}
+        else:
+            name, key = f"ModelApp {worker_class}", f"modelapp-{worker_class}"
+            worker_text = f"{worker_class} workers"
+            tuning = {"MODELAPP_WORKER_CLASS": worker_class, "MODELAPP_THREADS": "1"}
+        # Variants say both ways, so that a variant means the same whatever the app's default is.
+        tuning["MODELAPP_REUSE_PORT"] = "true" if reuse_port else "false"
+        if reuse_port:
+            name, key, worker_text = f"{name} reuse-port", f"{key}-reuse-port", f"{worker_text}, reuse-port"
     cache_dir = RUN_DIR / f"cache-{key}"
     shutil.rmtree(cache_dir, ignore_errors=True)
     cache_dir.mkdir(parents=True)
@@ -598,7 +607,6 @@ def modelapp_spec(
             f"{LOOPBACK}:{port}",
             "--workers",
             str(workers),
-            *(["--reuse-port"] if reuse_port else []),
         ],
         env={
             "MODELAPP_MODEL_URL": f"http://{LOOPBACK}:9/devstoreaccount1/models/{model_path.name}",
@@ -621,16 +629,31 @@ def modelapp_spec(
     )
 
 
-def modelapp_default_worker_class() -> tuple[str, int]:
-    """The worker class and thread count the app's gunicorn config picks when nothing overrides them."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MODELAPP_WORKER_CLASS", "MODELAPP_THREADS")}
+@dataclass(frozen=True)
+class GunicornDefaults:
+    worker_class: str
+    threads: int
+    reuse_port: bool
+
+
+def modelapp_default_worker_class() -> GunicornDefaults:
+    """The worker class, threads and reuse-port the app's gunicorn config picks when nothing overrides them."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MODELAPP_WORKER_CLASS", "MODELAPP_THREADS", "MODELAPP_REUSE_PORT")
+    }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(APP_SOURCE_ROOT), os.environ.get("PYTHONPATH")]))
-    code = "import modelapp_serving.gunicorn_conf as c; print(c.worker_class, c.threads)"
+    code = "import modelapp_serving.gunicorn_conf as c; print(c.worker_class, c.threads, c.reuse_port)"
     completed = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=REPO_ROOT, check=True, capture_output=True, text=True
     )
-    worker_class, threads = completed.stdout.split()
-    return worker_class, int(threads)
+    return parse_gunicorn_defaults(completed.stdout)
+
+
+def parse_gunicorn_defaults(stdout: str) -> GunicornDefaults:
+    worker_class, threads, reuse_port = stdout.split()
+    return GunicornDefaults(worker_class, int(threads), reuse_port == "True")
 
 
 _APP_DISTS = ("flask", "gunicorn", "onnxruntime", "scikit-learn")
@@ -756,7 +779,7 @@ def stopping_on_termination() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-DEFAULT_SERVERS = "modelapp,modelapp:gthread:4+reuse-port,kserve,mlserver"
+DEFAULT_SERVERS = "modelapp,kserve,mlserver"
 
 
 @dataclass(frozen=True)
@@ -769,7 +792,7 @@ class ServerEntry:
 
 
 def parse_server_entry(entry: str) -> ServerEntry:
-    """`kserve`, `mlserver`, or `modelapp[:sync | :gthread:THREADS][+reuse-port]`."""
+    """`kserve`, `mlserver`, `modelapp` (the app's defaults), or `modelapp:sync|:gthread:THREADS[+reuse-port]`."""
     text, plus, option = entry.strip().lower().partition("+")
     if plus and option != "reuse-port":
         raise ValueError(f"{entry!r}: the only option is +reuse-port")
@@ -781,7 +804,11 @@ def parse_server_entry(entry: str) -> ServerEntry:
         raise ValueError(f"unknown server {entry!r}")
     reuse_port = bool(plus)
     if len(parts) == 1:
-        return ServerEntry(kind, reuse_port=reuse_port)
+        if reuse_port:
+            raise ValueError(
+                f"{entry!r}: plain modelapp runs the app's defaults; +reuse-port goes with :sync or :gthread"
+            )
+        return ServerEntry(kind)
     worker_class = parts[1]
     if worker_class == "sync" and len(parts) == 2:
         return ServerEntry(kind, "sync", reuse_port=reuse_port)
@@ -807,8 +834,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--servers",
         default=DEFAULT_SERVERS,
         help="comma-separated servers, run in this order each round: modelapp (the app's default worker\n"
-        "class), modelapp:sync or modelapp:gthread:THREADS, each optionally +reuse-port (gunicorn\n"
-        "--reuse-port: one SO_REUSEPORT socket per worker), kserve, mlserver (default: %(default)s)",
+        "settings), modelapp:sync or modelapp:gthread:THREADS, each with reuse-port off unless\n"
+        "+reuse-port (one SO_REUSEPORT socket per worker), kserve, mlserver (default: %(default)s)",
     )
     parser.add_argument(
         "--modelapp-format", choices=("onnx", "skops"), default="onnx", help="file ModelApp serves (default onnx)"

@@ -20,9 +20,10 @@ model (set by the ModelApp operator):
   MODELAPP_ALLOW_PICKLE             true to allow pickle/joblib models (loading them runs code)
 serving:
   MODELAPP_PORT                     default 8080
-  MODELAPP_WORKERS                  default 2 x CPUs (cgroup quota) + 1
+  MODELAPP_WORKERS                  default one per CPU (cgroup quota), at least 2
   MODELAPP_WORKER_CLASS             gthread (default) or sync
-  MODELAPP_THREADS                  threads per gthread worker, default 2
+  MODELAPP_THREADS                  threads per gthread worker, default 4
+  MODELAPP_REUSE_PORT               true (default): one SO_REUSEPORT socket per worker
   MODELAPP_MAX_REQUEST_BYTES        /predict body limit, default 1048576 (413 above)
   MODELAPP_ACCESS_LOG               true to log every request (off by default)
   MODELAPP_DOWNLOAD_CONCURRENCY     parallel ranged GETs, default 8

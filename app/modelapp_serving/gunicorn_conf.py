@@ -1,7 +1,7 @@
 """gunicorn settings for the serving app (`gunicorn -c python:modelapp_serving.gunicorn_conf`).
 
-Env: MODELAPP_PORT (8080), MODELAPP_WORKERS (2 x cores + 1), MODELAPP_WORKER_CLASS (gthread),
-MODELAPP_THREADS (2), MODELAPP_ACCESS_LOG (false), MODELAPP_LOG_LEVEL (info).
+Env: MODELAPP_PORT (8080), MODELAPP_WORKERS (one per CPU, at least 2), MODELAPP_WORKER_CLASS (gthread),
+MODELAPP_THREADS (4), MODELAPP_REUSE_PORT (true), MODELAPP_ACCESS_LOG (false), MODELAPP_LOG_LEVEL (info).
 The master checks the config before forking; each worker downloads nothing itself unless it is the
 first to take the cache lock (see download.py), then loads the verified file in a background thread.
 """
@@ -35,6 +35,17 @@ def _env_int(name: str, default: int) -> int:
     return value
 
 
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    sys.exit(f"{name} must be true or false, not {raw!r}")
+
+
 def _cores() -> int:
     """CPUs this container may use: the cgroup quota if one is set, else the CPUs it may run on.
 
@@ -52,11 +63,16 @@ def _cores() -> int:
 
 wsgi_app = "modelapp_serving.web:create_app()"
 bind = [f"0.0.0.0:{_env_int('MODELAPP_PORT', 8080)}"]
-workers = _env_int("MODELAPP_WORKERS", 2 * _cores() + 1)
+# One process per CPU: /predict is CPU-bound and the threads below cover the waits; 2 x cores + 1 only
+# added context switches (bench/serving_rps.py). At least 2, so one busy or restarting worker is not an outage.
+workers = _env_int("MODELAPP_WORKERS", max(2, _cores()))
 # gthread keeps connections alive (sync closes each one): about 1.7x the req/s of sync workers for a
-# small model on 2 cores, measured with wrk -c4.
+# small model on 2 cores, measured with wrk -c4; 4 threads keep a worker busy while others wait on sockets.
 worker_class = os.environ.get("MODELAPP_WORKER_CLASS", "gthread")
-threads = _env_int("MODELAPP_THREADS", 2)
+threads = _env_int("MODELAPP_THREADS", 4)
+# One SO_REUSEPORT socket per worker: the kernel spreads new connections over the workers. With one shared
+# socket, whichever worker wakes first takes most keep-alive connections (8/0 splits measured with wrk -c8).
+reuse_port = _env_bool("MODELAPP_REUSE_PORT", True)
 keepalive = 5
 # Heartbeat files on tmpfs: the root filesystem may be read-only and disk-backed tmp can stall workers.
 worker_tmp_dir = "/dev/shm" if Path("/dev/shm").is_dir() else None  # noqa: S108 - tmpfs, as gunicorn advises
