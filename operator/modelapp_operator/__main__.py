@@ -29,6 +29,8 @@ Environment:
   MODELAPP_LOG_FORMAT               text (default) or json
   MODELAPP_REGISTRY_CA_FILE         extra CA bundle for registries with a private CA
   MODELAPP_REGISTRY_INSECURE_HOSTS  comma-separated registry hosts reached over plain HTTP
+  MODELAPP_REGISTRY_AZURE_IDENTITY_HOSTS registries (globs, e.g. *.azurecr.io) pulled with the operator's
+                                    Entra ID identity when a ModelApp has no pull Secret
   MODELAPP_REGISTRY_TIMEOUT_SECONDS timeout of registry and blob calls (default 10)
   MODELAPP_LIVENESS_PORT            port of the liveness endpoint (default 8081)
   KUBECONFIG                        kubeconfig to use outside a cluster

@@ -7,7 +7,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from modelapp_operator.receiver import ReceiverConfig
+    from modelapp_operator.watch import WatchConfig
 
 LogFormat = Literal["text", "json"]
 
@@ -29,6 +33,10 @@ class OperatorConfig:
     registry_insecure_hosts: frozenset[str] = frozenset()
     registry_timeout_seconds: float = 10.0
     liveness_port: int = 8081
+    # Registries reached with the operator's Entra ID identity when a ModelApp has no pull Secret.
+    registry_azure_identity_hosts: frozenset[str] = frozenset()
+    watch: WatchConfig | None = None  # change detection (coalescing, concurrency); None: defaults
+    receiver: ReceiverConfig | None = None  # webhook receiver; None: off
 
     @property
     def clusterwide(self) -> bool:
@@ -72,6 +80,23 @@ class OperatorConfig:
 
         liveness_port = _int(env, "MODELAPP_LIVENESS_PORT", 8081, minimum=1, maximum=65535)
 
+        azure_hosts = frozenset(
+            h.strip().lower() for h in get("MODELAPP_REGISTRY_AZURE_IDENTITY_HOSTS").split(",") if h.strip()
+        )
+        for host in azure_hosts:
+            if not _HOST.match(host.replace("*", "x")):
+                raise ConfigError(
+                    f"MODELAPP_REGISTRY_AZURE_IDENTITY_HOSTS: {host!r} is not a host or host glob "
+                    "(expected a comma-separated list such as *.azurecr.io)"
+                )
+
+        # Imported here: both modules import ConfigError from this one.
+        from modelapp_operator.receiver import ReceiverConfig  # noqa: PLC0415
+        from modelapp_operator.watch import WatchConfig  # noqa: PLC0415
+
+        watch = WatchConfig.from_env(env)
+        receiver = ReceiverConfig.from_env(env)
+
         return cls(
             namespaces=namespaces,
             poll_interval_seconds=poll,
@@ -80,6 +105,9 @@ class OperatorConfig:
             registry_insecure_hosts=insecure,
             registry_timeout_seconds=timeout,
             liveness_port=liveness_port,
+            registry_azure_identity_hosts=azure_hosts,
+            watch=watch,
+            receiver=receiver,
         )
 
 

@@ -1,22 +1,30 @@
 """kopf handlers: thin wrappers around reconcile.py, all registered here.
 
-Importing this module registers the handlers in kopf's default registry.
+Importing this module registers the handlers in kopf's default registry. Start-up
+also creates the watch hub (shared caching resolvers, the poll loop) and the
+webhook receiver; a change the hub sees reconciles the ModelApps that follow it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import logging
 from typing import Any
 
 import kopf
+from modelapp_operator.acr import AcrTokenProvider
 from modelapp_operator.blobs import AzureBlobResolver
-from modelapp_operator.build import MANAGED_BY
+from modelapp_operator.build import ANNOTATION_RECONCILE_REQUEST, MANAGED_BY
 from modelapp_operator.config import OperatorConfig
 from modelapp_operator.kube import AiohttpKubeClient
 from modelapp_operator.model import GROUP, KIND, PLURAL, VERSION
+from modelapp_operator.receiver import Receiver
 from modelapp_operator.reconcile import (
     Dependencies,
     PermanentReconcileError,
+    ReconcileError,
     TemporaryReconcileError,
     reconcile,
     refresh_status,
@@ -24,6 +32,7 @@ from modelapp_operator.reconcile import (
 )
 from modelapp_operator.redact import redact
 from modelapp_operator.registry import RegistryClient
+from modelapp_operator.watch import AppKey, ImageKey, WatchConfig, WatchHub
 
 # kopf keeps its bookkeeping in annotations under this prefix. Not `modelapp.io` itself:
 # kopf leaves annotations under its own prefix out of the diff it compares, and
@@ -56,27 +65,88 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, logger: Logger, 
     settings.execution.default_backoff = 30
 
     memo["config"] = config
-    memo["deps"] = Dependencies(
-        kube=AiohttpKubeClient.connect(),
-        images=RegistryClient(
+    watch_config = config.watch or WatchConfig()
+    # One hub: reconcile resolves through its caches, so 1,000 ModelApps sharing 10 images
+    # cost 10 registry requests per poll interval, and the poller sees what reconcile saw.
+    hub = WatchHub(
+        RegistryClient(
             ca_file=config.registry_ca_file,
             insecure_hosts=config.registry_insecure_hosts,
             timeout_seconds=config.registry_timeout_seconds,
+            acr=AcrTokenProvider(
+                ca_file=config.registry_ca_file,
+                insecure_hosts=config.registry_insecure_hosts,
+                timeout_seconds=config.registry_timeout_seconds,
+            )
+            if config.registry_azure_identity_hosts
+            else None,
+            azure_identity_hosts=config.registry_azure_identity_hosts,
         ),
-        models=AzureBlobResolver(timeout_seconds=config.registry_timeout_seconds),
+        AzureBlobResolver(timeout_seconds=config.registry_timeout_seconds),
+        ttl_seconds=config.poll_interval_seconds,
+        error_ttl_seconds=watch_config.error_ttl_seconds,
+        coalesce_seconds=watch_config.coalesce_seconds,
+        concurrency=watch_config.concurrency,
     )
+    deps = Dependencies(kube=AiohttpKubeClient.connect(), images=hub.images, models=hub.models, watch=hub)
+    memo["deps"] = deps
+
+    async def reconcile_changed(app: AppKey) -> None:
+        await _reconcile_changed(app, deps, logger)
+
+    hub.set_on_change(reconcile_changed)
+    memo["watch_tasks"] = [
+        asyncio.create_task(hub.run_polling(config.poll_interval_seconds), name="modelapp-watch-poll")
+    ]
+    receiver: Receiver | None = None
+    if config.receiver is not None and config.receiver.enabled:
+        receiver = Receiver.from_config(hub, config.receiver, stats=lambda: dataclasses.asdict(hub.stats()))
+        await receiver.start()
+    memo["receiver"] = receiver
     logger.info(
-        "ModelApp operator configured: namespaces=%s registry CA=%s",
+        "ModelApp operator configured: namespaces=%s registry CA=%s poll every %gs, webhook receiver %s",
         ",".join(config.namespaces) or "<all>",
         config.registry_ca_file or "<system>",
+        config.poll_interval_seconds,
+        f"on port {receiver.port}" if receiver is not None else "off",
     )
+
+
+async def _reconcile_changed(app: AppKey, deps: Dependencies, logger: Logger) -> None:
+    """A followed tag or blob changed: reconcile that ModelApp now.
+
+    Called directly rather than through a reconcile-request annotation: kopf would hold
+    such a request while the object waits out a retry backoff, and reconcile already
+    serializes with kopf's handlers through the per-object lock and reads the object again."""
+    namespace, name = app
+    try:
+        result = await reconcile({"metadata": {"namespace": namespace, "name": name}}, deps)
+    except ReconcileError as error:
+        # Written to the status; the hub asks again when the next fetch sees a change.
+        logger.info("reconcile of %s/%s after a change: %s", namespace, name, error)
+        return
+    if not result.found and deps.watch is not None:
+        deps.watch.untrack(app)
+    elif result.applied:
+        logger.info("%s/%s changed upstream: applied %s", namespace, name, ", ".join(result.applied))
 
 
 @kopf.on.cleanup()
 async def close_clients(memo: Any, **_: Any) -> None:
+    receiver: Receiver | None = memo.get("receiver")
+    if receiver is not None:
+        await receiver.stop()
+    tasks: list[asyncio.Task[None]] = memo.get("watch_tasks") or []
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     deps: Dependencies | None = memo.get("deps")
     if deps is None:
         return
+    if deps.watch is not None:
+        await deps.watch.close()
     for client in (deps.kube, deps.images, deps.models):
         close = getattr(client, "close", None)
         if close is not None:
@@ -105,13 +175,41 @@ async def on_create(body: kopf.Body, memo: Any, logger: Logger, **_: Any) -> Non
 
 
 @kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile-update")
-async def on_update(body: kopf.Body, memo: Any, logger: Logger, **_: Any) -> None:
+async def on_update(body: kopf.Body, diff: kopf.Diff, memo: Any, logger: Logger, **_: Any) -> None:
+    deps: Dependencies = memo["deps"]
+    requested = ("metadata", "annotations", ANNOTATION_RECONCILE_REQUEST)
+    if deps.watch is not None and any(tuple(change[1])[: len(requested)] == requested for change in diff):
+        # Someone asked for a reconcile: resolve the tag and the blob again instead of from the cache.
+        meta = body.get("metadata", {})
+        _forget_cached(deps.watch, (str(meta.get("namespace")), str(meta.get("name"))))
     await _run(body, memo, logger)
+
+
+def _forget_cached(hub: WatchHub, app: AppKey) -> None:
+    for key in hub.tracked(app):
+        if isinstance(key, ImageKey):
+            hub.image_cache.invalidate(key)
+        else:
+            hub.model_cache.invalidate(key)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile-resume")
 async def on_resume(body: kopf.Body, memo: Any, logger: Logger, **_: Any) -> None:
     await _run(body, memo, logger)
+
+
+def _is_deletion(event: kopf.RawEvent, **_: Any) -> bool:
+    return event.get("type") == "DELETED"
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, when=_is_deletion)
+async def on_modelapp_deleted(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+    """A deleted ModelApp stops following its tag and blob (no finalizer needed for that)."""
+    deps: Dependencies | None = memo.get("deps")
+    if deps is None or deps.watch is None:
+        return
+    meta = (event.get("object") or {}).get("metadata") or {}
+    deps.watch.untrack((str(meta.get("namespace")), str(meta.get("name"))))
 
 
 def _controller_owner(body: kopf.Body) -> str | None:

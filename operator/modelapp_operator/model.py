@@ -200,7 +200,7 @@ def _check_surge(value: int | str) -> int | str:
 class RolloutSpec(_Frozen):
     max_surge: Annotated[int | str, Field(alias="maxSurge")] = "25%"
     max_unavailable: Annotated[int | str, Field(alias="maxUnavailable")] = "25%"
-    progress_deadline_seconds: Annotated[int, Field(alias="progressDeadlineSeconds", ge=30, le=3600)] = 600
+    progress_deadline_seconds: Annotated[int, Field(alias="progressDeadlineSeconds", ge=10, le=3600)] = 600
     auto_rollback: Annotated[bool, Field(alias="autoRollback")] = True
 
     _check_max_surge = field_validator("max_surge", "max_unavailable")(_check_surge)

@@ -1,11 +1,12 @@
 """The one reconcile: from a ModelApp body to applied children and a written status.
 
 kopf's create/update/resume handlers call `reconcile`; the child-Deployment
-watch calls `refresh_status`; anything else that learns of a new digest or ETag
-(the poller, a webhook receiver) calls `request_reconcile`, which makes kopf run
-the update handler through its usual per-object queue. None of these need kopf:
-they take a `Dependencies` and raise our own errors, which handlers.py maps to
-kopf's.
+watch calls `refresh_status`, which also starts an automatic rollback when a
+rollout missed its progress deadline; the watch hub (poller and webhook receiver)
+calls `reconcile` directly when a followed tag or blob changes. Every entry point
+takes the per-object lock and reads the ModelApp again, so they never interleave.
+None of these need kopf: they take a `Dependencies` and raise our own errors,
+which handlers.py maps to kopf's.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from modelapp_operator.build import (
     IMAGE_RESOLVED,
     MODEL_RESOLVED,
     READY,
+    REASON_ROLLED_BACK,
     Condition,
     Observation,
     Release,
@@ -38,13 +40,16 @@ from modelapp_operator.build import (
     build_deployment,
     build_service,
     build_status,
-    choose_release,
     condition,
+    describe_pair,
     is_owned_by,
+    judge_history,
     needs_apply,
     now_utc,
     pinned_image,
+    plan_rollout,
     release_from_status,
+    rolled_back_condition,
     rollout_state,
     template_release_changed,
     transition_events,
@@ -58,6 +63,7 @@ from modelapp_operator.registry import (
     RegistryCredentials,
     credentials_from_dockerconfig,
 )
+from modelapp_operator.watch import WatchHub, track_resolutions
 
 _log = logging.getLogger(__name__)
 
@@ -90,6 +96,8 @@ class Dependencies:
     images: ImageResolver
     models: ModelResolver
     clock: Callable[[], datetime] = now_utc
+    # The shared caches and subscriptions; images/models are then the hub's caching resolvers.
+    watch: WatchHub | None = None
     # One lock per ModelApp: reconcile and refresh_status must not interleave their status writes.
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
 
@@ -102,6 +110,8 @@ class ReconcileResult:
     status: dict[str, Any]
     release: Release | None
     applied: tuple[str, ...]  # kinds applied this time, e.g. ("Deployment",)
+    found: bool = True  # False: the ModelApp no longer exists
+    rolled_back: bool = False
 
 
 @dataclass
@@ -185,6 +195,19 @@ async def _post_transition_events(
         await deps.kube.post_event(involved, event.type, event.reason, event.message)
 
 
+async def _post_rollback_event(
+    deps: Dependencies, body: Mapping[str, Any], app: ModelApp, failed: Mapping[str, Any], restored: Release
+) -> None:
+    failed_pair = describe_pair(str(failed.get("imageDigest")), str(failed.get("modelVersion")))
+    message = (
+        f"revision {failed.get('revision')} ({failed_pair}, image {failed.get('imageDigest')}) was not ready within "
+        f"{app.spec.rollout.progress_deadline_seconds}s; rolled back to "
+        f"{describe_pair(restored.image.digest, restored.model.version)}"
+    )
+    _log.warning("%s/%s: %s", app.namespace, app.name, message)
+    await deps.kube.post_event(_involved(body), "Warning", REASON_ROLLED_BACK, message)
+
+
 # --- reconcile ---------------------------------------------------------------------------------
 
 
@@ -212,7 +235,7 @@ async def reconcile(body: Mapping[str, Any], deps: Dependencies) -> ReconcileRes
         # Read it again under the lock: the caller's copy may predate our own last status write.
         current = await deps.kube.get(API_VERSION, KIND, namespace, name)
         if current is None:
-            return ReconcileResult(status={}, release=None, applied=())  # deleted meanwhile
+            return ReconcileResult(status={}, release=None, applied=(), found=False)  # deleted meanwhile
         return await _reconcile_locked(current, deps)
 
 
@@ -238,8 +261,10 @@ async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> Reco
         await _write_status(deps, body, previous, status)
         raise PermanentReconcileError("InvalidSpec", str(error)) from None
 
-    (image, image_res), (model, model_res) = await asyncio.gather(_resolve_image(app, deps), _resolve_model(app, deps))
-    release = choose_release(app.spec, image, model, app.status)
+    with track_resolutions(deps.watch, (app.namespace, app.name)):
+        (image, image_res), (model, model_res) = await asyncio.gather(
+            _resolve_image(app, deps), _resolve_model(app, deps)
+        )
     applied: list[str] = []
     blocked: Condition | None = None
 
@@ -254,6 +279,9 @@ async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> Reco
                 f"{kind} {app.namespace}/{app.name} exists and is not owned by this ModelApp: "
                 "the operator leaves it alone; rename the ModelApp or delete that object",
             )
+    now = deps.clock()
+    plan = plan_rollout(app.spec, image, model, app.status, existing_deployment if blocked is None else None, now)
+    release = plan.release
     deployment = existing_deployment if blocked is None else None
     if blocked is None:
         desired_service = build_service(app)
@@ -266,8 +294,16 @@ async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> Reco
                 rolls = template_release_changed(existing_deployment, desired)
                 deployment = await deps.kube.apply(desired)
                 applied.append("Deployment")
+                if plan.rollback is not None:
+                    await _post_rollback_event(deps, body, app, plan.rollback.failed, release)
                 if rolls:
-                    verb = "Deploying" if existing_deployment is None else "Rolling out"
+                    verb = (
+                        "Deploying"
+                        if existing_deployment is None
+                        else "Rolling back to"
+                        if plan.rollback is not None
+                        else "Rolling out"
+                    )
                     await deps.kube.post_event(
                         _involved(body),
                         "Normal",
@@ -292,8 +328,11 @@ async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> Reco
         release=release,
         rollout=rollout_state(deployment, app.spec.replicas),
         blocked=blocked,
+        history=plan.history if blocked is None else None,
+        failed_pairs=plan.failed_pairs if blocked is None else None,
+        rolled_back=rolled_back_condition(plan.history, app.spec.rollout.progress_deadline_seconds),
     )
-    status = build_status(previous, obs, deps.clock())
+    status = build_status(previous, obs, now)
     await _write_status(deps, body, previous, status)
 
     if blocked is not None:
@@ -302,7 +341,9 @@ async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> Reco
     if delays:
         failed = image_res if image_res.retry_after is not None else model_res
         raise TemporaryReconcileError(failed.condition.reason, failed.condition.message, delay=min(delays))
-    return ReconcileResult(status=status, release=release, applied=tuple(applied))
+    return ReconcileResult(
+        status=status, release=release, applied=tuple(applied), rolled_back=plan.rollback is not None
+    )
 
 
 async def refresh_status(namespace: str, name: str, deps: Dependencies) -> dict[str, Any] | None:
@@ -325,6 +366,17 @@ async def refresh_status(namespace: str, name: str, deps: Dependencies) -> dict[
         deployment = await deps.kube.get("apps/v1", "Deployment", namespace, name)
         if deployment is not None and not is_owned_by(deployment, app):
             return None
+        now = deps.clock()
+        history, failed_pairs, failed = judge_history(app.spec, previous, deployment, now)
+        if failed is not None:
+            # The rollout missed its deadline and a Ready pair exists: the full reconcile rolls back.
+            _log.warning(
+                "%s/%s: revision %s missed its progress deadline; rolling back", namespace, name, failed["revision"]
+            )
+            try:
+                return (await _reconcile_locked(body, deps)).status
+            except ReconcileError:
+                return None  # the status says why; the rollback itself was applied before
 
         def recorded(type_: str) -> Condition:
             item = condition(previous, type_) or {}
@@ -343,8 +395,11 @@ async def refresh_status(namespace: str, name: str, deps: Dependencies) -> dict[
             model=recorded(MODEL_RESOLVED),
             release=release_from_status(previous),
             rollout=rollout_state(deployment, app.spec.replicas),
+            history=history,
+            failed_pairs=failed_pairs,
+            rolled_back=rolled_back_condition(history, app.spec.rollout.progress_deadline_seconds),
         )
-        status = build_status(previous, obs, deps.clock())
+        status = build_status(previous, obs, now)
         await _write_status(deps, body, previous, status)
         reconciled = previous.get("observedGeneration") == app.metadata.generation
         release = obs.release

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fnmatch
 import hashlib
 import json
 import re
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
+from modelapp_operator.acr import AcrTokenError, AcrTokenProvider
 from modelapp_operator.redact import redact
 
 MANIFEST_MEDIA_TYPES = (
@@ -138,9 +140,15 @@ class RegistryClient:
         ca_file: Path | None = None,
         insecure_hosts: frozenset[str] = frozenset(),
         timeout_seconds: float = 10.0,
+        acr: AcrTokenProvider | None = None,
+        azure_identity_hosts: frozenset[str] = frozenset(),
     ) -> None:
+        """acr / azure_identity_hosts: registries (host globs such as *.azurecr.io) that a ModelApp
+        without a pull Secret reaches with the operator's own Entra ID identity."""
         self._ssl = make_ssl_context(ca_file)
         self._insecure_hosts = insecure_hosts
+        self._acr = acr
+        self._azure_identity_hosts = azure_identity_hosts
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout_seconds), raise_for_status=False
         )
@@ -149,6 +157,12 @@ class RegistryClient:
 
     async def close(self) -> None:
         await self._session.close()
+        if self._acr is not None:
+            await self._acr.close()
+
+    def _uses_azure_identity(self, host: str) -> bool:
+        host = host.lower()
+        return self._acr is not None and any(fnmatch.fnmatchcase(host, p.lower()) for p in self._azure_identity_hosts)
 
     def _base_url(self, host: str) -> str:
         return f"http://{host}" if host in self._insecure_hosts else f"https://{host}"
@@ -162,6 +176,9 @@ class RegistryClient:
         cached = self._tokens.get(cache_key)
         authorization = cached[0] if cached and cached[1] > time.monotonic() else None
         try:
+            if credentials is None and self._uses_azure_identity(host):
+                status, headers, body = await self._acr_manifest(url, host, path)
+                return self._digest_of(status, headers, body, repository, tag)
             status, headers, body = await self._manifest(url, authorization)
             if status == 401:
                 challenge = parse_challenge(headers.get("WWW-Authenticate", ""))
@@ -178,6 +195,18 @@ class RegistryClient:
                 "RegistryUnavailable", f"cannot reach {host}: {type(error).__name__}: {error}", retry_after=30
             ) from None
         return self._digest_of(status, headers, body, repository, tag)
+
+    async def _acr_manifest(self, url: str, host: str, path: str) -> tuple[int, Mapping[str, str], bytes]:
+        """The manifest with an ACR token from the operator's identity; a refused token is renewed once."""
+        assert self._acr is not None
+        try:
+            status, headers, body = await self._manifest(url, await self._acr.authorization(host, path))
+            if status == 401:
+                self._acr.invalidate(host)
+                status, headers, body = await self._manifest(url, await self._acr.authorization(host, path))
+        except AcrTokenError as error:
+            raise ImageResolutionError(error.reason, error.message, retry_after=error.retry_after) from None
+        return status, headers, body
 
     async def _manifest(self, url: str, authorization: str | None) -> tuple[int, Mapping[str, str], bytes]:
         headers = {"Accept": ", ".join(MANIFEST_MEDIA_TYPES)}
