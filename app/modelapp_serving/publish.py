@@ -154,7 +154,13 @@ def publish_model(
 def _clients(
     destination: str | tuple[str, str], connection_string: str | None, credential: Any, account_url: str | None
 ) -> tuple[ContainerClient, BlobClient]:
-    tuning: dict[str, Any] = {"max_block_size": UPLOAD_BLOCK_BYTES, "max_single_put_size": UPLOAD_BLOCK_BYTES}
+    tuning: dict[str, Any] = {
+        "max_block_size": UPLOAD_BLOCK_BYTES,
+        "max_single_put_size": UPLOAD_BLOCK_BYTES,
+        # Fail in seconds, not minutes, when the endpoint is down: a person is waiting at the prompt.
+        "retry_total": 3,
+        "connection_timeout": 10,
+    }
     if isinstance(destination, tuple):
         container_name, blob_name = destination
         if connection_string:

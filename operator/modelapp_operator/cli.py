@@ -1,0 +1,534 @@
+"""`modelapp`: the command line for people and pipelines working with ModelApps.
+
+  modelapp publish-model iris.onnx --account-url https://acct.blob.core.windows.net --container models --blob iris.onnx
+  modelapp set-image iris -n ml --digest sha256:...        # what CI runs after pushing an image
+  modelapp set-model iris -n ml --version '"0x8DC..."'     # pin a model version (or --follow)
+  modelapp status iris -n ml
+  modelapp wait iris -n ml --digest sha256:... --timeout 600
+  modelapp rollback iris -n ml [--to-revision 3]
+
+Errors people can act on (not found, forbidden, unreachable, bad arguments) print one
+line and exit with a documented code; no traceback unless -v.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from modelapp_operator.cli_kube import KubeApiError, KubeClient, KubeConfigError, load_connection
+from modelapp_operator.cli_status import (
+    RollbackError,
+    Verdict,
+    Wanted,
+    build_rollback_patch,
+    build_set_image_patch,
+    build_set_model_patch,
+    check_digest,
+    choose_rollback_target,
+    render_status,
+    short,
+    status_summary,
+    wait_verdict,
+)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_FORBIDDEN = 4
+EXIT_UNREACHABLE = 5
+EXIT_ROLLOUT_FAILED = 6
+EXIT_TIMEOUT = 7
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES = f"""\
+exit codes:
+  {EXIT_OK}    done (wait: Ready with the wanted image and model)
+  {EXIT_ERROR}    the operation failed (API error, publish refused or failed)
+  {EXIT_USAGE}    bad arguments
+  {EXIT_NOT_FOUND}    the ModelApp (or namespace) does not exist
+  {EXIT_FORBIDDEN}    unauthorized or forbidden (check the kubeconfig user's RBAC)
+  {EXIT_UNREACHABLE}    no usable kubeconfig, or the API server cannot be reached
+  {EXIT_ROLLOUT_FAILED}    wait: the rollout failed (Degraded, e.g. RolledBack or ProgressDeadlineExceeded; InvalidSpec)
+  {EXIT_TIMEOUT}    wait: not Ready with the wanted pair before --timeout
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
+"""
+
+DESCRIPTION = """\
+Work with ModelApps (modelapp.io/v1alpha1): publish a model, point an app at a new
+image digest or model version, watch a rollout, roll back. Reads the kubeconfig
+(--kubeconfig, $KUBECONFIG or ~/.kube/config); in a pod, the service account.
+"""
+
+EXAMPLES = """\
+examples:
+  # data scientist: publish a model (prints the ETag and sha256 a ModelApp pins)
+  modelapp publish-model iris.onnx --account-url https://acct.blob.core.windows.net \\
+      --container models --blob iris/model.onnx
+  # CI after pushing an image: pin it and wait for the rollout
+  modelapp set-image iris -n ml --digest sha256:4f1c...e2 && modelapp wait iris -n ml --timeout 600
+  modelapp status iris -n ml -o json
+  modelapp rollback iris -n ml --to-revision 3
+"""
+
+
+class CliError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _api_error(error: KubeApiError, what: str) -> CliError:
+    if error.status == 404:
+        return CliError(EXIT_NOT_FOUND, f"{what}: not found ({error.message})")
+    if error.status in (401, 403):
+        return CliError(
+            EXIT_FORBIDDEN, f"{what}: {'forbidden' if error.status == 403 else 'unauthorized'}: {error.message}"
+        )
+    if error.status == 0:
+        return CliError(EXIT_UNREACHABLE, f"{what}: {error.message}")
+    return CliError(EXIT_ERROR, f"{what}: HTTP {error.status} {error.reason}: {error.message}")
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+class Progress:
+    """A spinner line on stderr when it is a terminal; one line per change otherwise (CI logs)."""
+
+    FRAMES = "|/-\\"
+
+    def __init__(self, stream: TextIO, *, enabled: bool = True) -> None:
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._enabled = enabled
+        self._frame = 0
+        self._last = ""
+
+    def update(self, text: str) -> None:
+        if not self._enabled:
+            return
+        if self._tty:
+            self._frame = (self._frame + 1) % len(self.FRAMES)
+            self._stream.write(f"\r\x1b[K{self.FRAMES[self._frame]} {text}")
+            self._stream.flush()
+        elif text.split(" (", 1)[0] != self._last:
+            self._last = text.split(" (", 1)[0]
+            self._stream.write(f"{text}\n")
+            self._stream.flush()
+
+    def done(self) -> None:
+        if self._enabled and self._tty:
+            self._stream.write("\r\x1b[K")
+            self._stream.flush()
+
+
+def _emit(args: argparse.Namespace, document: Any, text: str) -> None:
+    if args.output == "json":
+        print(json.dumps(document, indent=2, sort_keys=True))
+    else:
+        print(text)
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> tuple[KubeClient, str]:
+    try:
+        connection = load_connection(args.kubeconfig, args.context)
+    except KubeConfigError as error:
+        raise CliError(EXIT_UNREACHABLE, str(error)) from None
+    return KubeClient(connection, timeout_seconds=args.request_timeout), args.namespace or connection.namespace
+
+
+def _get(client: KubeClient, namespace: str, name: str) -> dict[str, Any]:
+    try:
+        return client.get_modelapp(namespace, name)
+    except KubeApiError as error:
+        raise _api_error(error, f"ModelApp {namespace}/{name}") from None
+
+
+def _patch(client: KubeClient, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return client.patch_modelapp(namespace, name, patch)
+    except KubeApiError as error:
+        if error.status == 422:
+            message = f"ModelApp {namespace}/{name}: rejected by the API server: {error.message}"
+            raise CliError(EXIT_ERROR, message) from None
+        raise _api_error(error, f"ModelApp {namespace}/{name}") from None
+
+
+def cmd_publish_model(args: argparse.Namespace) -> int:
+    # Imported here: the Kubernetes commands should not pay for the storage SDK.
+    from modelapp_serving.config import ConfigError  # noqa: PLC0415
+    from modelapp_serving.publish import CONNECTION_STRING_ENVS, PublishError, publish_model  # noqa: PLC0415
+
+    connection_string = args.connection_string or next(
+        (
+            os.environ[name]
+            for name in ("AZURE_STORAGE_CONNECTION_STRING", *CONNECTION_STRING_ENVS)
+            if os.environ.get(name)
+        ),
+        None,
+    )
+    if connection_string is None and args.account_url is None:
+        raise CliError(
+            EXIT_USAGE,
+            "give --account-url (Entra ID: az login, workload identity) or --connection-string "
+            "(or set AZURE_STORAGE_CONNECTION_STRING)",
+        )
+    try:
+        published = publish_model(
+            args.file,
+            (args.container, args.blob),
+            connection_string=connection_string if args.account_url is None else None,
+            account_url=args.account_url,
+            format=args.format,
+            overwrite=args.overwrite,
+            progress=args.progress,
+        )
+    except (PublishError, ConfigError) as error:
+        raise CliError(EXIT_ERROR, f"publish-model: {error}") from None
+    what = "published" if published.uploaded else "unchanged (the same content is already there)"
+    text = "\n".join(
+        [
+            f"{what}: {published.url}",
+            f"  version (ETag)  {published.etag}",
+            f"  sha256          {published.sha256}",
+            f"  format          {published.format}",
+            f"  size            {published.size} bytes",
+        ]
+    )
+    _emit(args, asdict(published), text)
+    return EXIT_OK
+
+
+def cmd_set_image(args: argparse.Namespace) -> int:
+    client, namespace = _client(args)
+    patch = build_set_image_patch(args.digest, args.repository)
+    body = _patch(client, namespace, args.name, patch)
+    image = (body.get("spec") or {}).get("image") or {}
+    generation = (body.get("metadata") or {}).get("generation")
+    text = (
+        f"modelapp {namespace}/{args.name}: image {image.get('repository')}@{image.get('digest')} "
+        f"(generation {generation})"
+    )
+    _emit(args, {"name": args.name, "namespace": namespace, "generation": generation, "image": image}, text)
+    return EXIT_OK
+
+
+def cmd_set_model(args: argparse.Namespace) -> int:
+    client, namespace = _client(args)
+    patch = build_set_model_patch(None if args.follow else args.version, None if args.follow else args.sha256)
+    body = _patch(client, namespace, args.name, patch)
+    model = (body.get("spec") or {}).get("model") or {}
+    generation = (body.get("metadata") or {}).get("generation")
+    pinned = f"pinned to {model.get('version')}" if model.get("version") else "following the blob"
+    text = f"modelapp {namespace}/{args.name}: model {pinned} (generation {generation})"
+    _emit(args, {"name": args.name, "namespace": namespace, "generation": generation, "model": model}, text)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    client, namespace = _client(args)
+    body = _get(client, namespace, args.name)
+    _emit(args, status_summary(body), render_status(body, datetime.now(UTC)))
+    return EXIT_OK
+
+
+def wait_for(
+    fetch: Callable[[], dict[str, Any]],
+    wanted_digest: str | None,
+    wanted_model: str | None,
+    timeout: float,
+    *,
+    interval: float = 1.0,
+    progress: Progress | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[int, Verdict]:
+    """Poll until the verdict is final or the timeout passes; returns (exit code, last verdict).
+
+    Transient API failures (unreachable, 5xx, 429) are retried until the deadline."""
+    started = clock()
+    deadline = started + timeout
+    verdict = Verdict("waiting", "Unknown", "no answer from the API server yet")
+    while True:
+        try:
+            body = fetch()
+        except KubeApiError as error:
+            if error.status not in (0, 429) and error.status < 500:
+                raise
+            verdict = Verdict("waiting", "ApiUnavailable", error.message)
+        else:
+            verdict = wait_verdict(body, Wanted.from_spec(body, wanted_digest, wanted_model))
+            if verdict.state == "ready":
+                return EXIT_OK, verdict
+            if verdict.state == "failed":
+                return EXIT_ROLLOUT_FAILED, verdict
+        remaining = deadline - clock()
+        if progress is not None:
+            progress.update(f"waiting: {verdict.reason}: {verdict.message} ({clock() - started:.0f}s)")
+        if remaining <= 0:
+            return EXIT_TIMEOUT, verdict
+        sleep(min(interval, remaining))
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    client, namespace = _client(args)
+    if args.digest is not None:
+        check_digest(args.digest)
+    _get(client, namespace, args.name)  # not found / forbidden: fail now, not at the deadline
+    progress = Progress(sys.stderr, enabled=args.progress)
+    started = time.monotonic()
+    try:
+        code, verdict = wait_for(
+            lambda: client.get_modelapp(namespace, args.name),
+            args.digest,
+            args.model_version,
+            args.timeout,
+            interval=args.interval,
+            progress=progress,
+        )
+    except KubeApiError as error:
+        raise _api_error(error, f"ModelApp {namespace}/{args.name}") from None
+    finally:
+        progress.done()
+    elapsed = time.monotonic() - started
+    body = _get(client, namespace, args.name)
+    summary = status_summary(body)
+    state = {EXIT_OK: "Ready", EXIT_ROLLOUT_FAILED: "Failed", EXIT_TIMEOUT: "Timeout"}[code]
+    image, model = summary["image"], summary["model"]
+    if code == EXIT_OK:
+        text = (
+            f"modelapp {namespace}/{args.name} is Ready after {elapsed:.0f}s: image "
+            f"{short(str(image.get('digest', '')))} model {model.get('version')} ({summary['replicas']['summary']})"
+        )
+    elif code == EXIT_ROLLOUT_FAILED:
+        text = f"modelapp {namespace}/{args.name}: rollout failed: {verdict.reason}: {verdict.message}"
+    else:
+        text = (
+            f"modelapp {namespace}/{args.name}: not Ready after {args.timeout:g}s: {verdict.reason}: {verdict.message}"
+        )
+    document = {
+        "state": state,
+        "reason": verdict.reason,
+        "message": verdict.message,
+        "elapsedSeconds": round(elapsed, 1),
+        "status": summary,
+    }
+    if args.output == "json":
+        print(json.dumps(document, indent=2, sort_keys=True))
+    elif code == EXIT_OK:
+        print(text)
+    else:
+        print(f"modelapp: {text}", file=sys.stderr)
+    return code
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    client, namespace = _client(args)
+    body = _get(client, namespace, args.name)
+    try:
+        entry = choose_rollback_target(body, args.to_revision)
+    except RollbackError as error:
+        raise CliError(EXIT_ERROR, f"modelapp {namespace}/{args.name}: cannot roll back: {error}") from None
+    patch = build_rollback_patch(entry)
+    updated = _patch(client, namespace, args.name, patch)
+    generation = (updated.get("metadata") or {}).get("generation")
+    text = (
+        f"modelapp {namespace}/{args.name}: rolling back to revision {entry.get('revision')}: image "
+        f"{short(str(entry.get('imageDigest')))} model {entry.get('modelVersion')} (generation {generation})"
+    )
+    _emit(
+        args,
+        {
+            "name": args.name,
+            "namespace": namespace,
+            "generation": generation,
+            "revision": entry.get("revision"),
+            "imageDigest": entry.get("imageDigest"),
+            "modelVersion": entry.get("modelVersion"),
+        },
+        text,
+    )
+    return EXIT_OK
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be positive")
+    return value
+
+
+def _digest(text: str) -> str:
+    try:
+        return check_digest(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("-n", "--namespace", help="namespace of the ModelApp (default: the kubeconfig context's)")
+    common.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, then ~/.kube/config)")
+    common.add_argument("--context", help="kubeconfig context (default: current-context)")
+    common.add_argument(
+        "-o",
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="text for people (default) or json for scripts and CI",
+    )
+    common.add_argument(
+        "--request-timeout",
+        type=_positive,
+        default=30.0,
+        metavar="SECONDS",
+        help="timeout of one API call (default 30)",
+    )
+    common.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no spinner or progress bar on stderr"
+    )
+    common.add_argument("-v", "--verbose", action="store_true", help="show tracebacks of unexpected errors")
+
+    parser = _Parser(
+        prog="modelapp",
+        description=DESCRIPTION,
+        epilog=EXAMPLES + "\n" + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    def add(name: str, help_: str, epilog: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            parents=[common],
+            epilog=epilog + "\n" + EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    publish = add(
+        "publish-model",
+        "Upload a model file to Blob Storage with its sha256 and format as metadata; print its ETag and sha256.",
+        "example:\n  modelapp publish-model iris.onnx --account-url https://acct.blob.core.windows.net "
+        "--container models --blob iris/model.onnx\n\ncredentials: --connection-string or "
+        "$AZURE_STORAGE_CONNECTION_STRING; with --account-url, DefaultAzureCredential (az login, workload "
+        "identity). A different model already at that name is only replaced with --overwrite.",
+    )
+    publish.add_argument("file", type=Path, help="model file (.onnx, .skops, .pkl)")
+    where = publish.add_mutually_exclusive_group()
+    where.add_argument("--account-url", help="blob endpoint, e.g. https://acct.blob.core.windows.net")
+    where.add_argument("--connection-string", help="storage connection string (prefer the env var)")
+    publish.add_argument("--container", required=True, help="blob container, e.g. models")
+    publish.add_argument("--blob", required=True, help="blob name, e.g. iris/model.onnx")
+    publish.add_argument("--format", choices=("onnx", "skops", "pickle"), help="default: from the file suffix")
+    publish.add_argument("--overwrite", action="store_true", help="replace a different model at that name")
+    publish.set_defaults(handler=cmd_publish_model)
+
+    set_image = add(
+        "set-image",
+        "Pin a ModelApp's image to a digest (what CI runs after pushing an image); the operator rolls it out.",
+        "example:\n  modelapp set-image iris -n ml --digest sha256:$(cat digest.txt)\n\n"
+        "The digest is checked before anything is sent; spec.image.tag and followTag are removed.",
+    )
+    set_image.add_argument("name", help="ModelApp name")
+    set_image.add_argument("--digest", required=True, type=_digest, help="sha256:<64 hex>")
+    set_image.add_argument("--repository", help="also change spec.image.repository (registry host included)")
+    set_image.set_defaults(handler=cmd_set_image)
+
+    set_model = add(
+        "set-model",
+        "Pin a ModelApp's model to a blob version (ETag), or --follow the blob's current version again.",
+        "examples:\n  modelapp set-model iris -n ml --version '\"0x8DC2B6F0D1A2B3C\"' --sha256 3b1f...\n"
+        "  modelapp set-model iris -n ml --follow",
+    )
+    set_model.add_argument("name", help="ModelApp name")
+    which = set_model.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", help="blob ETag to pin (as publish-model prints it)")
+    which.add_argument("--follow", action="store_true", help="remove the pin: follow the blob")
+    set_model.add_argument("--sha256", help="expected sha256 of that version (64 hex)")
+    set_model.set_defaults(handler=cmd_set_model)
+
+    status = add(
+        "status",
+        "Show a ModelApp's image, model, replicas, conditions and rollout history.",
+        "example:\n  modelapp status iris -n ml -o json",
+    )
+    status.add_argument("name", help="ModelApp name")
+    status.set_defaults(handler=cmd_status)
+
+    wait = add(
+        "wait",
+        "Wait until a ModelApp is Ready with the wanted image and model (default: what its spec pins).",
+        "example:\n  modelapp wait iris -n ml --digest sha256:4f1c... --timeout 600\n\n"
+        "Done when Ready=True for the current generation with that pair running. Fails fast when the rollout "
+        "of that pair fails (Degraded=True RolledBack or ProgressDeadlineExceeded) or the spec is invalid.",
+    )
+    wait.add_argument("name", help="ModelApp name")
+    wait.add_argument("--digest", type=_digest, help="wanted image digest (default: spec.image.digest if pinned)")
+    wait.add_argument("--model-version", help="wanted model ETag (default: spec.model.version if pinned)")
+    wait.add_argument("--timeout", type=_positive, default=300.0, help="seconds (default 300)")
+    wait.add_argument("--interval", type=_positive, default=1.0, help="seconds between checks (default 1)")
+    wait.set_defaults(handler=cmd_wait)
+
+    rollback = add(
+        "rollback",
+        "Pin a ModelApp to an earlier Ready image/model pair from its status.history.",
+        "examples:\n  modelapp rollback iris -n ml                 # the newest earlier Ready pair\n"
+        "  modelapp rollback iris -n ml --to-revision 3",
+    )
+    rollback.add_argument("name", help="ModelApp name")
+    rollback.add_argument("--to-revision", type=int, metavar="N", help="history revision to go back to")
+    rollback.set_defaults(handler=cmd_rollback)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except CliError as error:
+        print(f"modelapp: {error}", file=sys.stderr)
+        return error.code
+    except ValueError as error:
+        print(f"modelapp: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("modelapp: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if args.verbose:
+            raise
+        print(f"modelapp: unexpected error: {type(error).__name__}: {error} (run with -v for details)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Pure functions behind the `modelapp` CLI: patches, the wait verdict, rollback targets, tables.
+
+No I/O here: each takes ModelApp bodies (dicts as the API returns them) and returns data or text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
+SHA256_HEX = re.compile(r"^[a-f0-9]{64}$")
+# A blob ETag as the service returns it, with or without the surrounding quotes.
+ETAG = re.compile(r'^"?[!#-~]+"?$')
+# History outcomes of a pair that served traffic: safe rollback targets. ("Superseded" is a pair
+# replaced while still progressing: it never became Ready.)
+ROLLBACK_OUTCOMES = frozenset({"Ready"})
+# Degraded reasons that end a wait: the rollout of the wanted pair has failed.
+FAILED_ROLLOUT_REASONS = frozenset({"RolledBack", "ProgressDeadlineExceeded"})
+
+
+def normalize_etag(etag: str) -> str:
+    return etag.strip().strip('"')
+
+
+def short(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:12]
+
+
+def check_digest(digest: str) -> str:
+    if not DIGEST.fullmatch(digest):
+        raise ValueError(f"{digest!r} is not a digest: expected sha256: followed by 64 lowercase hex characters")
+    return digest
+
+
+def build_set_image_patch(digest: str, repository: str | None = None) -> dict[str, Any]:
+    """Merge patch pinning spec.image to a digest (tag and followTag removed: a digest never moves)."""
+    image: dict[str, Any] = {"digest": check_digest(digest), "tag": None, "followTag": None}
+    if repository is not None:
+        image["repository"] = repository
+    return {"spec": {"image": image}}
+
+
+def build_set_model_patch(version: str | None, sha256: str | None) -> dict[str, Any]:
+    """Pin spec.model.version (and sha256), or with version None follow the blob again."""
+    if version is not None and not ETAG.fullmatch(version):
+        raise ValueError(f"{version!r} is not a blob ETag (e.g. '\"0x8DC2B6F0D1A2B3C\"')")
+    if sha256 is not None and not SHA256_HEX.fullmatch(sha256):
+        raise ValueError(f"{sha256!r} is not a sha256: expected 64 lowercase hex characters")
+    return {"spec": {"model": {"version": version, "sha256": sha256}}}
+
+
+def conditions_by_type(body: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    status = body.get("status") or {}
+    return {str(c.get("type")): c for c in status.get("conditions") or [] if isinstance(c, Mapping)}
+
+
+def _generation(body: Mapping[str, Any]) -> int:
+    return int((body.get("metadata") or {}).get("generation") or 0)
+
+
+def _observed(body: Mapping[str, Any], condition: Mapping[str, Any] | None = None) -> int:
+    status = body.get("status") or {}
+    if condition is not None and condition.get("observedGeneration") is not None:
+        return int(condition["observedGeneration"])
+    return int(status.get("observedGeneration") or 0)
+
+
+@dataclass(frozen=True)
+class Wanted:
+    digest: str | None
+    model_version: str | None
+
+    @classmethod
+    def from_spec(cls, body: Mapping[str, Any], digest: str | None, model_version: str | None) -> Wanted:
+        """Explicit wishes first; else what the spec pins (a digest, a model version)."""
+        spec = body.get("spec") or {}
+        pinned_digest = (spec.get("image") or {}).get("digest")
+        pinned_model = (spec.get("model") or {}).get("version")
+        return cls(digest or pinned_digest, model_version or pinned_model)
+
+    def matches(self, digest: str | None, model_version: str | None) -> bool:
+        if self.digest is not None and digest != self.digest:
+            return False
+        return self.model_version is None or (
+            model_version is not None and normalize_etag(model_version) == normalize_etag(self.model_version)
+        )
+
+    @property
+    def given(self) -> bool:
+        return self.digest is not None or self.model_version is not None
+
+    def describe(self) -> str:
+        parts = []
+        if self.digest:
+            parts.append(f"image {short(self.digest)}")
+        if self.model_version:
+            parts.append(f"model {self.model_version}")
+        return " and ".join(parts) or "the current spec"
+
+    def mentioned_in(self, text: str) -> bool:
+        needles = [n for n in (self.digest, self.model_version) if n]
+        if self.digest:
+            needles.append(short(self.digest))
+        if self.model_version:
+            needles.append(normalize_etag(self.model_version))
+        return any(n in text for n in needles)
+
+
+WaitState = Literal["ready", "failed", "waiting"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    state: WaitState
+    reason: str
+    message: str
+
+
+def wait_verdict(body: Mapping[str, Any], wanted: Wanted) -> Verdict:
+    """Is the ModelApp Ready with the wanted pair (done), failed for good (stop), or still rolling?"""
+    status = body.get("status") or {}
+    generation = _generation(body)
+    conditions = conditions_by_type(body)
+    ready = conditions.get("Ready") or {}
+    degraded = conditions.get("Degraded") or {}
+    image = status.get("image") or {}
+    model = status.get("model") or {}
+    running = wanted.matches(image.get("digest"), model.get("version"))
+
+    if ready.get("status") == "False" and ready.get("reason") == "InvalidSpec":
+        return Verdict("failed", "InvalidSpec", str(ready.get("message") or "the spec is invalid"))
+    if wanted.given:
+        for pair in status.get("failedPairs") or []:
+            if wanted.matches(pair.get("imageDigest"), pair.get("modelVersion")):
+                message = str(degraded.get("message") or f"{wanted.describe()} failed and was rolled back")
+                return Verdict("failed", str(degraded.get("reason") or "RolledBack"), message)
+        for entry in status.get("history") or []:
+            if wanted.matches(entry.get("imageDigest"), entry.get("modelVersion")):
+                if entry.get("outcome") == "Failed":
+                    message = (
+                        f"revision {entry.get('revision')} ({wanted.describe()}) failed: {entry.get('reason', '')}"
+                    )
+                    return Verdict("failed", str(degraded.get("reason") or "RolloutFailed"), message.strip(": "))
+                break  # newest entry for this pair decides
+    degraded_current = degraded.get("status") == "True" and _observed(body, degraded) >= generation
+    if degraded_current and degraded.get("reason") in FAILED_ROLLOUT_REASONS:
+        message = str(degraded.get("message") or "")
+        if not wanted.given:
+            ours = True
+        elif degraded.get("reason") == "RolledBack":
+            # Only a rollback of the wanted pair ends this wait. history and failedPairs (checked above)
+            # name that pair exactly; without them (an older operator) the message's part before
+            # "rolled back to" does. The restored pair itself is not a failure.
+            exact = bool(status.get("history") or status.get("failedPairs"))
+            ours = not exact and wanted.mentioned_in(message.split("rolled back to", 1)[0])
+        else:
+            ours = running  # a missed deadline counts while the wanted pair is the one rolling out
+        if ours:
+            return Verdict("failed", str(degraded.get("reason")), message)
+
+    current = _observed(body) >= generation and _observed(body, ready) >= generation
+    if ready.get("status") == "True" and current and running:
+        return Verdict("ready", str(ready.get("reason") or "Available"), str(ready.get("message") or ""))
+    if not current:
+        return Verdict("waiting", "NotObserved", f"generation {generation} not observed yet (at {_observed(body)})")
+    if not running:
+        what = f"running image {short(str(image.get('digest') or '-'))} model {model.get('version') or '-'}"
+        return Verdict("waiting", str(ready.get("reason") or "Pending"), f"{what}, want {wanted.describe()}")
+    reason = str(ready.get("reason") or "Pending")
+    return Verdict("waiting", reason, str(ready.get("message") or status.get("replicaSummary") or ""))
+
+
+class RollbackError(ValueError):
+    """No history entry can be rolled back to; the message says why."""
+
+
+def choose_rollback_target(body: Mapping[str, Any], to_revision: int | None) -> Mapping[str, Any]:
+    """The history entry to pin: revision `to_revision`, else the newest pair that served traffic
+    and differs from the one running now."""
+    status = body.get("status") or {}
+    history: Sequence[Mapping[str, Any]] = status.get("history") or []
+    if not history:
+        raise RollbackError(
+            "status.history is empty: nothing has been rolled out yet, so there is nothing to go back to"
+        )
+    if to_revision is not None:
+        for entry in history:
+            if entry.get("revision") == to_revision:
+                if entry.get("outcome") not in ROLLBACK_OUTCOMES:
+                    raise RollbackError(
+                        f"revision {to_revision} has outcome {entry.get('outcome')}: only a pair that was Ready "
+                        "can be rolled back to"
+                    )
+                return entry
+        known = ", ".join(str(e.get("revision")) for e in history)
+        raise RollbackError(f"no revision {to_revision} in status.history (known: {known})")
+    image = (status.get("image") or {}).get("digest")
+    version = (status.get("model") or {}).get("version")
+    for entry in history:
+        if entry.get("outcome") not in ROLLBACK_OUTCOMES:
+            continue
+        same = entry.get("imageDigest") == image and normalize_etag(str(entry.get("modelVersion", ""))) == (
+            normalize_etag(str(version or ""))
+        )
+        if not same:
+            return entry
+    raise RollbackError("no earlier Ready pair in status.history (use --to-revision to pick one)")
+
+
+def build_rollback_patch(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """Pin the spec to a history entry's image digest and model version (and sha256)."""
+    digest = check_digest(str(entry.get("imageDigest")))
+    model: dict[str, Any] = {"version": str(entry.get("modelVersion"))}
+    if entry.get("modelSha256"):
+        model["sha256"] = str(entry["modelSha256"])
+    return {"spec": {"image": {"digest": digest, "tag": None, "followTag": None}, "model": model}}
+
+
+# --- human-readable output ---------------------------------------------------------------------
+
+
+def age(timestamp: str | None, now: datetime) -> str:
+    if not timestamp:
+        return "-"
+    try:
+        then = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return "-"
+    seconds = max(0, int((now - then.astimezone(UTC)).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+
+
+def status_summary(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What `modelapp status -o json` prints."""
+    metadata = body.get("metadata") or {}
+    status = body.get("status") or {}
+    return {
+        "name": metadata.get("name"),
+        "namespace": metadata.get("namespace"),
+        "generation": metadata.get("generation"),
+        "observedGeneration": status.get("observedGeneration"),
+        "image": status.get("image") or {},
+        "model": status.get("model") or {},
+        "replicas": {
+            "desired": status.get("replicas"),
+            "ready": status.get("readyReplicas"),
+            "updated": status.get("updatedReplicas"),
+            "summary": status.get("replicaSummary"),
+        },
+        "conditions": list(status.get("conditions") or []),
+        "history": list(status.get("history") or []),
+        "failedPairs": list(status.get("failedPairs") or []),
+    }
+
+
+def render_status(body: Mapping[str, Any], now: datetime) -> str:
+    summary = status_summary(body)
+    image, model, replicas = summary["image"], summary["model"], summary["replicas"]
+    lines = [
+        f"ModelApp {summary['namespace']}/{summary['name']}  "
+        f"(generation {summary['generation']}, observed {summary['observedGeneration'] or '-'})",
+    ]
+    image_text = image.get("reference") or "-"
+    if image.get("tag"):
+        image_text += f"  (tag {image['tag']})"
+    model_text = "-"
+    if model.get("version"):
+        model_text = f"{model['version']}  sha256 {str(model.get('sha256', '-'))[:12]}  {model.get('format', '')}"
+        model_text += f"  {model.get('url', '')}"
+    lines += table(
+        [
+            ("Image", image_text),
+            ("Model", model_text.rstrip()),
+            (
+                "Replicas",
+                f"{replicas['ready'] or 0}/{replicas['desired'] or 0} ready, {replicas['updated'] or 0} updated",
+            ),
+        ],
+        indent="",
+    )
+    conditions = summary["conditions"]
+    lines.append("Conditions:")
+    if conditions:
+        rows: list[tuple[str, ...]] = [("TYPE", "STATUS", "REASON", "AGE", "MESSAGE")]
+        rows += [
+            (
+                str(c.get("type")),
+                str(c.get("status")),
+                str(c.get("reason") or ""),
+                age(c.get("lastTransitionTime"), now),
+                str(c.get("message") or "")[:100],
+            )
+            for c in conditions
+        ]
+        lines += table(rows)
+    else:
+        lines.append("  (none yet: the operator has not reconciled this ModelApp)")
+    history = summary["history"]
+    lines.append("History:")
+    if history:
+        history_rows: list[tuple[str, ...]] = [("REV", "OUTCOME", "IMAGE", "MODEL", "STARTED", "REASON")]
+        history_rows += [
+            (
+                str(h.get("revision")),
+                str(h.get("outcome")),
+                short(str(h.get("imageDigest") or "")),
+                str(h.get("modelVersion") or ""),
+                age(h.get("startedAt"), now),
+                str(h.get("reason") or "")[:60],
+            )
+            for h in history
+        ]
+        lines += table(history_rows)
+    else:
+        lines.append("  (none)")
+    return "\n".join(lines)

@@ -1,0 +1,235 @@
+"""deploy/ on the real control plane: `kubectl apply -k deploy/` succeeds, the operator's pod is
+admitted under Pod Security `restricted`, its ServiceAccount is denied what it must not do, and the
+operator running with exactly that ServiceAccount's token reconciles a ModelApp to Ready."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from azure.storage.blob import BlobServiceClient
+from modelapp_localstack import Azurite, KubeCluster, Registry
+
+pytestmark = pytest.mark.cluster
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = REPO_ROOT / "deploy"
+OPERATOR_NS, APP_NS = "modelapp-system", "ml"
+SERVICE_ACCOUNT = f"system:serviceaccount:{OPERATOR_NS}:modelapp-operator"
+
+
+@pytest.fixture(scope="module")
+def deployed(kube: KubeCluster) -> Iterator[None]:
+    kube.kubectl("apply", "-k", str(DEPLOY))
+    yield
+    # Everything but the CRD, which other test modules share.
+    rendered = [d for d in yaml.safe_load_all(kube.kubectl("kustomize", str(DEPLOY)).stdout) if d]
+    rest = [d for d in rendered if d["kind"] != "CustomResourceDefinition"]
+    kube.kubectl(
+        "delete", "--ignore-not-found", "--wait=false", "-f", "-",
+        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": rest}),
+    )  # fmt: skip
+
+
+def test_operator_pod_is_admitted_under_restricted_and_becomes_available(kube: KubeCluster, deployed: None) -> None:
+    for namespace in (OPERATOR_NS, APP_NS):
+        labels = json.loads(kube.kubectl("get", "namespace", namespace, "-o", "json").stdout)["metadata"]["labels"]
+        assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    # kwok runs the pod; Pod Security admission would have refused to create it.
+    kube.kubectl("rollout", "status", "deployment/modelapp-operator", "-n", OPERATOR_NS, "--timeout=90s", timeout=120)
+    pods = json.loads(
+        kube.kubectl(
+            "get", "pods", "-n", OPERATOR_NS, "-l", "app.kubernetes.io/name=modelapp-operator", "-o", "json"
+        ).stdout
+    )["items"]
+    assert len(pods) == 1 and pods[0]["spec"]["serviceAccountName"] == "modelapp-operator"
+    env_from = pods[0]["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"]
+    settings = json.loads(kube.kubectl("get", "configmap", env_from, "-n", OPERATOR_NS, "-o", "json").stdout)["data"]
+    assert settings["MODELAPP_NAMESPACES"] == APP_NS
+
+
+def test_sample_and_aks_overlay_are_accepted_by_the_api_server(kube: KubeCluster, deployed: None) -> None:
+    kube.kubectl("apply", "--dry-run=server", "-f", str(DEPLOY / "samples" / "modelapp.yaml"))
+    kube.kubectl("apply", "--dry-run=server", "-k", str(DEPLOY / "overlays" / "aks"))
+
+
+def can_i(kube: KubeCluster, *args: str) -> bool:
+    result = kube.kubectl("auth", "can-i", *args, f"--as={SERVICE_ACCOUNT}", check=False)
+    assert result.stdout.strip() in ("yes", "no"), result.stderr
+    return result.stdout.strip() == "yes"
+
+
+ALLOWED = [
+    ("get", "secrets", "-n", APP_NS),
+    ("watch", "modelapps.modelapp.io", "-n", APP_NS),
+    ("patch", "modelapps.modelapp.io", "-n", APP_NS),
+    ("patch", "modelapps.modelapp.io", "--subresource=status", "-n", APP_NS),
+    ("create", "deployments.apps", "-n", APP_NS),
+    ("patch", "deployments.apps", "-n", APP_NS),
+    ("watch", "deployments.apps", "-n", APP_NS),
+    ("create", "services", "-n", APP_NS),
+    ("create", "events", "-n", APP_NS),
+    ("create", "events.events.k8s.io", "-n", APP_NS),
+    ("list", "customresourcedefinitions.apiextensions.k8s.io"),
+    ("watch", "namespaces"),
+]
+DENIED = [
+    ("list", "secrets", "-n", APP_NS),  # by name only: it cannot enumerate them
+    ("watch", "secrets", "-n", APP_NS),
+    ("get", "secrets", "-n", "kube-system"),
+    ("list", "secrets", "--all-namespaces"),
+    ("get", "secrets", "-n", OPERATOR_NS),
+    ("delete", "deployments.apps", "-n", APP_NS),  # children go away through owner references
+    ("delete", "modelapps.modelapp.io", "-n", APP_NS),
+    ("update", "modelapps.modelapp.io", "-n", APP_NS),
+    ("create", "pods", "-n", APP_NS),
+    ("create", "pods/exec", "-n", APP_NS),
+    ("create", "deployments.apps", "-n", "default"),
+    ("get", "modelapps.modelapp.io", "-n", "default"),
+    ("patch", "nodes"),
+    ("escalate", "clusterroles.rbac.authorization.k8s.io"),
+    ("bind", "clusterroles.rbac.authorization.k8s.io"),
+    ("create", "rolebindings.rbac.authorization.k8s.io", "-n", APP_NS),
+    ("update", "customresourcedefinitions.apiextensions.k8s.io"),
+    ("create", "serviceaccounts/token", "-n", APP_NS),
+    ("impersonate", "serviceaccounts", "-n", APP_NS),
+]
+
+
+@pytest.mark.parametrize("request_", ALLOWED, ids=" ".join)
+def test_service_account_may_do_what_the_operator_does(
+    kube: KubeCluster, deployed: None, request_: tuple[str, ...]
+) -> None:
+    assert can_i(kube, *request_)
+
+
+@pytest.mark.parametrize("request_", DENIED, ids=" ".join)
+def test_service_account_is_denied_everything_else(
+    kube: KubeCluster, deployed: None, request_: tuple[str, ...]
+) -> None:
+    assert not can_i(kube, *request_)
+
+
+def test_operator_with_only_its_service_account_reconciles_a_modelapp(
+    kube: KubeCluster, registry: Registry, azurite: Azurite, deployed: None, tmp_path: Path
+) -> None:
+    # The operator as the Deployment runs it: the ServiceAccount's token and the ConfigMap's settings.
+    token = kube.kubectl("create", "token", "modelapp-operator", "-n", OPERATOR_NS, "--duration=1h").stdout.strip()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {"name": "c", "cluster": {"server": kube.server, "certificate-authority": str(kube.ca_file)}}
+                ],
+                "users": [{"name": "operator", "user": {"token": token}}],
+                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "operator"}}],
+                "current-context": "c",
+            }
+        )
+    )
+    pod = json.loads(kube.kubectl("get", "deployment", "modelapp-operator", "-n", OPERATOR_NS, "-o", "json").stdout)
+    config_map = pod["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"]
+    settings = json.loads(kube.kubectl("get", "configmap", config_map, "-n", OPERATOR_NS, "-o", "json").stdout)["data"]
+
+    secrets = [
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "regcred", "namespace": APP_NS},
+         "type": "kubernetes.io/dockerconfigjson", "stringData": {".dockerconfigjson": registry.dockerconfigjson()}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "storage", "namespace": APP_NS},
+         "stringData": {"connectionString": azurite.connection_string}},
+    ]  # fmt: skip
+    kube.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": secrets}))
+    digest = registry.push_random_image("deploy/iris", "stable")
+    container = BlobServiceClient.from_connection_string(azurite.connection_string).get_container_client("models")
+    with contextlib.suppress(Exception):
+        container.create_container()
+    content = b"deploy test model"
+    container.get_blob_client("deploy/model.onnx").upload_blob(
+        content, overwrite=True, metadata={"sha256": hashlib.sha256(content).hexdigest(), "format": "onnx"}
+    )
+    sample = yaml.safe_load((DEPLOY / "samples" / "modelapp.yaml").read_text())
+    sample["spec"]["image"] = {
+        "repository": f"{registry.host}/deploy/iris",
+        "tag": "stable",
+        "pullSecretName": "regcred",
+    }
+    sample["spec"]["model"]["blob"] = {
+        "accountUrl": azurite.blob_endpoint,
+        "container": "models",
+        "name": "deploy/model.onnx",
+    }
+    sample["spec"]["model"]["credentials"] = {"secretRef": {"name": "storage"}}
+    kube.kubectl("apply", "-f", "-", input=json.dumps(sample))
+
+    log_file = tmp_path / "operator.log"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MODELAPP_")},
+        **settings,
+        "MODELAPP_LOG_FORMAT": "text",
+        "KUBECONFIG": str(kubeconfig),
+        "MODELAPP_REGISTRY_CA_FILE": str(registry.ca_file),
+    }
+    with log_file.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "modelapp_operator", "--liveness", "off"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+        )
+    try:
+        wait = subprocess.run(
+            [sys.executable, "-m", "modelapp_operator.cli", "wait", "iris", "-n", APP_NS, "--timeout", "120",
+             "--no-progress", "--kubeconfig", str(kube.kubeconfig)],
+            capture_output=True, text=True, timeout=240, check=False,
+        )  # fmt: skip
+        # Read the child before the ModelApp (and, through the garbage collector, the child) goes away.
+        found = kube.kubectl("get", "deployment", "iris", "-n", APP_NS, "-o", "json", check=False)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        kube.kubectl("delete", "modelapp", "iris", "-n", APP_NS, "--ignore-not-found", "--wait=false")
+    log_text = log_file.read_text(errors="replace")
+    assert wait.returncode == 0, f"{wait.stderr}\n--- operator ---\n{log_text[-4000:]}"
+    assert "Forbidden" not in log_text and "forbidden" not in log_text, log_text[-4000:]
+    assert "Traceback" not in log_text, log_text[-4000:]
+    assert found.returncode == 0, found.stderr
+    deployment = json.loads(found.stdout)
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == f"{registry.host}/deploy/iris@{digest}"
+
+
+def test_ci_role_lets_a_pipeline_patch_modelapps_and_nothing_else(kube: KubeCluster, deployed: None) -> None:
+    kube.kubectl("create", "serviceaccount", "pipeline", "-n", APP_NS)
+    kube.kubectl(
+        "create", "rolebinding", "pipeline", "--role=modelapp-ci", f"--serviceaccount={APP_NS}:pipeline", "-n", APP_NS
+    )
+    pipeline = f"--as=system:serviceaccount:{APP_NS}:pipeline"
+
+    def allowed(*args: str) -> bool:
+        return kube.kubectl("auth", "can-i", *args, pipeline, check=False).stdout.strip() == "yes"
+
+    assert allowed("patch", "modelapps.modelapp.io", "-n", APP_NS)
+    assert allowed("get", "modelapps.modelapp.io", "-n", APP_NS)
+    for denied in (
+        ("patch", "modelapps.modelapp.io", "--subresource=status", "-n", APP_NS),
+        ("delete", "modelapps.modelapp.io", "-n", APP_NS),
+        ("patch", "deployments.apps", "-n", APP_NS),
+        ("get", "secrets", "-n", APP_NS),
+        ("patch", "modelapps.modelapp.io", "-n", "default"),
+    ):
+        assert not allowed(*denied), denied

@@ -1,0 +1,151 @@
+"""deploy/: the kustomize base, tenant and AKS overlay, read as files (the cluster tests apply them):
+the CRD copy is current, RBAC is least privilege, the operator Deployment is restricted and probed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from modelapp_operator.config import OperatorConfig
+from modelapp_operator.model import parse_modelapp
+
+pytestmark = pytest.mark.unit
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = REPO_ROOT / "deploy"
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+}
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def kustomization(folder: str) -> dict[str, Any]:
+    document = yaml.safe_load((DEPLOY / folder / "kustomization.yaml").read_text())
+    assert isinstance(document, dict)
+    return document
+
+
+def one(path: Path, kind: str) -> dict[str, Any]:
+    (found,) = [d for d in documents(path) if d["kind"] == kind]
+    return found
+
+
+def test_base_takes_the_crd_from_the_crds_folder() -> None:
+    base = yaml.safe_load((DEPLOY / "base" / "kustomization.yaml").read_text())
+    assert "../../crds" in base["resources"]
+    crds = yaml.safe_load((REPO_ROOT / "crds" / "kustomization.yaml").read_text())
+    assert crds["resources"] == ["modelapp.yaml"]
+
+
+def test_top_level_kustomization_is_base_plus_tenant() -> None:
+    assert kustomization(".")["resources"] == ["base", "tenant"]
+    for folder in ("base", "tenant", "overlays/aks"):
+        for resource in kustomization(folder)["resources"]:
+            assert (DEPLOY / folder / resource).exists(), f"{folder}: {resource} is missing"
+
+
+def test_namespaces_enforce_pod_security_restricted() -> None:
+    for path in (DEPLOY / "base" / "namespace.yaml", DEPLOY / "tenant" / "namespace.yaml"):
+        labels = one(path, "Namespace")["metadata"]["labels"]
+        assert RESTRICTED.items() <= labels.items()
+
+
+def rules(path: Path, kind: str) -> dict[tuple[str, str], set[str]]:
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in one(path, kind)["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    return granted
+
+
+def test_cluster_role_only_reads_crds_and_namespaces() -> None:
+    assert rules(DEPLOY / "base" / "clusterrole.yaml", "ClusterRole") == {
+        ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+        ("", "namespaces"): {"list", "watch"},
+    }
+
+
+def test_namespaced_role_grants_exactly_what_the_operator_uses() -> None:
+    granted = rules(DEPLOY / "tenant" / "role.yaml", "Role")
+    assert granted == {
+        ("modelapp.io", "modelapps"): {"get", "list", "watch", "patch"},
+        ("modelapp.io", "modelapps/status"): {"get", "patch"},
+        ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
+        ("", "services"): {"get", "create", "patch"},
+        ("", "secrets"): {"get"},
+        ("", "events"): {"create", "patch"},
+        ("events.k8s.io", "events"): {"create", "patch"},
+    }
+    binding = one(DEPLOY / "tenant" / "role.yaml", "RoleBinding")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "modelapp-operator", "namespace": "modelapp-system"}
+    ]
+
+
+def test_operator_watches_only_the_namespaces_it_has_a_role_in() -> None:
+    (generator,) = kustomization("base")["configMapGenerator"]
+    settings = dict(literal.split("=", 1) for literal in generator["literals"])
+    config = OperatorConfig.from_env(settings)  # the operator would start with these
+    assert config.namespaces == (kustomization("tenant")["namespace"],)
+    assert kustomization("base")["namespace"] == "modelapp-system"
+
+
+def test_operator_deployment_is_single_restricted_and_probed() -> None:
+    deployment = one(DEPLOY / "base" / "deployment.yaml", "Deployment")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == "modelapp-operator"
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False and security["capabilities"] == {"drop": ["ALL"]}
+    assert security["readOnlyRootFilesystem"] is True
+    (generator,) = kustomization("base")["configMapGenerator"]
+    assert container["envFrom"] == [{"configMapRef": {"name": generator["name"]}}]
+    settings = dict(literal.split("=", 1) for literal in generator["literals"])
+    (port,) = container["ports"]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
+    assert port["containerPort"] == int(settings["MODELAPP_LIVENESS_PORT"])
+
+
+def test_aks_overlay_sets_workload_identity() -> None:
+    overlay = kustomization("overlays/aks")
+    patches = {p["target"]["kind"]: yaml.safe_load(p["patch"]) for p in overlay["patches"]}
+    annotations = patches["ServiceAccount"]["metadata"]["annotations"]
+    assert "azure.workload.identity/client-id" in annotations
+    labels = patches["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert labels == {"azure.workload.identity/use": "true"}
+    assert overlay["images"][0]["newName"].endswith(".azurecr.io/modelapp-operator")
+    app_account = one(DEPLOY / "overlays" / "aks" / "app-serviceaccount.yaml", "ServiceAccount")
+    assert "azure.workload.identity/client-id" in app_account["metadata"]["annotations"]
+
+
+def test_sample_modelapp_is_valid_and_uses_the_aks_app_identity() -> None:
+    sample = one(DEPLOY / "samples" / "modelapp.yaml", "ModelApp")
+    # As the API server would return it: with the uid and generation it adds.
+    sample["metadata"] |= {"uid": "00000000-0000-0000-0000-000000000000", "generation": 1}
+    app = parse_modelapp(sample)
+    assert app.namespace == kustomization("tenant")["namespace"]
+    account = one(DEPLOY / "overlays" / "aks" / "app-serviceaccount.yaml", "ServiceAccount")
+    assert app.spec.model.credentials.service_account_name == account["metadata"]["name"]
+
+
+def test_operator_image_runs_the_operator_as_non_root() -> None:
+    text = (REPO_ROOT / "Dockerfile.operator").read_text()
+    assert "USER 10001:10001" in text and 'ENTRYPOINT ["modelapp-operator"]' in text
+    assert '".[operator]"' in text
+
+
+def test_ci_role_only_reads_and_patches_modelapps() -> None:
+    assert rules(DEPLOY / "tenant" / "ci-role.yaml", "Role") == {("modelapp.io", "modelapps"): {"get", "patch"}}
+    binding = one(DEPLOY / "overlays" / "aks" / "ci-rolebinding.yaml", "RoleBinding")
+    assert binding["roleRef"]["name"] == "modelapp-ci" and {s["kind"] for s in binding["subjects"]} == {"User"}
