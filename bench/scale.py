@@ -18,12 +18,18 @@ and measures:
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shlex
 import statistics
 import sys
+import threading
 import time
+import urllib.request
 from collections import Counter
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -41,6 +47,90 @@ from bench.operator_stack import (  # noqa: E402
     start_stack,
     template_of,
 )
+
+
+def deployment_ready(deployment: Mapping[str, Any]) -> bool:
+    """The rollout of the current template is complete: every wanted replica updated and ready."""
+    spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
+    wanted = int(spec.get("replicas", 1))
+    return (
+        int(status.get("observedGeneration") or 0) >= int(deployment["metadata"].get("generation") or 0)
+        and int(status.get("updatedReplicas") or 0) == wanted
+        and int(status.get("readyReplicas") or 0) == wanted
+        and int(status.get("replicas") or 0) == wanted
+    )
+
+
+def modelapp_ready(body: Mapping[str, Any]) -> str:
+    for item in (body.get("status") or {}).get("conditions") or []:
+        if item.get("type") == "Ready":
+            return str(item.get("status"))
+    return "None"
+
+
+class Watcher(KubeApi):
+    """Follows one collection with a watch in a thread; keeps a small summary per object."""
+
+    def __init__(self, api: KubeApi, path: str, summarize: Callable[[Mapping[str, Any]], Any]) -> None:
+        self.__dict__.update(api.__dict__)  # same server and TLS context
+        self._path = path
+        self._summarize = summarize
+        self._lock = threading.Lock()
+        self._state: dict[tuple[str, str], Any] = {}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"watch {path}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def snapshot(self) -> dict[tuple[str, str], Any]:
+        with self._lock:
+            return dict(self._state)
+
+    def _run(self) -> None:
+        version = ""
+        while not self._stopped.is_set():
+            separator = "&" if "?" in self._path else "?"
+            url = f"{self.server}{self._path}{separator}watch=1&timeoutSeconds=300"
+            if version:
+                url += f"&resourceVersion={version}"
+            try:
+                request = urllib.request.Request(url, headers={"Accept": "application/json"})
+                with urllib.request.urlopen(request, context=self._context, timeout=330) as response:
+                    for line in response:
+                        if self._stopped.is_set():
+                            return
+                        event = json.loads(line)
+                        obj = event.get("object") or {}
+                        if event.get("type") == "ERROR":
+                            version = ""  # 410 Gone: start again from a fresh list
+                            with self._lock:
+                                self._state.clear()
+                            break
+                        meta = obj.get("metadata") or {}
+                        version = str(meta.get("resourceVersion") or version)
+                        key = (str(meta.get("namespace")), str(meta.get("name")))
+                        with self._lock:
+                            if event.get("type") == "DELETED":
+                                self._state.pop(key, None)
+                            elif event.get("type") in ("ADDED", "MODIFIED"):
+                                self._state[key] = self._summarize(obj)
+            except (OSError, ValueError) as error:
+                print(f"watch {self._path}: {error}; again", file=sys.stderr)
+                time.sleep(1.0)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (and its waited-for children) from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    ticks = os.sysconf("SC_CLK_TCK")
+    return sum(int(value) for value in fields[11:15]) / ticks
 
 
 def main() -> int:
@@ -88,46 +178,65 @@ def main() -> int:
         out_dir = args.out.parent / "scale"
         operator = OperatorProcess.start(kube, registry, out_dir / "operator.log", env, args.operator_src)
         started = time.monotonic()
+        # Watches instead of LISTs: re-listing 1,000 Deployments and ModelApps every second
+        # costs the API server (and the 2 cores the operator shares) more than the changes do.
+        deployment_watch = Watcher(
+            api,
+            f"/apis/apps/v1/deployments?labelSelector={MANAGED_BY_SELECTOR}",
+            lambda d: (template_of(d), deployment_ready(d)),
+        )
+        modelapp_watch = Watcher(api, "/apis/modelapp.io/v1alpha1/modelapps", modelapp_ready)
+        deployment_watch.start()
+        modelapp_watch.start()
         deployed_at: float | None = None
+        pods_ready_at: float | None = None
         ready_at: float | None = None
+        timeline: dict[str, dict[int, float]] = {"deployed": {}, "pods ready": {}, "ModelApps Ready": {}}
         rss_samples: list[int] = []
+        last_print = 0.0
         try:
-            while time.monotonic() - started < args.timeout and (deployed_at is None or ready_at is None):
+            while time.monotonic() - started < args.timeout and (
+                deployed_at is None or ready_at is None or pods_ready_at is None
+            ):
                 operator.check_alive()
                 rss = operator.rss_kib()
                 if rss:
                     rss_samples.append(rss)
-                if deployed_at is None:
-                    deployments = api.items(f"/apis/apps/v1/deployments?labelSelector={MANAGED_BY_SELECTOR}")
-                    right = sum(
-                        1
-                        for d in deployments
-                        if expected.get((d["metadata"]["namespace"], d["metadata"]["name"])) == template_of(d)
-                    )
-                    if right == args.apps:
-                        deployed_at = time.monotonic() - started
-                if ready_at is None:
-                    bodies = api.items("/apis/modelapp.io/v1alpha1/modelapps")
-                    states = Counter(
-                        next(
-                            (
-                                c.get("status")
-                                for c in (b.get("status") or {}).get("conditions") or []
-                                if c.get("type") == "Ready"
-                            ),
-                            "None",
-                        )
-                        for b in bodies
-                    )
-                    if states.get("True", 0) == args.apps:
-                        ready_at = time.monotonic() - started
+                now = time.monotonic() - started
+                deployments = deployment_watch.snapshot()
+                right = sum(1 for key, (template, _) in deployments.items() if expected.get(key) == template)
+                pods_ready = sum(
+                    1 for key, (template, ready) in deployments.items() if ready and expected.get(key) == template
+                )
+                states = Counter(modelapp_watch.snapshot().values())
+                counts = {"deployed": right, "pods ready": pods_ready, "ModelApps Ready": states.get("True", 0)}
+                for what, count in counts.items():
+                    for percent in (50, 90, 100):
+                        if count * 100 >= percent * args.apps:
+                            timeline[what].setdefault(percent, now)
+                if deployed_at is None and right == args.apps:
+                    deployed_at = now
+                if pods_ready_at is None and pods_ready == args.apps:
+                    pods_ready_at = now
+                if ready_at is None and states.get("True", 0) == args.apps:
+                    ready_at = now
+                if now - last_print >= 5 or (deployed_at and pods_ready_at and ready_at):
+                    last_print = now
                     print(
-                        f"t={time.monotonic() - started:6.1f}s deployed={'yes' if deployed_at else 'no'} "
-                        f"ready={dict(states)} rss={rss} KiB",
+                        f"t={now:6.1f}s deployed={right} pods-ready={pods_ready} modelapps={dict(states)} "
+                        f"rss={rss} KiB",
                         file=sys.stderr,
                     )
-                time.sleep(1.0)
+                time.sleep(0.5)
+            deployment_watch.stop()
+            modelapp_watch.stop()
 
+            cpu = {"operator": cpu_seconds(operator.process.pid)}
+            for process in kube.processes:
+                popen = getattr(process, "popen", None)
+                if popen is not None:
+                    cpu[process.name] = cpu_seconds(popen.pid)
+            print("CPU seconds until converged: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()), file=sys.stderr)
             polls_before = len(list(operator.poll_lines()))
             deadline = time.monotonic() + (args.observe_polls + 1) * args.poll_interval + 10
             while time.monotonic() < deadline and len(list(operator.poll_lines())) < polls_before + args.observe_polls:
@@ -162,10 +271,18 @@ def main() -> int:
         "| measure | value |",
         "|---|---|",
         f"| all Deployments with the right digest and ETag | {seconds(deployed_at)} s |",
+        f"| all Deployments' pods ready (readyReplicas == replicas, updated) | {seconds(pods_ready_at)} s |",
         f"| all ModelApps Ready | {seconds(ready_at)} s |",
+        *(
+            f"| {what}: 50 % / 90 % / 100 % | "
+            + " / ".join(f"{times[p]:.1f}" if p in times else "-" for p in (50, 90, 100))
+            + " s |"
+            for what, times in timeline.items()
+        ),
         f"| operator peak RSS (VmHWM) | {peak_kib / 1024:.0f} MiB |" if peak_kib else "| operator peak RSS | n/a |",
         f"| operator RSS at the end | {end_kib / 1024:.0f} MiB |" if end_kib else "| operator RSS at the end | n/a |",
         f"| registry + blob requests per poll interval | {per_poll} |",
+        "| CPU seconds until all converged | " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()) + " |",
     ]
     report = "\n".join(lines) + "\n"
     print(report)

@@ -207,9 +207,13 @@ async def on_modelapp_deleted(event: kopf.RawEvent, memo: Any, **_: Any) -> None
     """A deleted ModelApp stops following its tag and blob (no finalizer needed for that)."""
     deps: Dependencies | None = memo.get("deps")
     if deps is None or deps.watch is None:
+        if deps is not None:
+            meta = (event.get("object") or {}).get("metadata") or {}
+            deps.forget(str(meta.get("namespace")), str(meta.get("name")))
         return
     meta = (event.get("object") or {}).get("metadata") or {}
     deps.watch.untrack((str(meta.get("namespace")), str(meta.get("name"))))
+    deps.forget(str(meta.get("namespace")), str(meta.get("name")))
 
 
 def _controller_owner(body: kopf.Body) -> str | None:
@@ -231,7 +235,8 @@ async def on_child_deployment(event: kopf.RawEvent, body: kopf.Body, memo: Any, 
         if event.get("type") == "DELETED":
             await request_reconcile(deps.kube, namespace, owner)
         else:
-            await refresh_status(namespace, owner, deps)
+            # The event's copy is as fresh as a GET would be: spare the API server that read.
+            await refresh_status(namespace, owner, deps, deployment_seen=event.get("object") or None)
     except Exception as error:
         # The next Deployment event (or the ModelApp's own reconcile) catches up.
         logger.warning("status refresh of ModelApp %s/%s failed: %s", namespace, owner, redact(str(error)))

@@ -8,6 +8,7 @@ account in a cluster, else the kubeconfig (KUBECONFIG or ~/.kube/config).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import json
@@ -78,9 +79,15 @@ class AiohttpKubeClient:
         self._server = server.rstrip("/")
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._headers = headers
+        # No total/connect timeout: those include the wait for a free pooled connection, and
+        # with 1,000 ModelApps reconciling at start-up that queue is long but moving; bound the
+        # TCP connect and every read instead, so only a stuck API server times out.
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=timeout_seconds, connect=10), raise_for_status=False
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout_seconds),
+            raise_for_status=False,
         )
+        # Reads of one Secret that overlap share one GET (many ModelApps of a namespace use the same Secrets).
+        self._secret_reads: dict[tuple[str, str], asyncio.Future[dict[str, bytes] | None]] = {}
 
     @classmethod
     def from_connection_info(cls, info: kopf.ConnectionInfo, *, token_file: Path | None = None) -> AiohttpKubeClient:
@@ -167,6 +174,39 @@ class AiohttpKubeClient:
         return payload  # type: ignore[no-any-return]
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
+        """The Secret's decoded data, or None if it does not exist.
+
+        Single-flight: a read that starts while another read of the same Secret is in
+        flight gets that read's answer (no cache beyond it, so an updated Secret is seen
+        by the next read)."""
+        key = (namespace, name)
+        pending = self._secret_reads.get(key)
+        if pending is not None:
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # this caller was cancelled
+                # The read we joined was cancelled with its caller: read it ourselves.
+        future: asyncio.Future[dict[str, bytes] | None] = asyncio.get_running_loop().create_future()
+        self._secret_reads[key] = future
+        try:
+            data = await self._read_secret(namespace, name)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as error:
+            future.set_exception(error)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody else waits
+            raise
+        else:
+            future.set_result(data)
+            return data
+        finally:
+            if self._secret_reads.get(key) is future:
+                del self._secret_reads[key]
+
+    async def _read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
         secret = await self.get("v1", "Secret", namespace, name)
         if secret is None:
             return None

@@ -100,9 +100,27 @@ class Dependencies:
     watch: WatchHub | None = None
     # One lock per ModelApp: reconcile and refresh_status must not interleave their status writes.
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    # metadata.generation of the child Deployment as our last apply left it: a watch event
+    # that shows an older generation predates that apply (a newer event follows).
+    _applied_generations: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self._locks.setdefault((namespace, name), asyncio.Lock())
+
+    def record_applied(self, namespace: str, name: str, deployment: Mapping[str, Any]) -> None:
+        generation = (deployment.get("metadata") or {}).get("generation")
+        if isinstance(generation, int):
+            self._applied_generations[(namespace, name)] = generation
+
+    def predates_apply(self, namespace: str, name: str, deployment: Mapping[str, Any]) -> bool:
+        """Whether this copy of the child Deployment is older than what our last apply wrote."""
+        applied = self._applied_generations.get((namespace, name))
+        generation = (deployment.get("metadata") or {}).get("generation")
+        return applied is not None and isinstance(generation, int) and generation < applied
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The ModelApp is gone: drop its per-object state."""
+        self._applied_generations.pop((namespace, name), None)
 
 
 @dataclass(frozen=True)
@@ -268,8 +286,10 @@ async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> Reco
     applied: list[str] = []
     blocked: Condition | None = None
 
-    existing_deployment = await deps.kube.get("apps/v1", "Deployment", app.namespace, app.name)
-    existing_service = await deps.kube.get("v1", "Service", app.namespace, app.name)
+    existing_deployment, existing_service = await asyncio.gather(
+        deps.kube.get("apps/v1", "Deployment", app.namespace, app.name),
+        deps.kube.get("v1", "Service", app.namespace, app.name),
+    )
     for kind, existing in (("Deployment", existing_deployment), ("Service", existing_service)):
         if existing is not None and not is_owned_by(existing, app):
             blocked = Condition(
@@ -293,6 +313,7 @@ async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> Reco
             if needs_apply(existing_deployment, desired):
                 rolls = template_release_changed(existing_deployment, desired)
                 deployment = await deps.kube.apply(desired)
+                deps.record_applied(app.namespace, app.name, deployment)
                 applied.append("Deployment")
                 if plan.rollback is not None:
                     await _post_rollback_event(deps, body, app, plan.rollback.failed, release)
@@ -346,12 +367,20 @@ async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> Reco
     )
 
 
-async def refresh_status(namespace: str, name: str, deps: Dependencies) -> dict[str, Any] | None:
+async def refresh_status(
+    namespace: str, name: str, deps: Dependencies, deployment_seen: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
     """Recompute the rollout part of the status from the live Deployment (no resolution).
 
     Called when a child Deployment changes, so Ready follows pods becoming ready, and
-    a Deployment edited behind the operator's back is noticed."""
+    a Deployment edited behind the operator's back is noticed. deployment_seen: the
+    Deployment as the watch event delivered it, used instead of reading it again (a copy
+    older than our own last apply is skipped: the event of that apply follows)."""
+    if deployment_seen is not None and deps.predates_apply(namespace, name, deployment_seen):
+        return None
     async with deps.lock(namespace, name):
+        if deployment_seen is not None and deps.predates_apply(namespace, name, deployment_seen):
+            return None  # a reconcile applied a newer template while we waited for the lock
         body = await deps.kube.get(API_VERSION, KIND, namespace, name)
         if body is None:
             return None
@@ -363,7 +392,11 @@ async def refresh_status(namespace: str, name: str, deps: Dependencies) -> dict[
         ready = condition(previous, READY) or {}
         if ready.get("reason") in _BLOCKING_REASONS or not previous.get("conditions"):
             return None  # nothing rolled out by us yet, or a person must act first
-        deployment = await deps.kube.get("apps/v1", "Deployment", namespace, name)
+        deployment = (
+            deployment_seen
+            if deployment_seen is not None
+            else await deps.kube.get("apps/v1", "Deployment", namespace, name)
+        )
         if deployment is not None and not is_owned_by(deployment, app):
             return None
         now = deps.clock()
