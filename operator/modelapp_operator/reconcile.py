@@ -103,6 +103,10 @@ class Dependencies:
     # metadata.generation of the child Deployment as our last apply left it: a watch event
     # that shows an older generation predates that apply (a newer event follows).
     _applied_generations: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Bounds the reconciles and status refreshes in flight at once: a cold start of 1,000
+    # ModelApps otherwise holds 1,000 sets of API responses in memory together, and the
+    # API server answers no faster for being asked everything at once.
+    in_flight: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(64))
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self._locks.setdefault((namespace, name), asyncio.Lock())
@@ -249,7 +253,7 @@ async def reconcile(body: Mapping[str, Any], deps: Dependencies) -> ReconcileRes
     something must be retried, in both cases after the status says why."""
     metadata = body.get("metadata") or {}
     namespace, name = str(metadata.get("namespace")), str(metadata.get("name"))
-    async with deps.lock(namespace, name):
+    async with deps.lock(namespace, name), deps.in_flight:
         # Read it again under the lock: the caller's copy may predate our own last status write.
         current = await deps.kube.get(API_VERSION, KIND, namespace, name)
         if current is None:
@@ -378,7 +382,7 @@ async def refresh_status(
     older than our own last apply is skipped: the event of that apply follows)."""
     if deployment_seen is not None and deps.predates_apply(namespace, name, deployment_seen):
         return None
-    async with deps.lock(namespace, name):
+    async with deps.lock(namespace, name), deps.in_flight:
         if deployment_seen is not None and deps.predates_apply(namespace, name, deployment_seen):
             return None  # a reconcile applied a newer template while we waited for the lock
         body = await deps.kube.get(API_VERSION, KIND, namespace, name)
