@@ -11,17 +11,13 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import re
-import signal
 import ssl
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,8 +30,13 @@ for _source_root in ("operator", "deploy/local"):
 
 from azure.storage.blob import BlobServiceClient, ContainerClient  # noqa: E402
 from modelapp_localstack import Azurite, KubeCluster, Registry, Stack  # noqa: E402
+from modelapp_localstack.operator import OperatorProcess as LocalOperatorProcess  # noqa: E402
+from modelapp_localstack.operator import (  # noqa: E402
+    apply_crd,
+    namespace_object,
+    tenant_secrets,
+)
 
-CRD_FILE = REPO_ROOT / "crds" / "modelapp.yaml"
 GROUP = "modelapp.io"
 ANNOTATION_MODEL_VERSION = f"{GROUP}/model-version"
 MANAGED_BY_SELECTOR = "app.kubernetes.io/managed-by=modelapp-operator"
@@ -98,8 +99,7 @@ def start_stack(*, notify_port: int | None, notify_token: str | None, nodes: int
         stack.start_registry(notify_url=notify_url, notify_token=notify_token)
         kube = stack.kube
         assert kube is not None
-        kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-        kube.kubectl("wait", "--for=condition=Established", "crd/modelapps.modelapp.io", "--timeout=60s")
+        apply_crd(kube)
     except BaseException:
         stack.stop()
         raise
@@ -129,22 +129,8 @@ def apply_objects(kube: KubeCluster, objects: list[dict[str, Any]], chunk: int =
 
 
 def namespace_objects(namespace: str, registry: Registry, azurite: Azurite) -> list[dict[str, Any]]:
-    return [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "regcred", "namespace": namespace},
-            "type": "kubernetes.io/dockerconfigjson",
-            "stringData": {".dockerconfigjson": registry.dockerconfigjson()},
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "storage", "namespace": namespace},
-            "stringData": {"connectionString": azurite.connection_string},
-        },
-    ]
+    """The namespace and its two Secrets, for one batched apply."""
+    return [namespace_object(namespace), *tenant_secrets(namespace, registry, azurite)]
 
 
 def modelapp(
@@ -184,38 +170,8 @@ def wait_for(what: str, check: Callable[[], T | None], timeout: float, interval:
         time.sleep(interval)
 
 
-@dataclass
-class OperatorProcess:
-    process: subprocess.Popen[bytes]
-    log_file: Path
-
-    @classmethod
-    def start(
-        cls,
-        kube: KubeCluster,
-        registry: Registry,
-        log_file: Path,
-        env: Mapping[str, str],
-        operator_src: Path = REPO_ROOT / "operator",
-    ) -> OperatorProcess:
-        """operator_src: the source root to run (another checkout's operator/ to compare versions)."""
-        full_env = {
-            **os.environ,
-            "KUBECONFIG": str(kube.kubeconfig),
-            "MODELAPP_REGISTRY_CA_FILE": str(registry.ca_file),
-            "PYTHONPATH": os.pathsep.join([str(operator_src), os.environ.get("PYTHONPATH", "")]),
-            **env,
-        }
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        with log_file.open("ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "modelapp_operator", "--all-namespaces", "--liveness", "off"],
-                env=full_env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO_ROOT,
-            )
-        return cls(process, log_file)
+class OperatorProcess(LocalOperatorProcess):
+    """The shared operator process (all namespaces unless told), plus what the benchmarks measure."""
 
     def _status_kib(self, field: str) -> int | None:
         with contextlib.suppress(OSError):
@@ -237,17 +193,3 @@ class OperatorProcess:
             match = _POLL_LINE.search(line)
             if match:
                 yield int(match.group(1)), int(match.group(2)), int(match.group(3))
-
-    def check_alive(self) -> None:
-        if self.process.poll() is not None:
-            tail = "\n".join(self.log_file.read_text(errors="replace").splitlines()[-40:])
-            raise RuntimeError(f"the operator exited with {self.process.returncode}:\n{tail}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from modelapp_localstack import KubeCluster
+from modelapp_localstack.operator import apply_crd
 
 pytestmark = pytest.mark.cluster
 
@@ -41,8 +42,7 @@ def modelapp(*argv: str, kube: KubeCluster, timeout: float = 120) -> subprocess.
 
 @pytest.fixture(scope="module")
 def namespace(kube: KubeCluster) -> Iterator[str]:
-    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds" / "modelapp.yaml"))
-    kube.kubectl("wait", "--for=condition=Established", "crd/modelapps.modelapp.io", "--timeout=60s")
+    apply_crd(kube)
     name = f"cli-{uuid.uuid4().hex[:6]}"
     kube.kubectl("create", "namespace", name)
     yield name

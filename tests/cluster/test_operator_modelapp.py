@@ -4,236 +4,65 @@ and leave foreign objects alone."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from azure.storage.blob import BlobServiceClient, ContainerClient
+from azure.storage.blob import ContainerClient
 from modelapp_localstack import Azurite, KubeCluster, Registry
+from modelapp_localstack.operator import OperatorProcess, apply_crd
+
+from tests.cluster.helpers import (
+    apply,
+    conditions,
+    env_of,
+    get,
+    modelapp,
+    prepare,
+    publish_model,
+    replicasets,
+    request_reconcile,
+    stop_operator,
+    wait_for,
+    wait_for_reason,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.cluster
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CRD_FILE = REPO_ROOT / "crds" / "modelapp.yaml"
 NAMESPACE_PREFIX = f"op-{uuid.uuid4().hex[:6]}"
-T = TypeVar("T")
 
 
-@dataclass
-class Operator:
-    process: subprocess.Popen[bytes]
-    log_file: Path
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self, *secrets: str) -> None:
-        """Stop it as Kubernetes would (SIGTERM) and check its log for crashes and leaked credentials."""
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        text = self.log_file.read_text(errors="replace")
-        assert "Traceback" not in text, self.log_tail(200)
-        for secret in secrets:
-            assert secret not in text, "a credential reached the operator log"
-
-
-def start_operator(kube: KubeCluster, registry: Registry, log_file: Path, namespace_pattern: str) -> Operator:
+def start_operator(kube: KubeCluster, registry: Registry, log_file: Path, namespace_pattern: str) -> OperatorProcess:
     """`python -m modelapp_operator` as in production, watching the namespaces matching the pattern."""
-    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    kube.kubectl("wait", "--for=condition=Established", "crd/modelapps.modelapp.io", "--timeout=60s")
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(kube.kubeconfig),
-        "MODELAPP_REGISTRY_CA_FILE": str(registry.ca_file),
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "operator"), os.environ.get("PYTHONPATH", "")]),
-    }
-    with log_file.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "modelapp_operator", "--namespace", namespace_pattern, "--liveness", "off"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-        )
-    return Operator(process=process, log_file=log_file)
+    apply_crd(kube)
+    return OperatorProcess.start(kube, registry, log_file, namespaces=[namespace_pattern])
 
 
 @pytest.fixture(scope="module")
 def operator(
     kube: KubeCluster, registry: Registry, azurite: Azurite, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Operator]:
+) -> Iterator[OperatorProcess]:
     log_file = tmp_path_factory.mktemp("operator") / "operator.log"
     running = start_operator(kube, registry, log_file, f"{NAMESPACE_PREFIX}-*")
     try:
         yield running
     finally:
-        running.stop(registry.password, azurite.account_key)
-
-
-@pytest.fixture(scope="module")
-def models(azurite: Azurite) -> ContainerClient:
-    service = BlobServiceClient.from_connection_string(azurite.connection_string)
-    container = service.get_container_client("models")
-    with contextlib.suppress(Exception):
-        container.create_container()
-    return container
-
-
-@dataclass
-class App:
-    namespace: str
-    name: str
-    repository: str
-    digest: str
-    blob_name: str
-    model_sha256: str
-    model_etag: str
-
-
-def publish_model(models: ContainerClient, blob_name: str, content: bytes) -> tuple[str, str]:
-    sha = hashlib.sha256(content).hexdigest()
-    blob = models.get_blob_client(blob_name)
-    result = blob.upload_blob(content, overwrite=True, metadata={"sha256": sha, "format": "onnx"})
-    return sha, str(result["etag"])
-
-
-def make_namespace(kube: KubeCluster, labels: dict[str, str] | None = None, prefix: str = NAMESPACE_PREFIX) -> str:
-    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels or {}}}
-    kube.kubectl("apply", "-f", "-", input=json.dumps(namespace))
-    return name
-
-
-def prepare(
-    kube: KubeCluster,
-    registry: Registry,
-    azurite: Azurite,
-    models: ContainerClient,
-    labels: dict[str, str] | None = None,
-    prefix: str = NAMESPACE_PREFIX,
-) -> App:
-    namespace = make_namespace(kube, labels, prefix)
-    secrets = [
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "regcred", "namespace": namespace},
-            "type": "kubernetes.io/dockerconfigjson",
-            "stringData": {".dockerconfigjson": registry.dockerconfigjson()},
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "storage", "namespace": namespace},
-            "stringData": {"connectionString": azurite.connection_string},
-        },
-    ]
-    kube.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": secrets}))
-    repository = f"{registry.host}/apps/{namespace}"
-    digest = registry.push_random_image(f"apps/{namespace}", "stable")
-    blob_name = f"{namespace}/model.onnx"
-    sha, etag = publish_model(models, blob_name, f"model of {namespace} v1".encode())
-    return App(namespace, "iris", repository, digest, blob_name, sha, etag)
-
-
-def modelapp(app: App, azurite: Azurite, **spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "apiVersion": "modelapp.io/v1alpha1",
-        "kind": "ModelApp",
-        "metadata": {"name": app.name, "namespace": app.namespace},
-        "spec": {
-            "image": {"repository": app.repository, "tag": "stable", "pullSecretName": "regcred"},
-            "model": {
-                "blob": {"accountUrl": azurite.blob_endpoint, "container": "models", "name": app.blob_name},
-                "credentials": {"secretRef": {"name": "storage"}},
-            },
-            "replicas": 2,
-            "env": [{"name": "LOG_LEVEL", "value": "info"}],
-            "rollout": {"maxSurge": 1, "maxUnavailable": 0},
-        },
-    }
-    body["spec"].update(spec)
-    return body
-
-
-def get(kube: KubeCluster, kind: str, app: App, name: str | None = None) -> dict[str, Any] | None:
-    result = kube.kubectl("get", kind, name or app.name, "-n", app.namespace, "-o", "json", check=False)
-    if result.returncode != 0:
-        assert "NotFound" in result.stderr, result.stderr
-        return None
-    return json.loads(result.stdout)  # type: ignore[no-any-return]
-
-
-def wait_for(what: str, check: Callable[[], T | None], operator: Operator, timeout: float = 90) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}\n--- operator log ---\n{operator.log_tail()}")
-
-
-def conditions(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {c["type"]: c for c in (body.get("status") or {}).get("conditions") or []}
-
-
-def wait_ready(
-    kube: KubeCluster, app: App, operator: Operator, generation: int | None = None, timeout: float = 90
-) -> dict[str, Any]:
-    def ready() -> dict[str, Any] | None:
-        body = get(kube, "modelapp", app)
-        if body is None:
-            return None
-        status = body.get("status") or {}
-        wanted = generation if generation is not None else body["metadata"]["generation"]
-        condition = conditions(body).get("Ready") or {}
-        if condition.get("status") == "True" and status.get("observedGeneration") == wanted:
-            return body
-        return None
-
-    return wait_for(f"ModelApp {app.namespace}/{app.name} Ready", ready, operator, timeout)
-
-
-def replicasets(kube: KubeCluster, app: App) -> list[dict[str, Any]]:
-    result = kube.kubectl(
-        "get", "rs", "-n", app.namespace, "-l", f"app.kubernetes.io/instance={app.name}", "-o", "json"
-    )
-    return json.loads(result.stdout)["items"]  # type: ignore[no-any-return]
-
-
-def apply(kube: KubeCluster, body: dict[str, Any]) -> None:
-    kube.kubectl("apply", "--server-side", "--field-manager=test", "-f", "-", input=json.dumps(body))
+        stop_operator(running, registry.password, azurite.account_key)
 
 
 def operator_fields(obj: dict[str, Any]) -> list[dict[str, Any]]:
     return [m for m in obj["metadata"].get("managedFields", []) if m.get("manager") == "modelapp-operator"]
 
 
-def env_of(deployment: dict[str, Any]) -> dict[str, Any]:
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
-    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
-
-
 def test_create_renders_children_by_digest_and_becomes_ready(
-    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: OperatorProcess
 ) -> None:
-    app = prepare(kube, registry, azurite, models)
+    app = prepare(kube, registry, azurite, models, prefix=NAMESPACE_PREFIX)
     apply(kube, modelapp(app, azurite))
 
     body = wait_ready(kube, app, operator)
@@ -287,9 +116,9 @@ def test_create_renders_children_by_digest_and_becomes_ready(
 
 
 def test_template_change_rolls_once_and_relabel_rolls_nothing(
-    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: OperatorProcess
 ) -> None:
-    app = prepare(kube, registry, azurite, models)
+    app = prepare(kube, registry, azurite, models, prefix=NAMESPACE_PREFIX)
     apply(kube, modelapp(app, azurite))
     wait_ready(kube, app, operator)
     assert len(replicasets(kube, app)) == 1
@@ -325,19 +154,16 @@ def test_template_change_rolls_once_and_relabel_rolls_nothing(
 
 
 def test_moved_tag_and_new_model_each_roll_once(
-    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: OperatorProcess
 ) -> None:
-    app = prepare(kube, registry, azurite, models)
+    app = prepare(kube, registry, azurite, models, prefix=NAMESPACE_PREFIX)
     apply(kube, modelapp(app, azurite))
     wait_ready(kube, app, operator)
 
-    # The tag moves; a reconcile request (what the poller and the receiver do) rolls to the new digest.
+    # The tag moves; a reconcile request rolls to the new digest.
     new_digest = registry.push_random_image(f"apps/{app.namespace}", "stable")
     assert new_digest != app.digest
-    kube.kubectl(
-        "annotate", "modelapp", app.name, "-n", app.namespace, "--overwrite",
-        f"modelapp.io/reconcile-requested-at={time.time()}",
-    )  # fmt: skip
+    request_reconcile(kube, app)
 
     def rolled_to(digest: str) -> dict[str, Any] | None:
         body = get(kube, "modelapp", app)
@@ -351,10 +177,7 @@ def test_moved_tag_and_new_model_each_roll_once(
 
     # A new model version: one more rollout, with the new ETag and sha256 in the pods.
     sha, etag = publish_model(models, app.blob_name, b"model v2")
-    kube.kubectl(
-        "annotate", "modelapp", app.name, "-n", app.namespace, "--overwrite",
-        f"modelapp.io/reconcile-requested-at={time.time()}",
-    )  # fmt: skip
+    request_reconcile(kube, app)
 
     def model_rolled() -> dict[str, Any] | None:
         body = rolled_to(new_digest)
@@ -368,9 +191,9 @@ def test_moved_tag_and_new_model_each_roll_once(
 
 
 def test_scaled_or_edited_deployment_is_put_back(
-    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: OperatorProcess
 ) -> None:
-    app = prepare(kube, registry, azurite, models)
+    app = prepare(kube, registry, azurite, models, prefix=NAMESPACE_PREFIX)
     apply(kube, modelapp(app, azurite))
     wait_ready(kube, app, operator)
     kube.kubectl("scale", "deployment", app.name, "-n", app.namespace, "--replicas=4")
@@ -387,9 +210,9 @@ def test_scaled_or_edited_deployment_is_put_back(
 
 
 def test_deleting_the_modelapp_deletes_its_children(
-    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: OperatorProcess
 ) -> None:
-    app = prepare(kube, registry, azurite, models)
+    app = prepare(kube, registry, azurite, models, prefix=NAMESPACE_PREFIX)
     apply(kube, modelapp(app, azurite))
     wait_ready(kube, app, operator)
     kube.kubectl("delete", "modelapp", app.name, "-n", app.namespace, "--wait=true", "--timeout=60s")
@@ -401,14 +224,14 @@ def test_deleting_the_modelapp_deletes_its_children(
 
 
 def test_pod_template_is_admitted_under_restricted_pod_security(
-    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: OperatorProcess
 ) -> None:
     labels = {
         "pod-security.kubernetes.io/enforce": "restricted",
         "pod-security.kubernetes.io/enforce-version": "latest",
         "pod-security.kubernetes.io/warn": "restricted",
     }
-    app = prepare(kube, registry, azurite, models, labels=labels)
+    app = prepare(kube, registry, azurite, models, prefix=NAMESPACE_PREFIX, labels=labels)
     apply(kube, modelapp(app, azurite))
     wait_ready(kube, app, operator)  # the ReplicaSet could create its pods
 
@@ -434,9 +257,9 @@ def test_pod_template_is_admitted_under_restricted_pod_security(
 
 
 def test_foreign_deployment_is_left_alone(
-    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: OperatorProcess
 ) -> None:
-    app = prepare(kube, registry, azurite, models)
+    app = prepare(kube, registry, azurite, models, prefix=NAMESPACE_PREFIX)
     foreign = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -454,41 +277,35 @@ def test_foreign_deployment_is_left_alone(
     before = get(kube, "deployment", app)
     apply(kube, modelapp(app, azurite))
 
-    def conflict() -> dict[str, Any] | None:
-        body = get(kube, "modelapp", app)
-        ready = conditions(body or {}).get("Ready") or {}
-        return body if ready.get("reason") == "NameConflict" else None
-
-    body = wait_for("Ready=False NameConflict", conflict, operator)
+    body = wait_for_reason(kube, app, operator, "Ready", "NameConflict")
     assert conditions(body)["Ready"]["status"] == "False"
     after = get(kube, "deployment", app)
     assert before is not None and after is not None
-    assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+    # The controller manager keeps writing this Deployment's status, so compare what a writer of
+    # spec or metadata would change (generation counts spec changes), not the resourceVersion.
+    assert after["metadata"]["generation"] == before["metadata"]["generation"]
+    assert after["spec"] == before["spec"]
+    assert after["metadata"].get("labels") == before["metadata"].get("labels")
+    assert after["metadata"].get("annotations") == before["metadata"].get("annotations")
     assert "ownerReferences" not in after["metadata"]
+    managers = {entry["manager"] for entry in after["metadata"].get("managedFields", [])}
+    assert not {m for m in managers if "modelapp" in m}, managers
 
 
 def test_missing_blob_is_reported_then_recovered(
-    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: OperatorProcess
 ) -> None:
-    app = prepare(kube, registry, azurite, models)
+    app = prepare(kube, registry, azurite, models, prefix=NAMESPACE_PREFIX)
     body = modelapp(app, azurite)
     body["spec"]["model"]["blob"]["name"] = f"{app.namespace}/later.onnx"
     apply(kube, body)
 
-    def blob_not_found() -> dict[str, Any] | None:
-        current = get(kube, "modelapp", app)
-        model = conditions(current or {}).get("ModelResolved") or {}
-        return current if model.get("reason") == "BlobNotFound" else None
-
-    current = wait_for("ModelResolved=False BlobNotFound", blob_not_found, operator)
+    current = wait_for_reason(kube, app, operator, "ModelResolved", "BlobNotFound")
     assert conditions(current)["Ready"]["status"] == "False"
     assert get(kube, "deployment", app) is None
 
     publish_model(models, f"{app.namespace}/later.onnx", b"late model")
-    kube.kubectl(
-        "annotate", "modelapp", app.name, "-n", app.namespace, "--overwrite",
-        f"modelapp.io/reconcile-requested-at={time.time()}",
-    )  # fmt: skip
+    request_reconcile(kube, app)
     # kopf keeps a failed handler's retry delay (30 s for a missing blob) even when asked again.
     wait_ready(kube, app, operator, timeout=150)
 
@@ -508,7 +325,7 @@ def test_restarted_operator_resumes_without_touching_children(
         apply(kube, modelapp(app, azurite))
         before = wait_ready(kube, app, first)
     finally:
-        first.stop(registry.password, azurite.account_key)
+        stop_operator(first, registry.password, azurite.account_key)
     deployment_before = get(kube, "deployment", app)
     service_before = get(kube, "service", app)
     assert deployment_before is not None and service_before is not None
@@ -517,14 +334,14 @@ def test_restarted_operator_resumes_without_touching_children(
     try:
         wait_for(
             "the resume handler",
-            lambda: "Handler 'reconcile-resume' succeeded" in second.log_file.read_text(errors="replace"),
+            lambda: "Handler 'reconcile-resume' succeeded" in second.log_text(),
             second,
         )
         deployment_after = get(kube, "deployment", app)
         service_after = get(kube, "service", app)
         after = get(kube, "modelapp", app)
     finally:
-        second.stop(registry.password, azurite.account_key)
+        stop_operator(second, registry.password, azurite.account_key)
     assert deployment_after is not None and service_after is not None and after is not None
     # Not applied again: our field manager's entry is unchanged (the Deployment's status may still move).
     assert operator_fields(deployment_after) == operator_fields(deployment_before)
@@ -535,9 +352,9 @@ def test_restarted_operator_resumes_without_touching_children(
 
 
 def test_bad_registry_credentials_are_reported_without_leaking_them(
-    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: OperatorProcess
 ) -> None:
-    app = prepare(kube, registry, azurite, models)
+    app = prepare(kube, registry, azurite, models, prefix=NAMESPACE_PREFIX)
     wrong_password = f"not-{registry.password}-wrong"
     wrong = registry.dockerconfigjson().replace(registry.password, wrong_password)
     secret = {
@@ -550,15 +367,10 @@ def test_bad_registry_credentials_are_reported_without_leaking_them(
     kube.kubectl("apply", "-f", "-", input=json.dumps(secret))
     apply(kube, modelapp(app, azurite))
 
-    def unauthorized() -> dict[str, Any] | None:
-        body = get(kube, "modelapp", app)
-        image = conditions(body or {}).get("ImageResolved") or {}
-        return body if image.get("reason") == "RegistryUnauthorized" else None
-
-    body = wait_for("ImageResolved=False RegistryUnauthorized", unauthorized, operator)
+    body = wait_for_reason(kube, app, operator, "ImageResolved", "RegistryUnauthorized")
     assert conditions(body)["Ready"]["status"] == "False"
     assert get(kube, "deployment", app) is None
     events = kube.kubectl("get", "events", "-n", app.namespace, "-o", "json").stdout
     assert "RegistryUnauthorized" in events
-    for text in (json.dumps(body), events, operator.log_file.read_text(errors="replace")):
+    for text in (json.dumps(body), events, operator.log_text()):
         assert wrong_password not in text and registry.password not in text

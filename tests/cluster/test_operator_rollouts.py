@@ -6,9 +6,6 @@ to the last Ready pair, recorded, and not tried again."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -16,15 +13,14 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
-from azure.storage.blob import BlobServiceClient, ContainerClient
+from azure.storage.blob import ContainerClient
 from modelapp_localstack import Azurite, KubeCluster, Registry
+from modelapp_localstack.operator import OperatorProcess, apply_crd
 from modelapp_localstack.registry import MANIFEST_ACCEPT
 
-from tests.cluster.test_operator_modelapp import (
-    CRD_FILE,
-    REPO_ROOT,
+from tests.cluster import helpers
+from tests.cluster.helpers import (
     App,
-    Operator,
     apply,
     conditions,
     env_of,
@@ -33,6 +29,7 @@ from tests.cluster.test_operator_modelapp import (
     prepare,
     publish_model,
     replicasets,
+    stop_operator,
     wait_ready,
 )
 
@@ -54,52 +51,26 @@ def operator(
     registry_notify_port: int,
     registry_notify_token: str,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Operator]:
-    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    kube.kubectl("wait", "--for=condition=Established", "crd/modelapps.modelapp.io", "--timeout=60s")
+) -> Iterator[OperatorProcess]:
+    apply_crd(kube)
     log_file = tmp_path_factory.mktemp("operator") / "operator.log"
     env = {
-        **os.environ,
-        "KUBECONFIG": str(kube.kubeconfig),
-        "MODELAPP_REGISTRY_CA_FILE": str(registry.ca_file),
         "MODELAPP_POLL_INTERVAL_SECONDS": str(POLL_SECONDS),
         "MODELAPP_CHANGE_COALESCE_SECONDS": str(COALESCE_SECONDS),
         "MODELAPP_RECEIVER_TOKEN": registry_notify_token,
         "MODELAPP_RECEIVER_PORT": str(registry_notify_port),
         "MODELAPP_RECEIVER_BIND": "127.0.0.1",
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "operator"), os.environ.get("PYTHONPATH", "")]),
     }
-    with log_file.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "modelapp_operator", "--namespace", f"{NAMESPACE_PREFIX}-*", "--liveness", "off"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-        )
-    running = Operator(process=process, log_file=log_file)
+    running = OperatorProcess.start(kube, registry, log_file, env, namespaces=[f"{NAMESPACE_PREFIX}-*"])
     try:
         yield running
     finally:
-        running.stop(registry.password, azurite.account_key, registry_notify_token)
+        stop_operator(running, registry.password, azurite.account_key, registry_notify_token)
 
 
-@pytest.fixture(scope="module")
-def models(azurite: Azurite) -> ContainerClient:
-    container = BlobServiceClient.from_connection_string(azurite.connection_string).get_container_client("models")
-    if not container.exists():
-        container.create_container()
-    return container
-
-
-def wait_for(what: str, check: Callable[[], T | None], operator: Operator, timeout: float = 90) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}\n--- operator log ---\n{operator.log_tail()}")
+def wait_for(what: str, check: Callable[[], T | None], operator: OperatorProcess, timeout: float = 90) -> T:
+    """Polled every 0.1 s: these tests time how fast a push or a new blob reaches the Deployment."""
+    return helpers.wait_for(what, check, operator, timeout, interval=0.1)
 
 
 def template(kube: KubeCluster, app: App) -> dict[str, Any]:
@@ -112,7 +83,7 @@ def image_of(deployment: dict[str, Any]) -> str:
     return str(deployment["spec"]["template"]["spec"]["containers"][0]["image"])
 
 
-def start(kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator,
+def start(kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: OperatorProcess,
           **spec: Any) -> tuple[App, dict[str, Any]]:  # fmt: skip
     app = prepare(kube, registry, azurite, models, prefix=NAMESPACE_PREFIX)
     apply(kube, modelapp(app, azurite, **spec))
@@ -144,7 +115,7 @@ def test_push_to_the_followed_tag_rolls_without_an_edit(
     registry: Registry,
     azurite: Azurite,
     models: ContainerClient,
-    operator: Operator,
+    operator: OperatorProcess,
     registry_notify_port: int,
     registry_notify_token: str,
 ) -> None:
@@ -183,7 +154,7 @@ def test_push_to_the_followed_tag_rolls_without_an_edit(
 
 
 def test_new_model_version_rolls_without_an_edit(
-    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: OperatorProcess
 ) -> None:
     app, before = start(kube, registry, azurite, models, operator)
     uploaded_at = time.monotonic()
@@ -205,7 +176,7 @@ def test_new_model_version_rolls_without_an_edit(
 
 
 def test_image_and_model_changed_together_roll_once(
-    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: OperatorProcess
 ) -> None:
     app, _ = start(kube, registry, azurite, models, operator)
     _, etag = publish_model(models, app.blob_name, f"model of {app.namespace} v2".encode())
@@ -225,7 +196,7 @@ def test_image_and_model_changed_together_roll_once(
 
 
 def test_rollout_that_never_becomes_ready_is_rolled_back_and_not_retried(
-    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: Operator
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: OperatorProcess
 ) -> None:
     rollout = {"maxSurge": 1, "maxUnavailable": 0, "progressDeadlineSeconds": 10}
     app, _ = start(kube, registry, azurite, models, operator, rollout=rollout)

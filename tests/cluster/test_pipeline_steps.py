@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -22,8 +21,11 @@ from typing import Any
 
 import pytest
 import yaml
-from azure.storage.blob import BlobServiceClient
+from azure.storage.blob import ContainerClient
 from modelapp_localstack import Azurite, KubeCluster, Registry
+from modelapp_localstack.operator import OperatorProcess, apply_crd, create_tenant_namespace
+
+from tests.cluster.helpers import stop_operator
 
 pytestmark = pytest.mark.cluster
 
@@ -69,39 +71,17 @@ def run_step(
     )
 
 
-@dataclass
-class Operator:
-    process: subprocess.Popen[bytes]
-    log_file: Path
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-
-
 @pytest.fixture(scope="module")
-def operator(kube: KubeCluster, registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
-    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds" / "modelapp.yaml"))
-    kube.kubectl("wait", "--for=condition=Established", "crd/modelapps.modelapp.io", "--timeout=60s")
+def operator(
+    kube: KubeCluster, registry: Registry, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    apply_crd(kube)
     log_file = tmp_path_factory.mktemp("operator") / "operator.log"
-    env = {**os.environ, "KUBECONFIG": str(kube.kubeconfig), "MODELAPP_REGISTRY_CA_FILE": str(registry.ca_file)}
-    with log_file.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "modelapp_operator", "--namespace", f"{PREFIX}-*", "--liveness", "off"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-        )
+    running = OperatorProcess.start(kube, registry, log_file, namespaces=[f"{PREFIX}-*"])
     try:
-        yield Operator(process, log_file)
+        yield running
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        assert "Traceback" not in log_file.read_text(errors="replace"), Operator(process, log_file).log_tail(200)
+        stop_operator(running)
 
 
 @dataclass
@@ -114,30 +94,13 @@ class App:
 
 
 @pytest.fixture
-def app(kube: KubeCluster, registry: Registry, azurite: Azurite, operator: Operator) -> Iterator[App]:
+def app(
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: OperatorProcess
+) -> Iterator[App]:
     namespace = f"{PREFIX}-{uuid.uuid4().hex[:5]}"
-    kube.kubectl("create", "namespace", namespace)
-    secrets = [
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "regcred", "namespace": namespace},
-            "type": "kubernetes.io/dockerconfigjson",
-            "stringData": {".dockerconfigjson": registry.dockerconfigjson()},
-        },
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": "storage", "namespace": namespace},
-            "stringData": {"connectionString": azurite.connection_string},
-        },
-    ]
-    kube.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": secrets}))
-    container = BlobServiceClient.from_connection_string(azurite.connection_string).get_container_client("models")
-    with contextlib.suppress(Exception):
-        container.create_container()
+    create_tenant_namespace(kube, namespace, registry, azurite)
     content = f"model for {namespace}".encode()
-    container.get_blob_client(f"{namespace}/model.onnx").upload_blob(
+    models.get_blob_client(f"{namespace}/model.onnx").upload_blob(
         content, overwrite=True, metadata={"sha256": hashlib.sha256(content).hexdigest(), "format": "onnx"}
     )
     path = f"ci/{namespace}"
@@ -200,7 +163,7 @@ def build_push_env(tmp_path: Path, registry: Registry) -> dict[str, str]:
 
 
 def test_pipeline_builds_pushes_and_pins_the_digest_and_the_operator_rolls_it(
-    kube: KubeCluster, registry: Registry, app: App, operator: Operator, tmp_path: Path
+    kube: KubeCluster, registry: Registry, app: App, operator: OperatorProcess, tmp_path: Path
 ) -> None:
     # No base image can be pulled here: a FROM scratch image stands in for Dockerfile.app.
     context = tmp_path / "context"
@@ -273,7 +236,7 @@ def pods_never_ready(kube: KubeCluster, image: str) -> Iterator[None]:
 
 
 def test_wait_fails_with_the_reason_when_the_new_pods_never_become_ready(
-    kube: KubeCluster, registry: Registry, app: App, operator: Operator
+    kube: KubeCluster, registry: Registry, app: App, operator: OperatorProcess
 ) -> None:
     bad = registry.push_random_image(app.path, "broken")
     with pods_never_ready(kube, f"{app.repository}@{bad}"):
@@ -306,7 +269,7 @@ def test_wait_fails_with_the_reason_when_the_new_pods_never_become_ready(
 
 
 def test_wait_reports_an_automatic_rollback(
-    kube: KubeCluster, registry: Registry, app: App, operator: Operator
+    kube: KubeCluster, registry: Registry, app: App, operator: OperatorProcess
 ) -> None:
     bad = registry.push_random_image(app.path, "broken")
     with pods_never_ready(kube, f"{app.repository}@{bad}"):
@@ -349,7 +312,7 @@ def model_pipeline_publish_step(parameters: dict[str, Any]) -> Step:
 
 
 def test_model_pipeline_publishes_and_pins_and_the_operator_rolls_it(
-    kube: KubeCluster, azurite: Azurite, app: App, operator: Operator, tmp_path: Path
+    kube: KubeCluster, azurite: Azurite, app: App, operator: OperatorProcess, tmp_path: Path
 ) -> None:
     model = tmp_path / "model.onnx"
     model.write_bytes(b"retrained model for " + app.namespace.encode())

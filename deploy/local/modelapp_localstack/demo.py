@@ -30,6 +30,7 @@ from types import FrameType
 from typing import Any
 
 from .binaries import REPO_ROOT
+from .operator import OperatorProcess, apply_crd, create_tenant_namespace
 from .procs import StackError, free_port
 from .stack import Stack
 
@@ -62,7 +63,7 @@ class Demo:
     run_dir: Path
     once: bool
     stack: Stack | None = None
-    operator: subprocess.Popen[bytes] | None = None
+    operator: OperatorProcess | None = None
     app: subprocess.Popen[bytes] | None = None
     step: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -133,74 +134,42 @@ class Demo:
         with self.stage(f"Apply the CRD and ModelApp {NAMESPACE}/{APP_NAME} (pull Secret, storage Secret)"):
             assert stack.kube is not None and stack.registry is not None and stack.azurite is not None
             kube = stack.kube
-            kube.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds" / "modelapp.yaml"))
-            kube.kubectl("wait", "--for=condition=Established", "crd/modelapps.modelapp.io", "--timeout=60s")
-            objects: list[dict[str, Any]] = [
-                {
-                    "apiVersion": "v1",
-                    "kind": "Namespace",
-                    "metadata": {
-                        "name": NAMESPACE,
-                        "labels": {"pod-security.kubernetes.io/enforce": "restricted"},
-                    },
-                },
-                {
-                    "apiVersion": "v1",
-                    "kind": "Secret",
-                    "metadata": {"name": "regcred", "namespace": NAMESPACE},
-                    "type": "kubernetes.io/dockerconfigjson",
-                    "stringData": {".dockerconfigjson": stack.registry.dockerconfigjson()},
-                },
-                {
-                    "apiVersion": "v1",
-                    "kind": "Secret",
-                    "metadata": {"name": "storage", "namespace": NAMESPACE},
-                    "stringData": {"connectionString": stack.azurite.connection_string},
-                },
-                {
-                    "apiVersion": "modelapp.io/v1alpha1",
-                    "kind": "ModelApp",
-                    "metadata": {"name": APP_NAME, "namespace": NAMESPACE},
-                    "spec": {
-                        "image": {"repository": repository, "tag": "demo-1", "pullSecretName": "regcred"},
-                        "model": {
-                            "blob": {
-                                "accountUrl": stack.azurite.blob_endpoint,
-                                "container": MODEL_CONTAINER,
-                                "name": MODEL_BLOB,
-                            },
-                            "credentials": {"secretRef": {"name": "storage"}},
+            apply_crd(kube)
+            labels = {"pod-security.kubernetes.io/enforce": "restricted"}
+            create_tenant_namespace(kube, NAMESPACE, stack.registry, stack.azurite, labels)
+            modelapp: dict[str, Any] = {
+                "apiVersion": "modelapp.io/v1alpha1",
+                "kind": "ModelApp",
+                "metadata": {"name": APP_NAME, "namespace": NAMESPACE},
+                "spec": {
+                    "image": {"repository": repository, "tag": "demo-1", "pullSecretName": "regcred"},
+                    "model": {
+                        "blob": {
+                            "accountUrl": stack.azurite.blob_endpoint,
+                            "container": MODEL_CONTAINER,
+                            "name": MODEL_BLOB,
                         },
-                        "replicas": 2,
-                        "rollout": {"maxSurge": 1, "maxUnavailable": 0, "progressDeadlineSeconds": 120},
+                        "credentials": {"secretRef": {"name": "storage"}},
                     },
+                    "replicas": 2,
+                    "rollout": {"maxSurge": 1, "maxUnavailable": 0, "progressDeadlineSeconds": 120},
                 },
-            ]
-            for item in objects:
-                kube.kubectl("apply", "-f", "-", input=json.dumps(item))
+            }
+            kube.kubectl("apply", "-f", "-", input=json.dumps(modelapp))
             self.say("image follows tag demo-1; model follows the blob (no version pinned)")
 
     def start_operator(self, stack: Stack) -> None:
         with self.stage("Start the operator (python -m modelapp_operator)"):
             assert stack.kube is not None and stack.registry is not None
-            log_path = self.run_dir / "operator.log"
-            env = {
-                **os.environ,
-                "KUBECONFIG": str(stack.kube.kubeconfig),
-                "MODELAPP_REGISTRY_CA_FILE": str(stack.registry.ca_file),
-                "MODELAPP_POLL_INTERVAL_SECONDS": "5",
-                "PYTHONPATH": _source_path(),
-            }
-            with log_path.open("wb") as log:
-                self.operator = subprocess.Popen(
-                    [sys.executable, "-m", "modelapp_operator", "--namespace", NAMESPACE, "--liveness", "off"],
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=REPO_ROOT,
-                    start_new_session=True,
-                )
-            self.say(f"pid {self.operator.pid}, log {log_path}")
+            self.operator = OperatorProcess.start(
+                stack.kube,
+                stack.registry,
+                self.run_dir / "operator.log",
+                {"MODELAPP_POLL_INTERVAL_SECONDS": "5"},
+                namespaces=[NAMESPACE],
+                extra_source_roots=[REPO_ROOT / "app", REPO_ROOT / "deploy" / "local"],
+            )
+            self.say(f"pid {self.operator.pid}, log {self.operator.log_file}")
 
     def wait_ready(self, stack: Stack, model_version: str | None, what: str) -> dict[str, Any]:
         from modelapp_operator.cli import EXIT_OK, Progress, wait_for  # noqa: PLC0415
@@ -210,7 +179,7 @@ class Demo:
         client = KubeClient(load_connection(str(stack.kube.kubeconfig)))
 
         def fetch() -> dict[str, Any]:
-            if self.operator is not None and self.operator.poll() is not None:
+            if self.operator is not None and self.operator.exited():
                 raise DemoError(f"the operator exited ({self.operator.returncode}):\n{self.operator_log_tail()}")
             return client.get_modelapp(NAMESPACE, APP_NAME)
 
@@ -341,10 +310,9 @@ class Demo:
     # --- lifecycle ------------------------------------------------------------------------------
 
     def operator_log_tail(self, lines: int = 30) -> str:
-        path = self.run_dir / "operator.log"
-        with contextlib.suppress(OSError):
-            return "--- operator log ---\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
+        if self.operator is None:
+            return ""
+        return "--- operator log ---\n" + self.operator.log_tail(lines)
 
     def stop_app(self) -> None:
         _stop(self.app)
@@ -352,7 +320,8 @@ class Demo:
 
     def stop(self) -> None:
         self.stop_app()
-        _stop(self.operator)
+        if self.operator is not None:
+            self.operator.stop()
         self.operator = None
         if self.stack is not None:
             self.stack.stop()
@@ -465,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.once:
             print("\nthe operator and the app keep running; Ctrl-C stops everything", flush=True)
             while True:
-                if demo.operator is not None and demo.operator.poll() is not None:
+                if demo.operator is not None and demo.operator.exited():
                     raise DemoError(f"the operator exited ({demo.operator.returncode})\n{demo.operator_log_tail()}")
                 time.sleep(1)
     except KeyboardInterrupt:

@@ -1,0 +1,18 @@
+"""Fixtures shared by the cluster tests (the stack itself is in tests/conftest.py)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from azure.storage.blob import BlobServiceClient, ContainerClient
+from modelapp_localstack import Azurite
+
+
+@pytest.fixture(scope="module")
+def models(azurite: Azurite) -> ContainerClient:
+    """The `models` blob container in Azurite (created if missing)."""
+    container = BlobServiceClient.from_connection_string(azurite.connection_string).get_container_client("models")
+    with contextlib.suppress(Exception):
+        container.create_container()
+    return container
