@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -41,6 +42,9 @@ Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 PERSISTENCE_PREFIX = f"operator.{GROUP}"
 UNEXPECTED_ERROR_DELAY = 30.0
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+CHILD_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+CHILD_REFRESH_COALESCE_SECONDS = 1.0
 
 
 @kopf.on.startup()
@@ -63,6 +67,9 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, logger: Logger, 
     settings.networking.request_timeout = 60
     settings.networking.connect_timeout = 10
     settings.execution.default_backoff = 30
+    # Watch only our own Deployments: the handler's `labels=` filter is client-side, so without
+    # this kopf lists, parses and queues every Deployment in the cluster.
+    settings.watching.label_selectors["apps", "deployments"] = CHILD_SELECTOR
 
     memo["config"] = config
     watch_config = config.watch or WatchConfig()
@@ -90,6 +97,7 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, logger: Logger, 
     )
     deps = Dependencies(kube=AiohttpKubeClient.connect(), images=hub.images, models=hub.models, watch=hub)
     memo["deps"] = deps
+    memo["child_refresher"] = ChildRefresher(deps, logger)
 
     async def reconcile_changed(app: AppKey) -> None:
         await _reconcile_changed(app, deps, logger)
@@ -136,6 +144,9 @@ async def close_clients(memo: Any, **_: Any) -> None:
     receiver: Receiver | None = memo.get("receiver")
     if receiver is not None:
         await receiver.stop()
+    refresher: ChildRefresher | None = memo.get("child_refresher")
+    if refresher is not None:
+        await refresher.close()
     tasks: list[asyncio.Task[None]] = memo.get("watch_tasks") or []
     for task in tasks:
         task.cancel()
@@ -223,20 +234,69 @@ def _controller_owner(body: kopf.Body) -> str | None:
     return None
 
 
-@kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
+class ChildRefresher:
+    """Status refreshes from child Deployment events, newest copy only, one at a time per ModelApp.
+
+    kopf hands a resource's events to its handler one by one and queues the rest, each a
+    full parsed Deployment. A handler that waited its turn (the ModelApp's lock, the bound on
+    requests in flight) let those queues grow with every rollout step of every Deployment:
+    the operator's memory peak. Here an event only replaces the pending copy for its
+    ModelApp, and one task per ModelApp refreshes from the newest copy it finds."""
+
+    def __init__(self, deps: Dependencies, logger: Logger) -> None:
+        self._deps = deps
+        self._logger = logger
+        self._pending: dict[AppKey, Mapping[str, Any]] = {}
+        self._tasks: dict[AppKey, asyncio.Task[None]] = {}
+
+    def submit(self, app: AppKey, deployment: Mapping[str, Any]) -> None:
+        self._pending[app] = deployment
+        if app not in self._tasks:
+            self._tasks[app] = asyncio.create_task(self._drain(app), name=f"refresh {app[0]}/{app[1]}")
+
+    async def _drain(self, app: AppKey) -> None:
+        namespace, name = app
+        try:
+            # A new Deployment reports several rollout steps within a second: wait for the
+            # newest, so the API server spends its time on reconciles rather than on refreshes.
+            await asyncio.sleep(CHILD_REFRESH_COALESCE_SECONDS)
+            while (deployment := self._pending.pop(app, None)) is not None:
+                try:
+                    await refresh_status(namespace, name, self._deps, deployment_seen=deployment)
+                except Exception as error:
+                    # The next Deployment event (or the ModelApp's own reconcile) catches up.
+                    self._logger.warning(
+                        "status refresh of ModelApp %s/%s failed: %s", namespace, name, redact(str(error))
+                    )
+        finally:
+            del self._tasks[app]
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._pending.clear()
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={MANAGED_BY_LABEL: MANAGED_BY})
 async def on_child_deployment(event: kopf.RawEvent, body: kopf.Body, memo: Any, logger: Logger, **_: Any) -> None:
     """Follow the child Deployment: Ready tracks its rollout; a deleted child is recreated."""
     owner = _controller_owner(body)
     namespace = body.get("metadata", {}).get("namespace")
     deps: Dependencies | None = memo.get("deps")
-    if owner is None or namespace is None or deps is None:
+    refresher: ChildRefresher | None = memo.get("child_refresher")
+    if owner is None or namespace is None or deps is None or refresher is None:
         return
-    try:
-        if event.get("type") == "DELETED":
+    if event.get("type") == "DELETED":
+        try:
             await request_reconcile(deps.kube, namespace, owner)
-        else:
-            # The event's copy is as fresh as a GET would be: spare the API server that read.
-            await refresh_status(namespace, owner, deps, deployment_seen=event.get("object") or None)
-    except Exception as error:
-        # The next Deployment event (or the ModelApp's own reconcile) catches up.
-        logger.warning("status refresh of ModelApp %s/%s failed: %s", namespace, owner, redact(str(error)))
+        except Exception as error:
+            logger.warning("reconcile request for ModelApp %s/%s failed: %s", namespace, owner, redact(str(error)))
+        return
+    # The event's copy is as fresh as a GET would be: spare the API server that read.
+    deployment = event.get("object")
+    if deployment:
+        refresher.submit((namespace, owner), deployment)
