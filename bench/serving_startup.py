@@ -29,8 +29,13 @@ for _source_root in ("app", "deploy/local"):
 
 from modelapp_localstack.azurite import start_azurite  # noqa: E402
 from modelapp_serving.config import ModelFormat, ModelSpec  # noqa: E402
-from modelapp_serving.download import DownloadSettings, fetch_verified_model, make_blob_client  # noqa: E402
-from modelapp_serving.publish import file_sha256, publish_model  # noqa: E402
+from modelapp_serving.download import (  # noqa: E402
+    DownloadSettings,
+    fetch_verified_model,
+    file_sha256,
+    make_blob_client,
+)
+from modelapp_serving.publish import publish_model  # noqa: E402
 
 _WRITE_BYTES = 64 << 20
 GOAL_RATIO = 0.8

@@ -102,7 +102,7 @@ def fetch_verified_model(
         if target.exists():
             if _stamp_matches(cache_dir, target, spec.sha256, settings.run_id):
                 return FetchResult(target, False, time.perf_counter() - started, target.stat().st_size)
-            actual = _sha256_of_file(target)
+            actual = file_sha256(target)
             if actual == spec.sha256:
                 _write_stamp(cache_dir, target, spec.sha256, settings.run_id)
                 return FetchResult(target, False, time.perf_counter() - started, target.stat().st_size)
@@ -315,7 +315,8 @@ def _remove_stale_partials(cache_dir: Path, sha256: str) -> None:
             stale.unlink()
 
 
-def _sha256_of_file(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file on disk, read in large unbuffered chunks."""
     digest = hashlib.sha256()
     buffer = bytearray(_HASH_READ_BYTES)
     view = memoryview(buffer)

@@ -8,7 +8,6 @@ upload is never clobbered silently. Publishing the same content again is a no-op
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 from modelapp_serving.blob_location import parse_blob_url, redact_url
 from modelapp_serving.config import ConfigError, ModelFormat
+from modelapp_serving.download import file_sha256
 
 CONTENT_TYPES = {
     ModelFormat.ONNX: "application/octet-stream",
@@ -38,7 +38,6 @@ CONTENT_TYPES = {
 }
 UPLOAD_BLOCK_BYTES = 8 << 20
 UPLOAD_CONCURRENCY = 8
-_HASH_READ_BYTES = 8 << 20
 CONNECTION_STRING_ENVS = ("MODELAPP_MODEL_CONNECTION_STRING", "AZURE_STORAGE_CONNECTION_STRING")
 
 
@@ -57,15 +56,6 @@ class PublishedModel:
     uploaded: bool
     """False when the same content was already there (nothing was written)."""
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(_HASH_READ_BYTES)
-    view = memoryview(buffer)
-    with path.open("rb", buffering=0) as file:
-        while count := file.readinto(buffer):
-            digest.update(view[:count])
-    return digest.hexdigest()
 
 
 def publish_model(

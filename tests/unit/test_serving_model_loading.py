@@ -152,7 +152,7 @@ def test_stamp_of_the_same_run_skips_rehashing(tmp_path: Path, monkeypatch: pyte
     def no_hashing(path: Path) -> str:
         raise AssertionError("must not hash again")
 
-    monkeypatch.setattr(download, "_sha256_of_file", no_hashing)
+    monkeypatch.setattr(download, "file_sha256", no_hashing)
     assert not fetch_verified_model(spec, tmp_path, settings, blob_client_factory=refuse_download).downloaded
     with pytest.raises(AssertionError, match="must not hash again"):
         fetch_verified_model(spec, tmp_path, DownloadSettings(run_id="run-2"), blob_client_factory=refuse_download)
