@@ -23,6 +23,7 @@ from azure.core.exceptions import (
 from azure.identity.aio import DefaultAzureCredential
 from azure.storage.blob.aio import BlobClient
 from modelapp_operator.build import ResolvedModel, normalize_etag
+from modelapp_operator.errors import ResolutionError
 from modelapp_operator.model import BlobLocation, ModelSpec
 from modelapp_operator.redact import redact
 
@@ -30,14 +31,8 @@ _SHA256 = re.compile(r"^[a-f0-9]{64}$")
 _FORMATS = ("onnx", "skops", "pickle")
 
 
-class ModelResolutionError(Exception):
+class ModelResolutionError(ResolutionError):
     """The model could not be resolved now. `reason` becomes the ModelResolved condition's reason."""
-
-    def __init__(self, reason: str, message: str, *, retry_after: float = 30.0) -> None:
-        super().__init__(redact(message))
-        self.reason = reason
-        self.message = redact(message)
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)

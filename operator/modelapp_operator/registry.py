@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from modelapp_operator.acr import AcrTokenError, AcrTokenProvider
-from modelapp_operator.redact import redact
+from modelapp_operator.errors import ResolutionError
 
 MANIFEST_MEDIA_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -36,14 +36,8 @@ _DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
 _CHALLENGE_PARAM = re.compile(r'([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
 
 
-class ImageResolutionError(Exception):
+class ImageResolutionError(ResolutionError):
     """The tag could not be resolved now. `reason` becomes the ImageResolved condition's reason."""
-
-    def __init__(self, reason: str, message: str, *, retry_after: float = 30.0) -> None:
-        super().__init__(redact(message))
-        self.reason = reason
-        self.message = redact(message)
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from modelapp_operator.blobs import (
 )
 from modelapp_operator.build import normalize_etag
 from modelapp_operator.config import ConfigError
+from modelapp_operator.errors import ResolutionError
 from modelapp_operator.model import BlobLocation
 from modelapp_operator.redact import redact
 from modelapp_operator.registry import ImageResolutionError, ImageResolver, RegistryCredentials
@@ -854,6 +855,6 @@ class WatchHub:
 
 
 def _describe(error: BaseException) -> str:
-    if isinstance(error, ImageResolutionError | ModelResolutionError):
+    if isinstance(error, ResolutionError):
         return f"{error.reason}: {error.message}"
     return redact(f"{type(error).__name__}: {error}")[:300]
