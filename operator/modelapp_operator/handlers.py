@@ -33,7 +33,7 @@ from modelapp_operator.reconcile import (
 )
 from modelapp_operator.redact import redact
 from modelapp_operator.registry import RegistryClient
-from modelapp_operator.watch import AppKey, ImageKey, WatchConfig, WatchHub
+from modelapp_operator.watch import AppKey, WatchConfig, WatchHub
 
 # kopf keeps its bookkeeping in annotations under this prefix. Not `modelapp.io` itself:
 # kopf leaves annotations under its own prefix out of the diff it compares, and
@@ -192,16 +192,8 @@ async def on_update(body: kopf.Body, diff: kopf.Diff, memo: Any, logger: Logger,
     if deps.watch is not None and any(tuple(change[1])[: len(requested)] == requested for change in diff):
         # Someone asked for a reconcile: resolve the tag and the blob again instead of from the cache.
         meta = body.get("metadata", {})
-        _forget_cached(deps.watch, (str(meta.get("namespace")), str(meta.get("name"))))
+        deps.watch.invalidate_app((str(meta.get("namespace")), str(meta.get("name"))))
     await _run(body, memo, logger)
-
-
-def _forget_cached(hub: WatchHub, app: AppKey) -> None:
-    for key in hub.tracked(app):
-        if isinstance(key, ImageKey):
-            hub.image_cache.invalidate(key)
-        else:
-            hub.model_cache.invalidate(key)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile-resume")
@@ -217,14 +209,13 @@ def _is_deletion(event: kopf.RawEvent, **_: Any) -> bool:
 async def on_modelapp_deleted(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
     """A deleted ModelApp stops following its tag and blob (no finalizer needed for that)."""
     deps: Dependencies | None = memo.get("deps")
-    if deps is None or deps.watch is None:
-        if deps is not None:
-            meta = (event.get("object") or {}).get("metadata") or {}
-            deps.forget(str(meta.get("namespace")), str(meta.get("name")))
+    if deps is None:
         return
     meta = (event.get("object") or {}).get("metadata") or {}
-    deps.watch.untrack((str(meta.get("namespace")), str(meta.get("name"))))
-    deps.forget(str(meta.get("namespace")), str(meta.get("name")))
+    namespace, name = str(meta.get("namespace")), str(meta.get("name"))
+    if deps.watch is not None:
+        deps.watch.untrack((namespace, name))
+    deps.forget(namespace, name)
 
 
 def _controller_owner(body: kopf.Body) -> str | None:

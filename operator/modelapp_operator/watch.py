@@ -599,6 +599,14 @@ class WatchHub:
     def tracked(self, app: AppKey) -> Mapping[WatchKey, str | None]:
         return dict(self._apps.get(app, {}))
 
+    def invalidate_app(self, app: AppKey) -> None:
+        """Forget the cached tag and blob resolutions of one app, so its next reconcile asks afresh."""
+        for key in self.tracked(app):
+            if isinstance(key, ImageKey):
+                self.image_cache.invalidate(key)
+            else:
+                self.model_cache.invalidate(key)
+
     def followers(self, key: WatchKey) -> frozenset[AppKey]:
         return frozenset(self._followers.get(key, ()))
 

@@ -429,6 +429,21 @@ async def test_invalidate_and_purge(parts: tuple[Images, Models, Requests, Clock
     await hub.close()
 
 
+async def test_invalidate_app_makes_its_next_reconcile_ask_afresh(
+    parts: tuple[Images, Models, Requests, Clock],
+) -> None:
+    images, models, requests, clock = parts
+    hub = make_hub(images, models, requests, clock)
+    await reconcile_like(hub, ("ml", "a"), "team/app1", "stable", "m1.onnx")
+    await reconcile_like(hub, ("ml", "a"), "team/app1", "stable", "m1.onnx")
+    assert images.calls[(f"{REGISTRY}/team/app1", "stable")] == 1
+    hub.invalidate_app(("ml", "a"))
+    await reconcile_like(hub, ("ml", "a"), "team/app1", "stable", "m1.onnx")
+    assert images.calls[(f"{REGISTRY}/team/app1", "stable")] == 2
+    assert models.calls[f"{ACCOUNT}/models/m1.onnx"] == 2
+    await hub.close()
+
+
 async def test_run_polling_polls_and_stops_on_cancel(parts: tuple[Images, Models, Requests, Clock]) -> None:
     images, models, requests, _ = parts
     hub = WatchHub(images, models, on_change=requests, coalesce_seconds=0.0)
