@@ -1,11 +1,13 @@
-// Command kube is one binary holding the local control plane's programs
-// (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl).
+// Command kube is one binary holding the local cluster's programs
+// (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
+// and the node's kubelet and kube-proxy).
 // Linking once instead of five times is what makes a cold build fit on a
 // two-core machine; the program to run is chosen by the first argument,
 // as the old hyperkube did.
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 
@@ -14,10 +16,12 @@ import (
 	kubectl "k8s.io/kubectl/pkg/cmd"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	proxy "k8s.io/kubernetes/cmd/kube-proxy/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 )
 
-const usage = "usage: kube {etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kubectl} [args...]"
+const usage = "usage: kube {etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kubectl|kubelet|kube-proxy} [args...]"
 
 func main() {
 	if len(os.Args) < 2 {
@@ -36,6 +40,10 @@ func main() {
 		os.Exit(cli.Run(controllermanager.NewControllerManagerCommand()))
 	case "kube-scheduler":
 		os.Exit(cli.Run(scheduler.NewSchedulerCommand()))
+	case "kubelet":
+		os.Exit(cli.Run(kubelet.NewKubeletCommand(context.Background())))
+	case "kube-proxy":
+		os.Exit(cli.Run(proxy.NewProxyCommand()))
 	case "kubectl":
 		os.Exit(cli.Run(kubectl.NewDefaultKubectlCommand()))
 	default:

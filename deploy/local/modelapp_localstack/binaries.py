@@ -51,10 +51,21 @@ def versions() -> Versions:
     )
 
 
+def _kube_ldflags(kubernetes_version: str) -> str:
+    """Strip symbols and stamp the version, so nodes and `kubectl version` report v1.x.y, not v0.0.0-master."""
+    major, minor = kubernetes_version.lstrip("v").split(".")[:2]
+    package = "k8s.io/component-base/version"
+    return (
+        f"-s -w -X {package}.gitVersion={kubernetes_version} -X {package}.gitMajor={major}"
+        f" -X {package}.gitMinor={minor} -X {package}.gitTreeState=clean"
+    )
+
+
 def _sources_hash() -> str:
     digest = hashlib.sha256()
     for name in ("go.mod", "go.sum", "main.go"):
         digest.update((KUBE_MODULE_DIR / name).read_bytes())
+    digest.update(_kube_ldflags(versions().kubernetes).encode())
     return digest.hexdigest()[:10]
 
 
@@ -97,7 +108,7 @@ def _go_env() -> dict[str, str]:
 
 
 def kube_binary() -> Path:
-    """The multi-call binary (etcd, kube-apiserver, -controller-manager, -scheduler, kubectl)."""
+    """The multi-call binary (etcd, kube-apiserver, -controller-manager, -scheduler, kubectl, kubelet, kube-proxy)."""
     found = versions()
     target = cache_root() / f"kube-{found.kubernetes}-etcd-{found.etcd}-{_sources_hash()}" / "kube"
     if target.exists():
@@ -107,7 +118,7 @@ def kube_binary() -> Path:
     env = _go_env()
     env["GOFLAGS"] = "-mod=mod"
     _run_go_build(
-        [_go(), "build", "-v", "-trimpath", "-ldflags=-s -w", "-o", str(partial), "."],
+        [_go(), "build", "-v", "-trimpath", f"-ldflags={_kube_ldflags(found.kubernetes)}", "-o", str(partial), "."],
         KUBE_MODULE_DIR,
         env,
         f"Kubernetes {found.kubernetes} + etcd {found.etcd}",
