@@ -1,7 +1,8 @@
 """Session fixtures that start the real local stack (deploy/local/modelapp_localstack).
 
 Each component starts on first use and stops at the end of the session, so a
-unit-only run starts nothing. Everything listens on loopback only.
+unit-only run starts nothing. Everything listens on loopback only, or, when a collected test is
+marked `pods`, on the host side of the real node's own network (modelapp_localstack.node).
 """
 
 from __future__ import annotations
@@ -14,10 +15,20 @@ import pytest
 from modelapp_localstack import Azurite, KubeCluster, Registry, Stack
 from modelapp_localstack.procs import free_port
 
+# Whether any collected test runs real containers: only then does the session's stack get a real node.
+NEEDS_REAL_NODE = pytest.StashKey[bool]()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    config.stash[NEEDS_REAL_NODE] = any(item.get_closest_marker("pods") for item in items)
+
 
 @pytest.fixture(scope="session")
-def local_stack() -> Iterator[Stack]:
-    stack = Stack.create(keep_run_dir=os.environ.get("MODELAPP_KEEP_RUN_DIR") == "1")
+def local_stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
+    stack = Stack.create(
+        keep_run_dir=os.environ.get("MODELAPP_KEEP_RUN_DIR") == "1",
+        real_nodes=1 if request.config.stash.get(NEEDS_REAL_NODE, False) else 0,
+    )
     try:
         yield stack
     finally:

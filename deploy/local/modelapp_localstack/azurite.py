@@ -32,7 +32,8 @@ class Azurite:
         self.process.stop()
 
 
-def start_azurite(run_dir: Path, *, in_memory: bool = False) -> Azurite:
+def start_azurite(run_dir: Path, *, in_memory: bool = False, host: str = "127.0.0.1") -> Azurite:
+    """host: the address to bind (loopback, or the host side of a real node's network)."""
     executable = REPO_ROOT / "node_modules" / ".bin" / "azurite-blob"
     if not executable.exists():
         raise StackError(f"{executable} is missing: run `npm ci` in {REPO_ROOT}")
@@ -42,7 +43,7 @@ def start_azurite(run_dir: Path, *, in_memory: bool = False) -> Azurite:
     data.mkdir(parents=True, exist_ok=True)
     args = [
         str(executable),
-        "--blobHost", "127.0.0.1",
+        "--blobHost", host,
         "--blobPort", str(port),
         "--disableTelemetry",
         # The Python SDK speaks a newer API version than Azurite knows.
@@ -54,10 +55,10 @@ def start_azurite(run_dir: Path, *, in_memory: bool = False) -> Azurite:
     process = ManagedProcess("azurite", args, run_dir / "logs" / "azurite.log", cwd=data)
     process.start()
     try:
-        process.wait_ready(lambda: port_open(port), 30, "blob port")
+        process.wait_ready(lambda: port_open(port, host), 30, "blob port")
     except BaseException:
         process.stop()
         raise
-    endpoint = f"http://127.0.0.1:{port}/{ACCOUNT_NAME}"
+    endpoint = f"http://{host}:{port}/{ACCOUNT_NAME}"
     log(f"Azurite up at {endpoint} in {time.monotonic() - started:.1f}s")
     return Azurite(endpoint, ACCOUNT_NAME, ACCOUNT_KEY, process)

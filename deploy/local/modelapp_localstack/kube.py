@@ -5,6 +5,7 @@ Running and Ready, so Deployment rollouts behave as on a real cluster).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import ssl
 import subprocess
@@ -172,6 +173,7 @@ class KubeCluster:
     kubeconfig: Path
     ca_file: Path
     binary: Path
+    ca: CertificateAuthority
     processes: list[ManagedProcess] = field(default_factory=list)
 
     def kubectl(
@@ -221,7 +223,11 @@ def _write_kubeconfig(path: Path, server: str, ca: Path, cert: Path, key: Path, 
     path.chmod(0o600)
 
 
-def start_cluster(run_dir: Path, *, nodes: int = 2) -> KubeCluster:
+def start_cluster(
+    run_dir: Path, *, nodes: int = 2, host: str = "127.0.0.1", service_cidr: str = "10.96.0.0/16"
+) -> KubeCluster:
+    """Start the control plane with `nodes` kwok nodes. `host`: the address the API server binds
+    and advertises (loopback, or the host side of a real node's network so pods reach it)."""
     started = time.monotonic()
     kube = binaries.kube_binary()
     kwok = binaries.kwok_binary()
@@ -232,17 +238,21 @@ def start_cluster(run_dir: Path, *, nodes: int = 2) -> KubeCluster:
         "apiserver",
         "kube-apiserver",
         dns_names=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
-        ip_addresses=("127.0.0.1", "10.96.0.1"),
+        ip_addresses=tuple(dict.fromkeys(("127.0.0.1", host, str(next(ipaddress.ip_network(service_cidr).hosts()))))),
         server=True,
     )
     admin = ca.issue("admin", "modelapp-admin", organizations=("system:masters",), client=True)
+    # The API server's client certificate towards kubelets (logs, exec, port-forward on real nodes).
+    kubelet_client = ca.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client",
+                              organizations=("system:masters",), client=True)
     sa_private, sa_public = write_service_account_key(pki_dir)
 
     etcd_port, etcd_peer_port, api_port = free_port(), free_port(), free_port()
-    server = f"https://127.0.0.1:{api_port}"
+    server = f"https://{host}:{api_port}"
     kubeconfig = run_dir / "kubeconfig"
     _write_kubeconfig(kubeconfig, server, ca.cert_path, admin.cert, admin.key, "modelapp-admin")
-    cluster = KubeCluster(run_dir=run_dir, server=server, kubeconfig=kubeconfig, ca_file=ca.cert_path, binary=kube)
+    cluster = KubeCluster(run_dir=run_dir, server=server, kubeconfig=kubeconfig, ca_file=ca.cert_path, binary=kube,
+                          ca=ca)
     logs = run_dir / "logs"
 
     try:
@@ -278,8 +288,8 @@ def start_cluster(run_dir: Path, *, nodes: int = 2) -> KubeCluster:
             [
                 str(kube), "kube-apiserver",
                 f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={host}",
+                f"--advertise-address={host}",
                 f"--secure-port={api_port}",
                 f"--cert-dir={run_dir / 'apiserver-certs'}",
                 f"--tls-cert-file={serving.cert}",
@@ -288,10 +298,15 @@ def start_cluster(run_dir: Path, *, nodes: int = 2) -> KubeCluster:
                 f"--service-account-key-file={sa_public}",
                 f"--service-account-signing-key-file={sa_private}",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                "--service-cluster-ip-range=10.96.0.0/16",
+                f"--service-cluster-ip-range={service_cidr}",
                 "--authorization-mode=Node,RBAC",
-                # The endpoints of the `kubernetes` Service may not be loopback addresses.
-                "--endpoint-reconciler-type=none",
+                # Namespaces choose real or kwok nodes with annotations (node.real_node_namespace_annotations).
+                "--enable-admission-plugins=PodNodeSelector,PodTolerationRestriction",
+                f"--kubelet-client-certificate={kubelet_client.cert}",
+                f"--kubelet-client-key={kubelet_client.key}",
+                # The endpoints of the `kubernetes` Service may not be loopback addresses; on a
+                # real node's network the API server's address is what pods reach it at.
+                f"--endpoint-reconciler-type={'none' if host == '127.0.0.1' else 'lease'}",
                 "--enable-priority-and-fairness=false",
                 "--allow-privileged=true",
                 "--profiling=false",

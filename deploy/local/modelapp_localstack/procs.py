@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cleanup import current_ledger, process_start_time
+
 
 class StackError(RuntimeError):
     """A component failed to start; the message says which and where its log is."""
@@ -36,8 +38,11 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def log(message: str) -> None:
-    """Progress for people: one line on stderr, so stdout stays usable for `env` output."""
-    print(f"[stack {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    """Progress for people: one line on stderr, so stdout stays usable for `env` output.
+
+    A closed stderr (a `| tee` that Ctrl-C stopped first) must not abort the clean-up that logs."""
+    with contextlib.suppress(OSError, ValueError):
+        print(f"[stack {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -61,6 +66,11 @@ class ManagedProcess:
                 cwd=self.cwd,
                 start_new_session=True,
             )
+        ledger = current_ledger.get()
+        if ledger is not None:
+            # Its own session makes it a process-group leader: the group reaches its children too.
+            ledger.record("process-group", pgid=self.popen.pid, start_time=process_start_time(self.popen.pid),
+                          name=self.name)
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None

@@ -143,7 +143,10 @@ def start_registry(
     *,
     notify_url: str | None = None,
     notify_token: str | None = None,
+    host: str = "127.0.0.1",
 ) -> Registry:
+    """host: the address to bind (loopback, or the host side of a real node's network, so the
+    node's containerd and in-cluster pods reach it too)."""
     executable = shutil.which("docker-registry")
     if executable is None:
         raise StackError("docker-registry is missing: apt-get install docker-registry")
@@ -152,7 +155,7 @@ def start_registry(
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     serving = ca.issue("registry", "modelapp-local-registry", dns_names=("localhost",),
-                       ip_addresses=("127.0.0.1",), server=True)
+                       ip_addresses=tuple(dict.fromkeys(("127.0.0.1", host))), server=True)
     username, password = "modelapp", secrets.token_urlsafe(16)
     htpasswd = folder / "htpasswd"
     htpasswd.write_text(f"{username}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode()}\n")
@@ -161,7 +164,7 @@ def start_registry(
         "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": True}},
         "storage": {"filesystem": {"rootdirectory": str(folder / "data")}, "delete": {"enabled": True}},
         "http": {
-            "addr": f"127.0.0.1:{port}",
+            "addr": f"{host}:{port}",
             "secret": secrets.token_hex(16),
             "tls": {"certificate": str(serving.cert), "key": str(serving.key)},
         },
@@ -188,7 +191,7 @@ def start_registry(
     process = ManagedProcess("docker-registry", [executable, "serve", str(config_path)],
                              run_dir / "logs" / "registry.log")
     process.start()
-    registry = Registry(f"127.0.0.1:{port}", username, password, ca.cert_path, notify_token, process)
+    registry = Registry(f"{host}:{port}", username, password, ca.cert_path, notify_token, process)
 
     def ready() -> bool:
         status, _, _ = registry._request("GET", "/v2/")

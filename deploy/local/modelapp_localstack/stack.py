@@ -1,40 +1,71 @@
-"""The local stack as one object: start what is asked for, stop all of it."""
+"""The local stack as one object: start what is asked for, stop all of it.
+
+With `real_nodes=1` the stack first makes a node network (node.py); every service then binds the
+host side of it instead of loopback, so pods on the real node reach the API server, Azurite and
+the registry at the same address the tests use.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import shutil
+import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .azurite import Azurite, start_azurite
 from .binaries import REPO_ROOT
 from .buildah import Buildah
+from .cleanup import LEDGER_NAME, Janitor, Ledger, recording_into, undo
 from .kube import KubeCluster, start_cluster
+from .node import NodeNetwork, RealNode, create_network, start_real_node
 from .pki import CertificateAuthority
+from .procs import StackError, log
 from .registry import Registry, start_registry
+
+LOOPBACK = "127.0.0.1"
+REAL_NODE_NAME = "real-node-0"
+REAL_NODE_READY_TIMEOUT_SECONDS = 120.0
 
 
 @dataclass
 class Stack:
-    """Owns a run folder; every file and process it makes lives under it."""
+    """Owns a run folder; every file and process it makes lives under it or is in its ledger."""
 
     run_dir: Path
     keep_run_dir: bool = False
+    real_nodes: int = 0
     kube: KubeCluster | None = None
     azurite: Azurite | None = None
     registry: Registry | None = None
+    node: RealNode | None = None
+    network: NodeNetwork | None = None
     _ca: CertificateAuthority | None = field(default=None, repr=False)
+    _ledger: Ledger | None = field(default=None, repr=False)
+    _janitor: Janitor | None = field(default=None, repr=False)
 
     @classmethod
-    def create(cls, run_dir: Path | None = None, *, keep_run_dir: bool = False) -> Stack:
+    def create(cls, run_dir: Path | None = None, *, keep_run_dir: bool = False, real_nodes: int = 0) -> Stack:
+        """real_nodes: 0 (kwok nodes only) or 1 (also a node that runs containers; needs root)."""
+        if real_nodes not in (0, 1):
+            raise StackError("the local stack runs at most one real node")
         if run_dir is None:
             base = REPO_ROOT / ".run"
             base.mkdir(exist_ok=True)
             run_dir = Path(tempfile.mkdtemp(prefix="stack-", dir=base))
         run_dir.mkdir(parents=True, exist_ok=True)
-        return cls(run_dir=run_dir, keep_run_dir=keep_run_dir)
+        stack = cls(run_dir=run_dir, keep_run_dir=keep_run_dir, real_nodes=real_nodes)
+        stack._ledger = Ledger(run_dir / LEDGER_NAME)
+        # From here on, even a SIGKILL of this process leaves nothing behind.
+        stack._janitor = Janitor.start(run_dir, remove_run_dir=not keep_run_dir)
+        return stack
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            self._ledger = Ledger(self.run_dir / LEDGER_NAME)
+        return self._ledger
 
     @property
     def ca(self) -> CertificateAuthority:
@@ -42,34 +73,104 @@ class Stack:
             self._ca = CertificateAuthority(self.run_dir / "pki-services", "modelapp-local-services-ca")
         return self._ca
 
+    @property
+    def host(self) -> str:
+        """The address services bind: loopback, or the host side of the real node's network."""
+        if not self.real_nodes:
+            return LOOPBACK
+        if self.network is None:
+            self.network = create_network(self.ledger)
+        return self.network.host_ip
+
     def start_kube(self, nodes: int = 2) -> KubeCluster:
         if self.kube is None:
-            self.kube = start_cluster(self.run_dir / "kube", nodes=nodes)
+            with recording_into(self.ledger):
+                host = self.host
+                extra = {"service_cidr": self.network.service_cidr} if self.network else {}
+                self.kube = start_cluster(self.run_dir / "kube", nodes=nodes, host=host, **extra)
+                if self.real_nodes:
+                    self.node = self._start_real_node(self.kube)
         return self.kube
+
+    def _start_real_node(self, kube: KubeCluster) -> RealNode:
+        from . import images  # noqa: PLC0415 - images build with buildah; kwok-only stacks never need them
+
+        assert self.network is not None
+        started = time.monotonic()
+        node = start_real_node(
+            name=REAL_NODE_NAME,
+            run_dir=self.run_dir / "nodes",
+            network=self.network,
+            kube_binary=kube.binary,
+            server=kube.server,
+            ca=kube.ca,
+            ledger=self.ledger,
+            sandbox_image=images.PAUSE_IMAGE,
+            sandbox_archive=images.pause_image_archive(),
+        )
+        if self.registry is not None:
+            node.trust_registry(self.registry.host, self.registry.ca_file)
+        deadline = time.monotonic() + REAL_NODE_READY_TIMEOUT_SECONDS
+        while True:
+            for process in node.processes:
+                if not process.alive():
+                    raise StackError(f"{process.name} exited (log {process.log_path}):\n{process.log_tail()}")
+            ready = kube.kubectl(
+                "get", "node", REAL_NODE_NAME, "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+                check=False,
+            ).stdout.strip()
+            if ready == "True":
+                break
+            if time.monotonic() > deadline:
+                kubelet = node.processes[-2] if len(node.processes) > 1 else node.processes[0]
+                raise StackError(f"real node {REAL_NODE_NAME} not Ready after "
+                                 f"{REAL_NODE_READY_TIMEOUT_SECONDS:.0f}s; kubelet log:\n{kubelet.log_tail(40)}")
+            time.sleep(0.5)
+        # The node lifecycle controller (off: kwok nodes send no heartbeats) would lift this.
+        kube.kubectl("taint", "nodes", REAL_NODE_NAME, "node.kubernetes.io/not-ready:NoSchedule-", check=False)
+        log(f"real node {REAL_NODE_NAME} Ready in {time.monotonic() - started:.1f}s")
+        return node
 
     def start_azurite(self) -> Azurite:
         if self.azurite is None:
-            self.azurite = start_azurite(self.run_dir)
+            with recording_into(self.ledger):
+                self.azurite = start_azurite(self.run_dir, host=self.host)
         return self.azurite
 
     def start_registry(self, notify_url: str | None = None, notify_token: str | None = None) -> Registry:
         if self.registry is None:
-            self.registry = start_registry(self.run_dir, self.ca, notify_url=notify_url,
-                                           notify_token=notify_token)
+            with recording_into(self.ledger):
+                self.registry = start_registry(self.run_dir, self.ca, notify_url=notify_url,
+                                               notify_token=notify_token, host=self.host)
+            if self.node is not None:
+                self.node.trust_registry(self.registry.host, self.registry.ca_file)
         return self.registry
 
     def buildah(self) -> Buildah:
         return Buildah(self.run_dir)
 
+    def node_exec(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run a command in the real node's network namespace (as a process on the node would)."""
+        if self.network is None:
+            raise StackError("this stack has no real node")
+        return subprocess.run([*self.network.nsenter(), *args], capture_output=True, text=True,
+                              timeout=timeout, check=False)
+
     def stop(self) -> None:
-        for component in (self.registry, self.azurite, self.kube):
+        started = time.monotonic()
+        for component in (self.node, self.registry, self.azurite, self.kube):
             if component is not None:
                 with contextlib.suppress(Exception):
                     component.stop()
-        self.registry = self.azurite = self.kube = None
-        if not self.keep_run_dir:
-            # buildah's vfs storage may hold read-only dirs; the run folder is ours alone.
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.node = self.registry = self.azurite = self.kube = None
+        # Containers, mounts, the node network, cgroups, links: whatever the ledger names.
+        undo(self.ledger, self.run_dir, remove_run_dir=not self.keep_run_dir)
+        self.network = None
+        if self._janitor is not None:
+            self._janitor.release()
+            self._janitor = None
+        if self.real_nodes:
+            log(f"stack stopped and cleaned up in {time.monotonic() - started:.1f}s")
 
     def __enter__(self) -> Stack:
         return self

@@ -1,0 +1,141 @@
+"""The operator as a pod, installed the way users install it: `kubectl apply -k` on deploy/.
+
+A small overlay in the run folder points deploy/ at the stack: the operator image built from
+Dockerfile.operator and pushed to the stack's registry (by digest), the registry's CA and pull
+Secret, shorter intervals for a local run, and namespace annotations that put its pods on the real
+node. Nothing in deploy/ itself changes; the operator has only its ServiceAccount's rights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .binaries import REPO_ROOT
+from .kube import KubeCluster
+from .node import real_node_namespace_annotations
+from .procs import StackError, log
+from .registry import Registry
+
+OPERATOR_NAMESPACE = "modelapp-system"
+OPERATOR_DEPLOYMENT = "modelapp-operator"
+TENANT_NAMESPACE = "ml"
+REGISTRY_CA_MOUNT = "/etc/modelapp/registry-ca"
+PULL_SECRET = "regcred"
+
+
+@dataclass(frozen=True)
+class InClusterOperator:
+    kube: KubeCluster
+    overlay: Path
+
+    def pods(self) -> list[dict[str, Any]]:
+        found = self.kube.kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-l",
+                                  f"app.kubernetes.io/name={OPERATOR_DEPLOYMENT}", "-o", "json")
+        items: list[dict[str, Any]] = json.loads(found.stdout)["items"]
+        return items
+
+    def logs(self, tail: int = 60) -> str:
+        result = self.kube.kubectl("logs", "-n", OPERATOR_NAMESPACE, f"deployment/{OPERATOR_DEPLOYMENT}",
+                                   f"--tail={tail}", "--all-containers", check=False)
+        return result.stdout + result.stderr
+
+    def uninstall(self) -> None:
+        self.kube.kubectl("delete", "deployment", OPERATOR_DEPLOYMENT, "-n", OPERATOR_NAMESPACE,
+                          "--ignore-not-found", "--wait=true", check=False)
+
+
+def _overlay(
+    folder: Path,
+    image: str,
+    registry: Registry,
+    settings: Mapping[str, str],
+    real_node_namespaces: Sequence[str],
+) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    name, digest = image.split("@", 1)
+    namespace_patches = [
+        {
+            "target": {"kind": "Namespace", "name": namespace},
+            "patch": yaml.safe_dump({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+                "name": namespace, "annotations": real_node_namespace_annotations()}}),
+        }
+        for namespace in real_node_namespaces
+    ]
+    deployment_patch = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": OPERATOR_DEPLOYMENT, "namespace": OPERATOR_NAMESPACE},
+        "spec": {"template": {"spec": {
+            "imagePullSecrets": [{"name": PULL_SECRET}],
+            "containers": [{"name": "operator", "volumeMounts": [
+                {"name": "registry-ca", "mountPath": REGISTRY_CA_MOUNT, "readOnly": True}]}],
+            "volumes": [{"name": "registry-ca", "configMap": {"name": "modelapp-registry-ca"}}],
+        }}},
+    }
+    extra = [
+        {"apiVersion": "v1", "kind": "ConfigMap",
+         "metadata": {"name": "modelapp-registry-ca", "namespace": OPERATOR_NAMESPACE},
+         "data": {"ca.crt": registry.ca_file.read_text()}},
+        {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+         "metadata": {"name": PULL_SECRET, "namespace": OPERATOR_NAMESPACE},
+         "stringData": {".dockerconfigjson": registry.dockerconfigjson()}},
+    ]
+    (folder / "local-objects.yaml").write_text(yaml.safe_dump_all(extra))
+    literals = {"MODELAPP_REGISTRY_CA_FILE": f"{REGISTRY_CA_MOUNT}/ca.crt", **settings}
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(REPO_ROOT / "deploy", folder), "local-objects.yaml"],
+        "images": [{"name": "modelapp-operator", "newName": name, "digest": digest}],
+        "configMapGenerator": [{
+            "name": "modelapp-operator",
+            "namespace": OPERATOR_NAMESPACE,
+            "behavior": "merge",
+            "literals": [f"{key}={value}" for key, value in sorted(literals.items())],
+        }],
+        "patches": [*namespace_patches, {"patch": yaml.safe_dump(deployment_patch)}],
+    }
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
+    return folder
+
+
+def install_operator(
+    kube: KubeCluster,
+    registry: Registry,
+    image: str,
+    run_dir: Path,
+    *,
+    settings: Mapping[str, str] | None = None,
+    real_node_namespaces: Sequence[str] = (OPERATOR_NAMESPACE, TENANT_NAMESPACE),
+    timeout: float = 240,
+) -> InClusterOperator:
+    """`kubectl apply -k` deploy/ through a local overlay, then wait until the operator pod is Ready.
+
+    image: `registry/repository@sha256:...` built from Dockerfile.operator.
+    settings: MODELAPP_* values merged into the operator's ConfigMap (poll interval, namespaces...)."""
+    if "@sha256:" not in image:
+        raise StackError(f"install the operator by digest, not {image!r}")
+    started = time.monotonic()
+    overlay = _overlay(run_dir / "operator-overlay", image, registry, settings or {}, real_node_namespaces)
+    # The CRD first: the rest of deploy/ may hold objects of its kind.
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(overlay), timeout=120)
+    result = kube.kubectl("rollout", "status", f"deployment/{OPERATOR_DEPLOYMENT}", "-n", OPERATOR_NAMESPACE,
+                          f"--timeout={int(timeout)}s", check=False, timeout=timeout + 30)
+    operator = InClusterOperator(kube, overlay)
+    if result.returncode != 0:
+        pods = kube.kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "wide", check=False).stdout
+        events = kube.kubectl("get", "events", "-n", OPERATOR_NAMESPACE, "--sort-by=.lastTimestamp",
+                              check=False).stdout
+        raise StackError(f"the in-cluster operator did not become ready:\n{result.stderr}\n{pods}\n"
+                         f"{events[-3000:]}\n{operator.logs()}")
+    log(f"operator running in-cluster ({OPERATOR_NAMESPACE}/{OPERATOR_DEPLOYMENT}, {image.rsplit('/', 1)[-1][:30]}...)"
+        f" in {time.monotonic() - started:.1f}s")
+    return operator

@@ -1,0 +1,240 @@
+"""Real containers on the real node: the app image from Dockerfile.app, the operator in-cluster from
+deploy/ (only its ServiceAccount's rights), models downloaded and verified inside the pods, answers
+through the Service while the pair changes under a steady load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from azure.storage.blob import BlobServiceClient
+from modelapp_localstack import Azurite, KubeCluster
+from modelapp_localstack.incluster import OPERATOR_NAMESPACE, TENANT_NAMESPACE, InClusterOperator
+from modelapp_serving.publish import publish_model
+
+from tests.pods.conftest import Image
+from tests.pods.load import SAMPLE_ROWS, ServiceLoad
+
+pytestmark = pytest.mark.pods
+
+T = TypeVar("T")
+MODELS_CONTAINER = "models"
+# Long enough for a real pod to pull, download, verify and load; short enough to see a rollback.
+PROGRESS_DEADLINE_SECONDS = 45
+MIN_RATE = 20.0
+
+
+def _modelapp(name: str, image: Image, azurite: Azurite, blob: str, **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "modelapp.io/v1alpha1",
+        "kind": "ModelApp",
+        "metadata": {"name": name, "namespace": TENANT_NAMESPACE},
+        "spec": {
+            "image": {"repository": image.repository, "tag": image.tag, "pullSecretName": "regcred"},
+            "model": {
+                "blob": {"accountUrl": azurite.blob_endpoint, "container": MODELS_CONTAINER, "name": blob},
+                "credentials": {"secretRef": {"name": "storage"}},
+            },
+            "replicas": 2,
+            "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "1Gi"}},
+            "rollout": {"maxSurge": 1, "maxUnavailable": 0, "progressDeadlineSeconds": PROGRESS_DEADLINE_SECONDS},
+        },
+    }
+    body["spec"].update(spec)
+    return body
+
+
+def _get(kube: KubeCluster, kind: str, name: str) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(kube.kubectl("get", kind, name, "-n", TENANT_NAMESPACE, "-o", "json").stdout)
+    return result
+
+
+def _conditions(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["type"]: c for c in (body.get("status") or {}).get("conditions") or []}
+
+
+def _wait(what: str, check: Callable[[], T | None], operator: InClusterOperator, timeout: float = 300) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n--- operator ---\n{operator.logs()}")
+
+
+def _ready_with(kube: KubeCluster, name: str, operator: InClusterOperator, version: str | None = None,
+                timeout: float = 300) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        body = _get(kube, "modelapp", name)
+        status = body.get("status") or {}
+        if _conditions(body).get("Ready", {}).get("status") != "True":
+            return None
+        if status.get("observedGeneration") != body["metadata"]["generation"]:
+            return None
+        if version is not None and (status.get("model") or {}).get("version") != version:
+            return None
+        return body
+
+    try:
+        return _wait(f"ModelApp {name} Ready" + (f" on {version}" if version else ""), ready, operator, timeout)
+    except AssertionError:
+        pods = kube.kubectl("get", "pods", "-n", TENANT_NAMESPACE, "-o", "wide", check=False).stdout
+        raise AssertionError(f"{pods}\n{_get(kube, 'modelapp', name).get('status')}") from None
+
+
+def _service_address(kube: KubeCluster, name: str) -> tuple[str, int]:
+    service = _get(kube, "service", name)
+    return service["spec"]["clusterIP"], int(service["spec"]["ports"][0]["port"])
+
+
+def _post(address: tuple[str, int], path: str, body: Any) -> Any:
+    request = urllib.request.Request(f"http://{address[0]}:{address[1]}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _get_json(address: tuple[str, int], path: str) -> Any:
+    with urllib.request.urlopen(f"http://{address[0]}:{address[1]}{path}", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _publish(azurite: Azurite, model: Path, blob: str) -> str:
+    published = publish_model(model, (MODELS_CONTAINER, blob), connection_string=azurite.connection_string,
+                              overwrite=True, progress=False)
+    return published.etag
+
+
+def _expected(model: Path) -> list[Any]:
+    """What the model itself answers for SAMPLE_ROWS (onnxruntime, the app's runtime)."""
+    import numpy as np
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    labels = session.run(None, {session.get_inputs()[0].name: np.asarray(SAMPLE_ROWS, dtype=np.float32)})[0]
+    return [int(label) for label in labels]
+
+
+def _labels(predictions: Any) -> list[Any]:
+    return [int(p["label"]) if isinstance(p, dict) else int(p) for p in predictions]
+
+
+def test_pods_serve_the_pinned_pair_through_the_service(
+    kube: KubeCluster, azurite: Azurite, app_image: Image, incluster_operator: InClusterOperator,
+    model_files: dict[str, Path],
+) -> None:
+    name = f"serve-{uuid.uuid4().hex[:5]}"
+    blob = f"{name}/model.onnx"
+    etag = _publish(azurite, model_files["v1"], blob)
+    kube.kubectl("apply", "-f", "-", input=json.dumps(_modelapp(name, app_image, azurite, blob)))
+    body = _ready_with(kube, name, incluster_operator)
+    assert body["status"]["image"]["digest"] == app_image.digest
+
+    pods = json.loads(kube.kubectl("get", "pods", "-n", TENANT_NAMESPACE, "-l",
+                                   f"app.kubernetes.io/instance={name}", "-o", "json").stdout)["items"]
+    assert len(pods) == 2
+    for pod in pods:
+        assert pod["spec"]["nodeName"] == "real-node-0", "a kwok node would run no container"
+        status = pod["status"]["containerStatuses"][0]
+        assert status["ready"] and status["imageID"].endswith(app_image.digest), status
+
+    address = _service_address(kube, name)
+    answer = _post(address, "/predict", {"instances": SAMPLE_ROWS})
+    assert _labels(answer["predictions"]) == _expected(model_files["v1"]) == [0, 2, 1]
+    version = _get_json(address, "/version")
+    assert version["ready"] is True
+    assert version["model"]["etag"] == etag
+    assert version["model"]["sha256"] == hashlib.sha256(model_files["v1"].read_bytes()).hexdigest()
+    assert app_image.digest in json.dumps(version), version
+
+
+def test_a_model_that_fails_verification_is_rolled_back_and_no_request_fails(
+    kube: KubeCluster, azurite: Azurite, app_image: Image, incluster_operator: InClusterOperator,
+    model_files: dict[str, Path],
+) -> None:
+    name = f"bad-{uuid.uuid4().hex[:5]}"
+    blob = f"{name}/model.onnx"
+    _publish(azurite, model_files["v1"], blob)
+    kube.kubectl("apply", "-f", "-", input=json.dumps(_modelapp(name, app_image, azurite, blob)))
+    first = _ready_with(kube, name, incluster_operator)
+    address = _service_address(kube, name)
+    load = ServiceLoad(*address).start()
+    try:
+        time.sleep(3)
+        # Other bytes under metadata that vouches for v1's sha256: the pods must refuse them.
+        client = BlobServiceClient.from_connection_string(azurite.connection_string).get_blob_client(
+            MODELS_CONTAINER, blob)
+        metadata = client.get_blob_properties().metadata
+        client.upload_blob(model_files["v2"].read_bytes(), overwrite=True, metadata=metadata)
+
+        def rolled_back() -> dict[str, Any] | None:
+            body = _get(kube, "modelapp", name)
+            history = (body.get("status") or {}).get("history") or []
+            return body if any("rolledBack" in json.dumps(entry) or "RolledBack" in json.dumps(entry)
+                               for entry in history) else None
+
+        _wait("the automatic rollback", rolled_back, incluster_operator, timeout=PROGRESS_DEADLINE_SECONDS + 120)
+        _ready_with(kube, name, incluster_operator, version=first["status"]["model"]["version"], timeout=120)
+        time.sleep(3)
+    finally:
+        load.stop()
+    summary = load.summary()
+    print(f"bad model under load: {summary}")
+    assert summary["failed"] == 0, summary
+    assert summary["rate"] >= MIN_RATE, summary
+    assert set(summary["answers"]) == {json.dumps(_expected(model_files["v1"]))}, summary
+
+
+def test_a_good_model_change_switches_answers_once_and_no_request_fails(
+    kube: KubeCluster, azurite: Azurite, app_image: Image, incluster_operator: InClusterOperator,
+    model_files: dict[str, Path],
+) -> None:
+    name = f"good-{uuid.uuid4().hex[:5]}"
+    blob = f"{name}/model.onnx"
+    _publish(azurite, model_files["v1"], blob)
+    kube.kubectl("apply", "-f", "-", input=json.dumps(_modelapp(name, app_image, azurite, blob)))
+    _ready_with(kube, name, incluster_operator)
+    address = _service_address(kube, name)
+    load = ServiceLoad(*address).start()
+    try:
+        time.sleep(3)
+        v2 = _publish(azurite, model_files["v2"], blob)
+        _ready_with(kube, name, incluster_operator, version=v2, timeout=180)
+        time.sleep(5)
+    finally:
+        load.stop()
+    summary = load.summary()
+    print(f"good model change under load: {summary}")
+    assert summary["failed"] == 0, summary
+    assert summary["rate"] >= MIN_RATE, summary
+    v1_answer, v2_answer = _expected(model_files["v1"]), _expected(model_files["v2"])
+    assert v1_answer != v2_answer
+    sequence = [_labels(a.predictions) for a in load.answers if a.status == 200]
+    switched = sequence.index(v2_answer)
+    assert all(answer == v1_answer for answer in sequence[:switched])
+    assert all(answer == v2_answer for answer in sequence[switched:]), "an answer went back to v1"
+
+
+def test_the_operator_runs_with_only_its_service_account(
+    kube: KubeCluster, incluster_operator: InClusterOperator,
+) -> None:
+    pods = incluster_operator.pods()
+    assert pods and all(pod["status"]["phase"] == "Running" for pod in pods)
+    assert {pod["spec"]["serviceAccountName"] for pod in pods} == {"modelapp-operator"}
+    account = f"system:serviceaccount:{OPERATOR_NAMESPACE}:modelapp-operator"
+
+    def can(*args: str) -> bool:
+        return kube.kubectl("auth", "can-i", f"--as={account}", *args, check=False).stdout.strip() == "yes"
+
+    assert can("patch", "modelapps.modelapp.io", "-n", TENANT_NAMESPACE)
+    assert not can("list", "secrets", "-n", TENANT_NAMESPACE)
+    assert not can("get", "secrets", "-n", "kube-system")
+    assert not can("create", "pods", "-n", TENANT_NAMESPACE)
