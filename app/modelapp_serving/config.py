@@ -6,10 +6,12 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
-from modelapp_serving.blob_location import BlobLocation, parse_blob_url
+from modelapp_serving.model_blob import BlobAddress, ModelFormat, parse_blob_url
+from modelapp_serving.settings import ConfigError, env_bool, env_int, env_required
+
+__all__ = ["ConfigError", "ModelFormat", "ModelSpec", "ServingConfig"]
 
 DEFAULT_CACHE_DIR = Path("/var/cache/modelapp")
 DEFAULT_PORT = 8080
@@ -18,35 +20,6 @@ DEFAULT_DOWNLOAD_CONCURRENCY = 8
 DEFAULT_DOWNLOAD_CHUNK_BYTES = 8 << 20
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
-
-
-class ConfigError(ValueError):
-    """A setting is missing or malformed; the message names the env var."""
-
-
-class ModelFormat(StrEnum):
-    ONNX = "onnx"
-    SKOPS = "skops"
-    PICKLE = "pickle"
-
-    @classmethod
-    def from_suffix(cls, path: str) -> ModelFormat:
-        """Infer the format from a file name: .onnx, .skops, .pkl/.pickle/.joblib."""
-        suffix = Path(path).suffix.lower()
-        by_suffix = {
-            ".onnx": cls.ONNX,
-            ".skops": cls.SKOPS,
-            ".pkl": cls.PICKLE,
-            ".pickle": cls.PICKLE,
-            ".joblib": cls.PICKLE,
-        }
-        if suffix not in by_suffix:
-            raise ConfigError(
-                f"cannot infer the model format from {Path(path).name!r}: use .onnx, .skops, .pkl or .joblib"
-            )
-        return by_suffix[suffix]
 
 
 @dataclass(frozen=True)
@@ -59,7 +32,7 @@ class ModelSpec:
     format: ModelFormat
 
     @property
-    def location(self) -> BlobLocation:
+    def location(self) -> BlobAddress:
         return parse_blob_url(self.url)
 
 
@@ -81,22 +54,22 @@ class ServingConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServingConfig:
         """Read and check every setting; raise ConfigError naming the first bad env var."""
         env = os.environ if env is None else env
-        etag = _required(env, "MODELAPP_MODEL_ETAG")
-        sha256 = _required(env, "MODELAPP_MODEL_SHA256").lower()
+        etag = env_required(env, "MODELAPP_MODEL_ETAG")
+        sha256 = env_required(env, "MODELAPP_MODEL_SHA256").lower()
         if not _SHA256_HEX.fullmatch(sha256):
             raise ConfigError("MODELAPP_MODEL_SHA256 must be 64 hex characters (the sha256 of the model file)")
-        url = _required(env, "MODELAPP_MODEL_URL")
+        url = env_required(env, "MODELAPP_MODEL_URL")
         try:
             parse_blob_url(url)
         except ValueError as error:
             raise ConfigError(f"MODELAPP_MODEL_URL: {error}") from None
-        format_name = _required(env, "MODELAPP_MODEL_FORMAT").lower()
+        format_name = env_required(env, "MODELAPP_MODEL_FORMAT").lower()
         try:
             model_format = ModelFormat(format_name)
         except ValueError:
             allowed = ", ".join(f.value for f in ModelFormat)
             raise ConfigError(f"MODELAPP_MODEL_FORMAT must be one of {allowed}, not {format_name!r}") from None
-        allow_pickle = _bool(env, "MODELAPP_ALLOW_PICKLE", default=False)
+        allow_pickle = env_bool(env, "MODELAPP_ALLOW_PICKLE", default=False)
         if model_format is ModelFormat.PICKLE and not allow_pickle:
             raise ConfigError(
                 "MODELAPP_MODEL_FORMAT=pickle needs MODELAPP_ALLOW_PICKLE=true (loading a pickle runs code)"
@@ -108,51 +81,18 @@ class ServingConfig:
             model=ModelSpec(url=url, etag=etag, sha256=sha256, format=model_format),
             connection_string=env.get("MODELAPP_MODEL_CONNECTION_STRING") or None,
             cache_dir=cache_dir,
-            port=_int(env, "MODELAPP_PORT", DEFAULT_PORT, low=1, high=65535),
+            port=env_int(env, "MODELAPP_PORT", DEFAULT_PORT, low=1, high=65535),
             allow_pickle=allow_pickle,
-            max_request_bytes=_int(env, "MODELAPP_MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES, low=1),
-            download_concurrency=_int(
+            max_request_bytes=env_int(env, "MODELAPP_MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES, low=1),
+            download_concurrency=env_int(
                 env, "MODELAPP_DOWNLOAD_CONCURRENCY", DEFAULT_DOWNLOAD_CONCURRENCY, low=1, high=64
             ),
-            download_chunk_bytes=_int(
+            download_chunk_bytes=env_int(
                 env,
                 "MODELAPP_DOWNLOAD_CHUNK_BYTES",
                 DEFAULT_DOWNLOAD_CHUNK_BYTES,
                 low=64 << 10,
                 high=256 << 20,
             ),
-            onnx_threads=_int(env, "MODELAPP_ONNX_THREADS", 1, low=0, high=256),
+            onnx_threads=env_int(env, "MODELAPP_ONNX_THREADS", 1, low=0, high=256),
         )
-
-
-def _required(env: Mapping[str, str], name: str) -> str:
-    value = env.get(name, "").strip()
-    if not value:
-        raise ConfigError(f"{name} is required and not set")
-    return value
-
-
-def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int | None = None) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
-    if value < low or (high is not None and value > high):
-        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise ConfigError(f"{name} must be {bounds}, not {value}")
-    return value
-
-
-def _bool(env: Mapping[str, str], name: str, *, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None:
-        return default
-    lowered = raw.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ConfigError(f"{name} must be true or false, not {raw!r}")

@@ -35,8 +35,8 @@ from azure.core.exceptions import (
 from azure.identity import DefaultAzureCredential
 from azure.storage.blob import BlobClient, BlobServiceClient
 
-from modelapp_serving.blob_location import redact_url
-from modelapp_serving.config import ModelFormat, ModelSpec
+from modelapp_serving.config import ModelSpec
+from modelapp_serving.model_blob import ModelFormat, redact_url
 
 log = logging.getLogger(__name__)
 

@@ -17,33 +17,24 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from modelapp_serving.config import ConfigError, ServingConfig
+from modelapp_serving.config import ServingConfig
 from modelapp_serving.download import RUN_ID_ENV
 from modelapp_serving.metrics import MULTIPROC_ENV
+from modelapp_serving.settings import ConfigError, env_bool, env_int
 
 
 def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
     try:
-        value = int(raw)
-    except ValueError:
-        sys.exit(f"{name} must be an integer, not {raw!r}")
-    if value < 1:
-        sys.exit(f"{name} must be at least 1, not {value}")
-    return value
+        return env_int(os.environ, name, default, low=1)
+    except ConfigError as error:
+        sys.exit(str(error))
 
 
 def _env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    sys.exit(f"{name} must be true or false, not {raw!r}")
+    try:
+        return env_bool(os.environ, name, default=default)
+    except ConfigError as error:
+        sys.exit(str(error))
 
 
 def _cores() -> int:

@@ -27,9 +27,15 @@ from azure.identity import DefaultAzureCredential
 from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient, ContentSettings
 from tqdm import tqdm
 
-from modelapp_serving.blob_location import parse_blob_url, redact_url
-from modelapp_serving.config import ConfigError, ModelFormat
+from modelapp_serving.config import ConfigError
 from modelapp_serving.download import file_sha256
+from modelapp_serving.model_blob import (
+    METADATA_SHA256,
+    ModelFormat,
+    parse_blob_url,
+    published_metadata,
+    redact_url,
+)
 
 CONTENT_TYPES = {
     ModelFormat.ONNX: "application/octet-stream",
@@ -55,7 +61,6 @@ class PublishedModel:
     format: str
     uploaded: bool
     """False when the same content was already there (nothing was written)."""
-
 
 
 def publish_model(
@@ -90,7 +95,7 @@ def publish_model(
         _ensure_container(container)
         existing = _existing_properties(blob)
         if existing is not None:
-            existing_sha = (existing.metadata or {}).get("sha256", "")
+            existing_sha = (existing.metadata or {}).get(METADATA_SHA256, "")
             if existing_sha == sha256:
                 return PublishedModel(existing.etag, sha256, existing.size, shown_url, model_format.value, False)
             if not overwrite:
@@ -122,7 +127,7 @@ def publish_model(
                 data,
                 length=size,
                 overwrite=True,
-                metadata={"sha256": sha256, "format": model_format.value},
+                metadata=published_metadata(sha256, model_format),
                 content_settings=ContentSettings(content_type=CONTENT_TYPES[model_format]),
                 max_concurrency=UPLOAD_CONCURRENCY,
                 progress_hook=report,

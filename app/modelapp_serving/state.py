@@ -10,10 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from modelapp_serving.blob_location import redact_url
 from modelapp_serving.config import ServingConfig
 from modelapp_serving.download import RUN_ID_ENV, DownloadSettings, ModelFetchError, fetch_verified_model
 from modelapp_serving.model import LoadedModel, ModelLoadError, load_model_file
+from modelapp_serving.model_blob import redact_url
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from azure.storage.blob import BlobServiceClient
 from flask import Flask
 from modelapp_localstack import Azurite
 from modelapp_localstack.procs import free_port
-from modelapp_serving.blob_location import parse_blob_url
 from modelapp_serving.config import ModelFormat, ModelSpec, ServingConfig
 from modelapp_serving.download import cached_model_path
+from modelapp_serving.model_blob import parse_blob_url
 from modelapp_serving.publish import PublishedModel, PublishError, publish_model
 from modelapp_serving.sample_model import write_sample_models
 from modelapp_serving.web import create_app, get_serving

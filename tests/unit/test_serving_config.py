@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from modelapp_serving.blob_location import parse_blob_url, redact_url
 from modelapp_serving.config import ConfigError, ModelFormat, ServingConfig
+from modelapp_serving.model_blob import parse_blob_url, redact_url
 
 pytestmark = pytest.mark.unit
 
