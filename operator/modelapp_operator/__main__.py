@@ -1,6 +1,6 @@
 """Run the ModelApp operator: `python -m modelapp_operator` (or `modelapp-operator`).
 
-Configuration comes from MODELAPP_* environment variables (see config.py and
+Configuration comes from MODELAPP_* environment variables (read in config.py; see
 docs/modelapp-spec.md); the command line only chooses namespaces, the liveness
 endpoint and verbosity.
 """
@@ -16,10 +16,11 @@ from collections.abc import Sequence
 import kopf
 import modelapp_operator.handlers  # noqa: F401 - importing registers the kopf handlers
 from modelapp_operator.config import ConfigError, OperatorConfig
+from modelapp_operator.names import API_VERSION
 from modelapp_operator.redact import RedactingFilter
 
-DESCRIPTION = """\
-Kubernetes operator for ModelApp resources (modelapp.io/v1alpha1): resolves each
+DESCRIPTION = f"""\
+Kubernetes operator for ModelApp resources ({API_VERSION}): resolves each
 ModelApp's image tag to a digest and its model blob to an ETag and sha256, and
 runs them as a Deployment and a Service.
 

@@ -1,27 +1,214 @@
-"""Operator configuration from MODELAPP_* environment variables, checked once at start-up."""
+"""The operator's configuration: every MODELAPP_* variable it reads, read and checked here once at start-up.
+
+`OperatorConfig.from_env` reads them all (the watch hub's and the webhook receiver's too) with one set of
+helpers; an invalid value raises ConfigError naming the variable, and `modelapp-operator` exits 2.
+"""
 
 from __future__ import annotations
 
+import hmac
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from modelapp_operator.receiver import ReceiverConfig
-    from modelapp_operator.watch import WatchConfig
+from typing import Literal, TypeVar
 
 LogFormat = Literal["text", "json"]
+
+DEFAULT_COALESCE_SECONDS = 0.2
+DEFAULT_CONCURRENCY = 16
+DEFAULT_ERROR_TTL_SECONDS = 5.0
+DEFAULT_RECEIVER_PORT = 8082  # 8081 is kopf's liveness endpoint
 
 # A namespace name, or a kopf glob over names ("team-*", "!kube-*").
 _NAMESPACE = re.compile(r"^!?[a-z0-9*?][-a-z0-9*?]{0,62}$")
 _HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^\[[0-9a-fA-F:]+\](:[0-9]{1,5})?$")
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+N = TypeVar("N", int, float)
 
 
 class ConfigError(ValueError):
     """A configuration variable is invalid; the message names the variable."""
+
+
+# --- the helpers ---------------------------------------------------------------------------------
+
+
+def _text(env: Mapping[str, str], name: str) -> str:
+    return env.get(name, "").strip()
+
+
+def _number(
+    env: Mapping[str, str],
+    name: str,
+    default: N,
+    *,
+    minimum: N,
+    maximum: N,
+    parse: Callable[[str], N],
+    what: str,
+) -> N:
+    """A number in [minimum, maximum]; unset or blank: default."""
+    raw = _text(env, name)
+    if not raw:
+        return default
+    try:
+        value = parse(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not {what}") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name}: {raw} is out of range [{minimum:g}, {maximum:g}]")
+    return value
+
+
+def _list(env: Mapping[str, str], name: str) -> list[str]:
+    """A comma-separated list, blanks dropped."""
+    return [item.strip() for item in _text(env, name).split(",") if item.strip()]
+
+
+def _file(env: Mapping[str, str], name: str) -> Path | None:
+    raw = _text(env, name)
+    if not raw:
+        return None
+    path = Path(raw)
+    if not path.is_file():
+        raise ConfigError(f"{name}: {str(path)!r} is not a readable file")
+    return path
+
+
+def _switch(env: Mapping[str, str], name: str) -> bool | None:
+    """true/false (also 1/0, yes/no); unset or blank: None."""
+    raw = _text(env, name).lower()
+    if raw and raw not in _TRUE + _FALSE:
+        raise ConfigError(f"{name}: {raw!r} is not true or false")
+    return None if not raw else raw in _TRUE
+
+
+def _integer(text: str) -> float:
+    return float(int(text))
+
+
+# --- the watch hub ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    coalesce_seconds: float = DEFAULT_COALESCE_SECONDS
+    concurrency: int = DEFAULT_CONCURRENCY
+    error_ttl_seconds: float = DEFAULT_ERROR_TTL_SECONDS
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> WatchConfig:
+        return cls(
+            coalesce_seconds=_number(
+                environ,
+                "MODELAPP_CHANGE_COALESCE_SECONDS",
+                DEFAULT_COALESCE_SECONDS,
+                minimum=0.0,
+                maximum=60.0,
+                parse=float,
+                what="a number",
+            ),
+            concurrency=int(
+                _number(
+                    environ,
+                    "MODELAPP_WATCH_CONCURRENCY",
+                    float(DEFAULT_CONCURRENCY),
+                    minimum=1.0,
+                    maximum=256.0,
+                    parse=_integer,
+                    what="an integer",
+                )
+            ),
+            error_ttl_seconds=_number(
+                environ,
+                "MODELAPP_WATCH_ERROR_TTL_SECONDS",
+                DEFAULT_ERROR_TTL_SECONDS,
+                minimum=0.0,
+                maximum=3600.0,
+                parse=float,
+                what="a number",
+            ),
+        )
+
+
+# --- the webhook receiver --------------------------------------------------------------------------
+
+
+class TokenSource:
+    """The receiver's shared secret, from a value or a file (re-read when the mounted Secret changes)."""
+
+    def __init__(self, value: str | None = None, file: Path | None = None) -> None:
+        if (value is None) == (file is None):
+            raise ValueError("give exactly one of value or file")
+        self._value = value.strip() if value is not None else ""
+        self._file = file
+        self._mtime: float | None = None
+        if file is not None:
+            self._reload()
+        if not self._value:
+            raise ConfigError("the receiver token is empty")
+
+    def _reload(self) -> None:
+        assert self._file is not None
+        try:
+            mtime = self._file.stat().st_mtime
+            if mtime != self._mtime:
+                value = self._file.read_text().strip()
+                if value:
+                    self._value, self._mtime = value, mtime
+        except OSError as error:
+            if not self._value:
+                raise ConfigError(f"MODELAPP_RECEIVER_TOKEN_FILE: cannot read {self._file}: {error.strerror}") from None
+
+    def matches(self, candidate: str) -> bool:
+        if self._file is not None:
+            self._reload()
+        return hmac.compare_digest(candidate.encode(), self._value.encode())
+
+    def __repr__(self) -> str:
+        return "TokenSource(<redacted>)"
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    enabled: bool = False
+    bind: str = "0.0.0.0"  # noqa: S104 - in the cluster the Service sends webhooks to the pod IP
+    port: int = DEFAULT_RECEIVER_PORT
+    token: TokenSource | None = None
+    default_registry: str | None = None  # host for events that do not name one
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ReceiverConfig:
+        env = os.environ if environ is None else environ
+        token: TokenSource | None = None
+        if _text(env, "MODELAPP_RECEIVER_TOKEN") and _text(env, "MODELAPP_RECEIVER_TOKEN_FILE"):
+            raise ConfigError("set only one of MODELAPP_RECEIVER_TOKEN and MODELAPP_RECEIVER_TOKEN_FILE")
+        if _text(env, "MODELAPP_RECEIVER_TOKEN"):
+            token = TokenSource(value=_text(env, "MODELAPP_RECEIVER_TOKEN"))
+        else:
+            token_file = _file(env, "MODELAPP_RECEIVER_TOKEN_FILE")
+            token = TokenSource(file=token_file) if token_file is not None else None
+
+        switch = _switch(env, "MODELAPP_RECEIVER_ENABLED")
+        enabled = token is not None if switch is None else switch
+        if enabled and token is None:
+            raise ConfigError(
+                "MODELAPP_RECEIVER_ENABLED is true but no token is set: set MODELAPP_RECEIVER_TOKEN or "
+                "MODELAPP_RECEIVER_TOKEN_FILE (webhooks must send it as a Bearer token or ?token=)"
+            )
+        port = _number(
+            env, "MODELAPP_RECEIVER_PORT", DEFAULT_RECEIVER_PORT, minimum=1, maximum=65535, parse=int, what="a port"
+        )
+        bind = _text(env, "MODELAPP_RECEIVER_BIND") or "0.0.0.0"  # noqa: S104
+        default_registry = _text(env, "MODELAPP_RECEIVER_DEFAULT_REGISTRY").lower() or None
+        return cls(enabled=enabled, bind=bind, port=port, token=token, default_registry=default_registry)
+
+
+# --- the operator ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -46,10 +233,7 @@ class OperatorConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
         env = os.environ if environ is None else environ
 
-        def get(name: str) -> str:
-            return env.get(name, "").strip()
-
-        namespaces = tuple(n.strip() for n in get("MODELAPP_NAMESPACES").split(",") if n.strip())
+        namespaces = tuple(_list(env, "MODELAPP_NAMESPACES"))
         for namespace in namespaces:
             if not _NAMESPACE.match(namespace):
                 raise ConfigError(
@@ -57,20 +241,21 @@ class OperatorConfig:
                     "(expected a comma-separated list such as team-a,ml-*; empty for all namespaces)"
                 )
 
-        poll = _positive_float(env, "MODELAPP_POLL_INTERVAL_SECONDS", 30.0, minimum=1.0, maximum=86400.0)
-        timeout = _positive_float(env, "MODELAPP_REGISTRY_TIMEOUT_SECONDS", 10.0, minimum=0.1, maximum=600.0)
+        seconds = "a number of seconds"
+        poll = _number(
+            env, "MODELAPP_POLL_INTERVAL_SECONDS", 30.0, minimum=1.0, maximum=86400.0, parse=float, what=seconds
+        )
+        timeout = _number(
+            env, "MODELAPP_REGISTRY_TIMEOUT_SECONDS", 10.0, minimum=0.1, maximum=600.0, parse=float, what=seconds
+        )
 
-        log_format = get("MODELAPP_LOG_FORMAT").lower() or "text"
+        log_format = _text(env, "MODELAPP_LOG_FORMAT").lower() or "text"
         if log_format not in ("text", "json"):
             raise ConfigError(f"MODELAPP_LOG_FORMAT: {log_format!r} is not one of: text, json")
 
-        ca_file: Path | None = None
-        if get("MODELAPP_REGISTRY_CA_FILE"):
-            ca_file = Path(get("MODELAPP_REGISTRY_CA_FILE"))
-            if not ca_file.is_file():
-                raise ConfigError(f"MODELAPP_REGISTRY_CA_FILE: {str(ca_file)!r} is not a readable file")
+        ca_file = _file(env, "MODELAPP_REGISTRY_CA_FILE")
 
-        insecure = frozenset(h.strip() for h in get("MODELAPP_REGISTRY_INSECURE_HOSTS").split(",") if h.strip())
+        insecure = frozenset(_list(env, "MODELAPP_REGISTRY_INSECURE_HOSTS"))
         for host in insecure:
             if not _HOST.match(host):
                 raise ConfigError(
@@ -78,24 +263,17 @@ class OperatorConfig:
                     "(expected a comma-separated list of registry hosts reached over plain HTTP)"
                 )
 
-        liveness_port = _int(env, "MODELAPP_LIVENESS_PORT", 8081, minimum=1, maximum=65535)
-
-        azure_hosts = frozenset(
-            h.strip().lower() for h in get("MODELAPP_REGISTRY_AZURE_IDENTITY_HOSTS").split(",") if h.strip()
+        liveness_port = _number(
+            env, "MODELAPP_LIVENESS_PORT", 8081, minimum=1, maximum=65535, parse=int, what="an integer"
         )
+
+        azure_hosts = frozenset(h.lower() for h in _list(env, "MODELAPP_REGISTRY_AZURE_IDENTITY_HOSTS"))
         for host in azure_hosts:
             if not _HOST.match(host.replace("*", "x")):
                 raise ConfigError(
                     f"MODELAPP_REGISTRY_AZURE_IDENTITY_HOSTS: {host!r} is not a host or host glob "
                     "(expected a comma-separated list such as *.azurecr.io)"
                 )
-
-        # Imported here: both modules import ConfigError from this one.
-        from modelapp_operator.receiver import ReceiverConfig  # noqa: PLC0415
-        from modelapp_operator.watch import WatchConfig  # noqa: PLC0415
-
-        watch = WatchConfig.from_env(env)
-        receiver = ReceiverConfig.from_env(env)
 
         return cls(
             namespaces=namespaces,
@@ -106,32 +284,6 @@ class OperatorConfig:
             registry_timeout_seconds=timeout,
             liveness_port=liveness_port,
             registry_azure_identity_hosts=azure_hosts,
-            watch=watch,
-            receiver=receiver,
+            watch=WatchConfig.from_env(env),
+            receiver=ReceiverConfig.from_env(env),
         )
-
-
-def _positive_float(env: Mapping[str, str], name: str, default: float, *, minimum: float, maximum: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: {raw!r} is not a number of seconds") from None
-    if not minimum <= value <= maximum:
-        raise ConfigError(f"{name}: {raw} is out of range [{minimum:g}, {maximum:g}]")
-    return value
-
-
-def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: {raw!r} is not an integer") from None
-    if not minimum <= value <= maximum:
-        raise ConfigError(f"{name}: {raw} is out of range [{minimum}, {maximum}]")
-    return value

@@ -18,11 +18,18 @@ import aiohttp
 import pytest
 from azure.storage.blob import BlobServiceClient
 from modelapp_localstack import Azurite, Registry
-from modelapp_operator.blobs import AzureBlobResolver, BlobCredential, BlobProperties, ConnectionStringCredential
-from modelapp_operator.model import BlobLocation
-from modelapp_operator.receiver import Receiver
-from modelapp_operator.registry import RegistryClient, RegistryCredentials
-from modelapp_operator.watch import AppKey, WatchHub, track_resolutions
+from modelapp_operator.api.modelapp_types import BlobLocation
+from modelapp_operator.clients.blob_storage import (
+    AzureBlobResolver,
+    BlobCredential,
+    BlobProperties,
+    ConnectionStringCredential,
+)
+from modelapp_operator.clients.registry import RegistryClient, RegistryCredentials
+from modelapp_operator.receiver.server import Receiver
+from modelapp_operator.watch.hub import WatchHub
+from modelapp_operator.watch.keys import AppKey
+from modelapp_operator.watch.resolvers import track_resolutions
 
 pytestmark = pytest.mark.integration
 

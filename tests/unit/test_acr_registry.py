@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from modelapp_operator.acr import AcrTokenProvider
-from modelapp_operator.registry import ImageResolutionError, RegistryClient, RegistryCredentials
+from modelapp_operator.clients.acr import AcrTokenProvider
+from modelapp_operator.clients.registry import ImageResolutionError, RegistryClient, RegistryCredentials
 
 pytestmark = pytest.mark.unit
 

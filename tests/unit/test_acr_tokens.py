@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from modelapp_operator.acr import ACR_SCOPE, AcrTokenError, AcrTokenProvider, jwt_expiry
+from modelapp_operator.clients.acr import ACR_SCOPE, AcrTokenError, AcrTokenProvider, jwt_expiry
 
 pytestmark = pytest.mark.unit
 

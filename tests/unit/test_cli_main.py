@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import yaml
 from modelapp_localstack.procs import free_port
-from modelapp_operator import cli
-from modelapp_operator.cli_kube import KubeApiError, KubeConfigError, load_connection
-from modelapp_operator.cli_status import Verdict
+from modelapp_operator.cli import commands as cli
+from modelapp_operator.cli.kube import KubeApiError, KubeConfigError, load_connection
+from modelapp_operator.cli.main import main as cli_main
+from modelapp_operator.cli.status import Verdict
 
 pytestmark = pytest.mark.unit
 
@@ -24,7 +25,7 @@ DIGEST = "sha256:" + "c" * 64
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     try:
-        code = cli.main(list(argv))
+        code = cli_main(list(argv))
     except SystemExit as exit_:  # argparse exits for --help and usage errors
         code = int(exit_.code or 0)
     out, err = capsys.readouterr()

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from modelapp_operator.cli_status import (
+from modelapp_operator.cli.status import (
     RollbackError,
     Wanted,
     build_rollback_patch,

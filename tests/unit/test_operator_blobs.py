@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from modelapp_operator.blobs import BlobProperties, ModelResolutionError, check_model
-from modelapp_operator.model import ModelSpec
+from modelapp_operator.api.modelapp_types import ModelSpec
+from modelapp_operator.clients.blob_storage import BlobProperties, ModelResolutionError, check_model
 
 pytestmark = pytest.mark.unit
 

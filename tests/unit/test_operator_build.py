@@ -7,29 +7,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from modelapp_operator.build import (
-    ANNOTATION_APPLIED_HASH,
-    ANNOTATION_MODEL_VERSION,
-    Condition,
-    Observation,
-    Release,
-    ResolvedImage,
-    ResolvedModel,
+from modelapp_operator.api.modelapp_types import ModelApp, parse_modelapp
+from modelapp_operator.names import ANNOTATION_APPLIED_HASH, ANNOTATION_MODEL_VERSION
+from modelapp_operator.plan.children import (
     applied_hash,
     build_deployment,
     build_service,
-    build_status,
-    choose_release,
     is_owned_by,
     needs_apply,
-    normalize_etag,
-    pinned_image,
-    release_from_status,
-    rollout_state,
     template_release_changed,
-    transition_events,
 )
-from modelapp_operator.model import ModelApp, parse_modelapp
+from modelapp_operator.plan.history import choose_release
+from modelapp_operator.plan.release import Release, ResolvedImage, ResolvedModel, pinned_image, release_from_status
+from modelapp_operator.plan.status import Condition, Observation, build_status, rollout_state, transition_events
+from modelapp_serving.model_blob import normalize_etag
 
 pytestmark = pytest.mark.unit
 

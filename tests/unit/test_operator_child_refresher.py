@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from modelapp_operator import handlers
+from modelapp_operator.reconcile import child_refresher as handlers
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
-from modelapp_operator.model import API_VERSION, GROUP, KIND, PLURAL, VERSION, parse_modelapp
+from modelapp_operator.api.modelapp_types import parse_modelapp
+from modelapp_operator.names import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
 pytestmark = pytest.mark.unit
 

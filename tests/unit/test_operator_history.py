@@ -9,28 +9,27 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from modelapp_operator.build import (
+from modelapp_operator.api.modelapp_types import ModelApp, parse_modelapp
+from modelapp_operator.plan.children import build_deployment
+from modelapp_operator.plan.history import (
     FAILED_PAIRS_LIMIT,
     HISTORY_LIMIT,
-    Condition,
-    Observation,
-    Release,
-    ResolvedImage,
-    ResolvedModel,
-    build_deployment,
-    build_status,
     choose_release,
     deployed_pair,
-    derive_conditions,
     judge_history,
     plan_rollout,
     record_release,
-    release_pair,
     rolled_back_condition,
+)
+from modelapp_operator.plan.release import Release, ResolvedImage, ResolvedModel, release_pair
+from modelapp_operator.plan.status import (
+    Condition,
+    Observation,
+    build_status,
+    derive_conditions,
     rollout_state,
     transition_events,
 )
-from modelapp_operator.model import ModelApp, parse_modelapp
 
 pytestmark = pytest.mark.unit
 

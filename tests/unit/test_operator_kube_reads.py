@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from modelapp_operator.kube import AiohttpKubeClient
-from modelapp_operator.reconcile import Dependencies
+from modelapp_operator.clients.kube import AiohttpKubeClient
+from modelapp_operator.reconcile.reconciler import Dependencies
 
 pytestmark = pytest.mark.unit
 

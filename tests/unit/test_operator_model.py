@@ -6,7 +6,7 @@ import copy
 from typing import Any
 
 import pytest
-from modelapp_operator.model import ModelApp, SpecError, parse_modelapp
+from modelapp_operator.api.modelapp_types import ModelApp, SpecError, parse_modelapp
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ import json
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from modelapp_operator.registry import (
+from modelapp_operator.clients.registry import (
     Challenge,
     ImageResolutionError,
     RegistryClient,

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
+from modelapp_operator.api.modelapp_types import parse_modelapp
 from modelapp_operator.config import OperatorConfig
-from modelapp_operator.model import parse_modelapp
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,7 @@ import copy
 from typing import Any
 
 import pytest
-from modelapp_operator.receiver import (
+from modelapp_operator.receiver.payloads import (
     BlobChanged,
     EventGridBatch,
     ImagePushed,

@@ -13,14 +13,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from modelapp_operator.config import ConfigError
-from modelapp_operator.receiver import (
-    DEFAULT_PORT,
-    REGISTRY_EVENTS_MEDIA_TYPE,
-    Receiver,
-    ReceiverConfig,
-    TokenSource,
-)
+from modelapp_operator.config import DEFAULT_RECEIVER_PORT as DEFAULT_PORT
+from modelapp_operator.config import ConfigError, ReceiverConfig, TokenSource
+from modelapp_operator.receiver.payloads import REGISTRY_EVENTS_MEDIA_TYPE
+from modelapp_operator.receiver.server import Receiver
 
 pytestmark = pytest.mark.unit
 

@@ -8,28 +8,22 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
-from modelapp_operator import watch
-from modelapp_operator.blobs import (
+from modelapp_operator.api.modelapp_types import BlobLocation
+from modelapp_operator.clients.blob_storage import (
     BlobCredential,
     BlobProperties,
     ConnectionStringCredential,
     ModelResolutionError,
     OperatorIdentityCredential,
 )
-from modelapp_operator.config import ConfigError
-from modelapp_operator.model import BlobLocation
-from modelapp_operator.registry import ImageResolutionError, RegistryCredentials
-from modelapp_operator.watch import (
-    AppKey,
-    BlobAddress,
-    ImageKey,
-    WatchConfig,
-    WatchHub,
-    image_key,
-    model_key,
-    parse_blob_url,
-    track_resolutions,
-)
+from modelapp_operator.clients.registry import ImageResolutionError, RegistryCredentials
+from modelapp_operator.config import ConfigError, WatchConfig
+from modelapp_operator.watch import hub as watch
+from modelapp_operator.watch.hub import WatchHub
+from modelapp_operator.watch.keys import AppKey, ImageKey, image_key, model_key
+from modelapp_operator.watch.resolvers import track_resolutions
+from modelapp_serving.model_blob import BlobAddress
+from modelapp_serving.model_blob import try_parse_blob_url as parse_blob_url
 
 pytestmark = pytest.mark.unit
 

@@ -172,8 +172,8 @@ class Demo:
             self.say(f"pid {self.operator.pid}, log {self.operator.log_file}")
 
     def wait_ready(self, stack: Stack, model_version: str | None, what: str) -> dict[str, Any]:
-        from modelapp_operator.cli import EXIT_OK, Progress, wait_for  # noqa: PLC0415
-        from modelapp_operator.cli_kube import KubeClient, load_connection  # noqa: PLC0415
+        from modelapp_operator.cli.commands import EXIT_OK, Progress, wait_for  # noqa: PLC0415
+        from modelapp_operator.cli.kube import KubeClient, load_connection  # noqa: PLC0415
 
         assert stack.kube is not None
         client = KubeClient(load_connection(str(stack.kube.kubeconfig)))
@@ -261,8 +261,8 @@ class Demo:
         return predictions, version
 
     def roll_to_new_model(self, stack: Stack, old_version: str) -> str:
-        from modelapp_operator.build import ANNOTATION_RECONCILE_REQUEST  # noqa: PLC0415
-        from modelapp_operator.cli_kube import KubeClient, load_connection  # noqa: PLC0415
+        from modelapp_operator.cli.kube import KubeClient, load_connection  # noqa: PLC0415
+        from modelapp_operator.names import ANNOTATION_RECONCILE_REQUEST  # noqa: PLC0415
 
         assert stack.kube is not None
         with self.stage("Publish model v2 (a retrained, deliberately simpler model) over the same blob"):
@@ -300,7 +300,7 @@ class Demo:
                 )
             if new_version == old_version:
                 raise DemoError("model v2 has the same ETag as v1")
-            from modelapp_operator.cli_status import render_status  # noqa: PLC0415
+            from modelapp_operator.cli.status import render_status  # noqa: PLC0415
 
             self.say(f"modelapp status {APP_NAME} -n {NAMESPACE}:")
             for line in render_status(client.get_modelapp(NAMESPACE, APP_NAME), datetime.now(UTC)).splitlines():

@@ -6,7 +6,8 @@ asked (registry host, repository, tag, credentials / account, container, blob,
 credentials), with single-flight: concurrent calls for one key share one request.
 
 - `CachingImageResolver` / `CachingModelResolver` (`hub.images`, `hub.models`) implement
-  the same Protocols as registry.py / blobs.py and wrap the real resolvers.
+  the same Protocols as clients/registry.py / clients/blob_storage.py and wrap the real resolvers
+  (watch/resolvers.py); keys are in watch/keys.py, the cache in watch/single_flight.py.
 - Subscriptions: reconcile resolves inside `track_resolutions(hub, (namespace, name))`;
   the keys it resolved, and the version it saw for each, become that app's subscription
   (replacing the previous one: a ModelApp that moves to another tag stops following the
@@ -31,457 +32,31 @@ credentials), with single-flight: concurrent calls for one key share one request
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import hashlib
-import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
-from urllib.parse import unquote, urlsplit
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
 
-from modelapp_operator.blobs import (
-    BlobCredential,
-    BlobProperties,
-    ConnectionStringCredential,
-    ModelResolutionError,
-    ModelResolver,
-)
-from modelapp_operator.build import normalize_etag
-from modelapp_operator.config import ConfigError
-from modelapp_operator.errors import ResolutionError
-from modelapp_operator.model import BlobLocation
+from modelapp_operator.clients.blob_storage import BlobProperties, ModelResolutionError, ModelResolver
+from modelapp_operator.clients.errors import ResolutionError
+from modelapp_operator.clients.registry import ImageResolutionError, ImageResolver
+from modelapp_operator.config import DEFAULT_COALESCE_SECONDS, DEFAULT_CONCURRENCY, DEFAULT_ERROR_TTL_SECONDS
 from modelapp_operator.redact import redact
-from modelapp_operator.registry import ImageResolutionError, ImageResolver, RegistryCredentials
+from modelapp_operator.watch.keys import AppKey, ImageKey, ModelKey, WatchKey
+from modelapp_operator.watch.resolvers import CachingImageResolver, CachingModelResolver
+from modelapp_operator.watch.single_flight import SingleFlightCache
+from modelapp_serving.model_blob import normalize_account_url, normalize_etag
 
 _log = logging.getLogger(__name__)
 
-AppKey = tuple[str, str]  # (namespace, name)
 ChangeCallback = Callable[[AppKey], Awaitable[None]]
-
-DEFAULT_COALESCE_SECONDS = 0.2
-DEFAULT_CONCURRENCY = 16
-DEFAULT_ERROR_TTL_SECONDS = 5.0
-# After an event: retry until the service shows the announced version (it may lag its own event).
-NOTIFY_RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
-
-
-# --- keys ------------------------------------------------------------------------------------
-
-
-def _secret_id(*parts: str) -> str:
-    """A stable, non-reversible identity for credentials (never the credentials themselves)."""
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
-
-
-@dataclass(frozen=True)
-class ImageKey:
-    host: str  # registry host[:port], lowercased
-    path: str  # repository path inside the registry
-    tag: str
-    credentials_id: str  # "" for anonymous / the operator's own identity
-
-    @property
-    def reference(self) -> str:
-        return f"{self.host}/{self.path}:{self.tag}"
-
-
-@dataclass(frozen=True)
-class ModelKey:
-    account_url: str  # normalized: lowercased scheme and host, no trailing slash
-    container: str
-    blob: str
-    credentials_id: str  # "operator-identity" or a hash of the connection string
-
-    @property
-    def account_name(self) -> str:
-        return account_name_of(self.account_url)
-
-    @property
-    def reference(self) -> str:
-        return f"{self.account_url}/{self.container}/{self.blob}"
-
-
-WatchKey = ImageKey | ModelKey
-
-
-def image_key(repository: str, tag: str, credentials: RegistryCredentials | None) -> ImageKey:
-    host, _, path = repository.partition("/")
-    identity = _secret_id(credentials.username, credentials.password) if credentials else ""
-    return ImageKey(host.lower(), path, tag, identity)
-
-
-def normalize_account_url(url: str) -> str:
-    parts = urlsplit(url.strip())
-    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{parts.path.rstrip('/')}"
-
-
-def _path_style(host: str) -> bool:
-    """Azurite and other emulators put the account in the path: http://127.0.0.1:10000/<account>/..."""
-    if host == "localhost":
-        return True
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def account_name_of(account_url: str) -> str:
-    parts = urlsplit(account_url)
-    segments = [s for s in parts.path.split("/") if s]
-    if segments:
-        return segments[0].lower()
-    return (parts.hostname or "").split(".", 1)[0].lower()
-
-
-def model_key(location: BlobLocation, credential: BlobCredential) -> ModelKey:
-    if isinstance(credential, ConnectionStringCredential):
-        identity = "connection-string:" + _secret_id(credential.connection_string)
-    else:
-        identity = "operator-identity"
-    return ModelKey(normalize_account_url(location.account_url), location.container, location.name, identity)
-
-
-@dataclass(frozen=True)
-class BlobAddress:
-    account_url: str  # normalized
-    container: str
-    blob: str
-
-    @property
-    def account_name(self) -> str:
-        return account_name_of(self.account_url)
-
-
-def parse_blob_url(url: str) -> BlobAddress | None:
-    """Split a blob URL into account URL, container and blob name; None when it is not one.
-
-    https://acct.blob.core.windows.net/c/a/b.onnx -> (https://acct.blob.core.windows.net, c, a/b.onnx);
-    http://127.0.0.1:10000/devstoreaccount1/c/b.onnx -> (http://127.0.0.1:10000/devstoreaccount1, c, b.onnx).
-    Data Lake (dfs) URLs name the same blob as the blob endpoint."""
-    try:
-        parts = urlsplit(url.strip())
-    except ValueError:
-        return None
-    host = (parts.hostname or "").lower()
-    if parts.scheme.lower() not in ("http", "https") or not host:
-        return None
-    netloc = parts.netloc.lower().replace(".dfs.core.", ".blob.core.")
-    segments = [unquote(s) for s in parts.path.split("/")]
-    segments = segments[1:] if segments and segments[0] == "" else segments
-    base = f"{parts.scheme.lower()}://{netloc}"
-    if _path_style(host):
-        if len(segments) < 3 or not segments[0]:
-            return None
-        base, segments = f"{base}/{segments[0]}", segments[1:]
-    if len(segments) < 2 or not segments[0] or not all(segments[1:]):
-        return None
-    return BlobAddress(base, segments[0], "/".join(segments[1:]))
-
-
-# --- configuration -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WatchConfig:
-    coalesce_seconds: float = DEFAULT_COALESCE_SECONDS
-    concurrency: int = DEFAULT_CONCURRENCY
-    error_ttl_seconds: float = DEFAULT_ERROR_TTL_SECONDS
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> WatchConfig:
-        return cls(
-            coalesce_seconds=_float(environ, "MODELAPP_CHANGE_COALESCE_SECONDS", DEFAULT_COALESCE_SECONDS, 0.0, 60.0),
-            concurrency=int(_float(environ, "MODELAPP_WATCH_CONCURRENCY", DEFAULT_CONCURRENCY, 1, 256, integer=True)),
-            error_ttl_seconds=_float(
-                environ, "MODELAPP_WATCH_ERROR_TTL_SECONDS", DEFAULT_ERROR_TTL_SECONDS, 0.0, 3600.0
-            ),
-        )
-
-
-def _float(
-    env: Mapping[str, str], name: str, default: float, minimum: float, maximum: float, *, integer: bool = False
-) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(int(raw)) if integer else float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: {raw!r} is not {'an integer' if integer else 'a number'}") from None
-    if not minimum <= value <= maximum:
-        raise ConfigError(f"{name}: {raw} is out of range [{minimum:g}, {maximum:g}]")
-    return value
-
-
-# --- the single-flight cache ---------------------------------------------------------------------
-
 K = TypeVar("K", ImageKey, ModelKey)
 V = TypeVar("V")
 
-
-@dataclass
-class _Outcome(Generic[V]):
-    value: V | None = None
-    version: str | None = None
-    error: Exception | None = None
-
-
-@dataclass
-class _KeyState(Generic[V]):
-    fetch: Callable[[], Awaitable[V]]
-    value: V | None = None  # newest successful value
-    version: str | None = None  # its digest / normalized ETag
-    value_generation: int = -1
-    outcome: _Outcome[V] | None = None  # newest outcome, served from the cache until expires_at
-    outcome_generation: int = -1
-    expires_at: float = 0.0
-    generation: int = 0  # bumped by invalidate(): older fetches no longer satisfy new callers
-    inflight: asyncio.Task[_Outcome[V]] | None = None
-    inflight_generation: int = -1
-    inflight_expect: str | None = None
-    last_used: float = 0.0
-
-
-class _SingleFlightCache(Generic[K, V]):
-    """Per-key cache with single-flight fetches; one per kind (images, models)."""
-
-    def __init__(
-        self,
-        *,
-        version_of: Callable[[V], str],
-        on_success: Callable[[K, str], None],
-        ttl: float,
-        error_ttl: float,
-        cacheable_errors: tuple[type[Exception], ...],
-        clock: Callable[[], float],
-    ) -> None:
-        self.states: dict[K, _KeyState[V]] = {}
-        self.requests = 0
-        self.ttl = ttl
-        self._version_of = version_of
-        self._on_success: Callable[[K, str], None] = on_success
-        self._error_ttl = error_ttl
-        self._cacheable = cacheable_errors
-        self._clock = clock
-
-    def version(self, key: K) -> str | None:
-        state = self.states.get(key)
-        return state.version if state else None
-
-    def invalidate(self, key: K) -> None:
-        state = self.states.get(key)
-        if state is not None:
-            state.generation += 1
-
-    async def get(
-        self,
-        key: K,
-        fetch: Callable[[], Awaitable[V]] | None = None,
-        *,
-        fresh: bool = False,
-        expect: str | None = None,
-    ) -> V:
-        """The value for key.
-
-        fresh: skip the cache but join a fetch already under way (the poll loop).
-        expect: a version an event announced; when it is already known, or a fetch started
-        for the same announcement is under way, no new request is made; otherwise the
-        key is invalidated and fetched again."""
-        state = self.states.get(key)
-        if state is None:
-            if fetch is None:
-                raise KeyError(key)
-            state = self.states[key] = _KeyState(fetch=fetch)
-        elif fetch is not None:
-            state.fetch = fetch  # newest arguments (same key, so the same credentials)
-        now = self._clock()
-        state.last_used = now
-        if expect is not None:
-            if state.version == expect and state.value is not None:
-                return state.value
-            joinable = state.inflight is not None and state.inflight_generation == state.generation
-            if not (joinable and state.inflight_expect == expect):
-                state.generation += 1
-        elif (
-            not fresh
-            and state.outcome is not None
-            and state.outcome_generation == state.generation
-            and state.expires_at > now
-        ):
-            return self._unwrap(state.outcome)
-        task = state.inflight
-        if task is None or state.inflight_generation != state.generation:
-            task = self._start(key, state, expect)
-        return self._unwrap(await asyncio.shield(task))
-
-    def _start(self, key: K, state: _KeyState[V], expect: str | None) -> asyncio.Task[_Outcome[V]]:
-        generation = state.generation
-        task = asyncio.create_task(self._fetch(key, state, generation), name=f"modelapp-watch-fetch:{key}")
-        state.inflight, state.inflight_generation, state.inflight_expect = task, generation, expect
-        return task
-
-    async def _fetch(self, key: K, state: _KeyState[V], generation: int) -> _Outcome[V]:
-        self.requests += 1
-        outcome: _Outcome[V]
-        try:
-            value = await state.fetch()
-        except Exception as error:  # handed to every waiter; never lost as "exception never retrieved"
-            outcome = _Outcome(error=error)
-            ttl = self._error_ttl if isinstance(error, self._cacheable) else 0.0
-        else:
-            outcome = _Outcome(value=value, version=self._version_of(value))
-            ttl = self.ttl
-        finally:
-            if state.inflight is asyncio.current_task():
-                state.inflight = None
-        if generation >= state.outcome_generation:
-            state.outcome, state.outcome_generation = outcome, generation
-            state.expires_at = self._clock() + ttl
-        if outcome.version is not None and generation >= state.value_generation:
-            state.value, state.version, state.value_generation = outcome.value, outcome.version, generation
-            self._on_success(key, outcome.version)
-        return outcome
-
-    @staticmethod
-    def _unwrap(outcome: _Outcome[V]) -> V:
-        if outcome.error is not None:
-            # One error object is shared by many waiters: drop the previous raise's traceback.
-            raise outcome.error.with_traceback(None)
-        assert outcome.value is not None
-        return outcome.value
-
-    def purge(self, keep: Callable[[K], bool]) -> int:
-        """Forget keys nobody follows once their cache entry has expired."""
-        now = self._clock()
-        stale = [
-            key
-            for key, state in self.states.items()
-            if not keep(key)
-            and state.inflight is None
-            and state.expires_at <= now
-            and state.last_used + self.ttl <= now
-        ]
-        for key in stale:
-            del self.states[key]
-        return len(stale)
-
-    async def cancel_all(self) -> None:
-        tasks = [s.inflight for s in self.states.values() if s.inflight is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-# --- recording what a reconcile resolved --------------------------------------------------------
-
-
-@dataclass
-class _Recording:
-    hub: WatchHub
-    seen: dict[WatchKey, str | None] = field(default_factory=dict)
-
-
-_RECORDING: ContextVar[_Recording | None] = ContextVar("modelapp_watch_recording", default=None)
-
-
-def _record(hub: WatchHub, key: WatchKey, version: str | None) -> None:
-    recording = _RECORDING.get()
-    if recording is not None and recording.hub is hub:
-        recording.seen[key] = version
-
-
-@contextlib.contextmanager
-def track_resolutions(hub: WatchHub | None, app: AppKey) -> Iterator[None]:
-    """Make what the hub's resolvers resolve inside this block the app's subscription.
-
-    Usage in reconcile: `with track_resolutions(deps.watch, (ns, name)): await gather(...)`.
-    Tasks started inside (asyncio.gather) inherit the context, so both resolutions count.
-    Only a block that completes replaces the subscription."""
-    if hub is None:
-        yield
-        return
-    recording = _Recording(hub)
-    token = _RECORDING.set(recording)
-    try:
-        yield
-    finally:
-        _RECORDING.reset(token)
-    hub.track(app, seen=recording.seen)
-
-
-# --- the resolvers -----------------------------------------------------------------------------------
-
-
-class CachingImageResolver:
-    """ImageResolver through the hub's cache; records what it resolved for track_resolutions."""
-
-    def __init__(self, hub: WatchHub, inner: ImageResolver) -> None:
-        self._hub = hub
-        self.inner = inner
-
-    async def resolve(self, repository: str, tag: str, credentials: RegistryCredentials | None) -> str:
-        key = image_key(repository, tag, credentials)
-        inner = self.inner
-
-        async def fetch() -> str:
-            return await inner.resolve(repository, tag, credentials)
-
-        try:
-            digest = await self._hub.image_cache.get(key, fetch)
-        except Exception:
-            _record(self._hub, key, None)
-            raise
-        _record(self._hub, key, digest)
-        return digest
-
-    async def close(self) -> None:
-        """Close the wrapped resolver (the operator's clean-up closes deps.images / deps.models)."""
-        close = getattr(self.inner, "close", None)
-        if close is not None:
-            await close()
-
-    def invalidate(self, key: ImageKey) -> None:
-        self._hub.image_cache.invalidate(key)
-
-
-class CachingModelResolver:
-    """ModelResolver through the hub's cache; records what it resolved for track_resolutions."""
-
-    def __init__(self, hub: WatchHub, inner: ModelResolver) -> None:
-        self._hub = hub
-        self.inner = inner
-
-    async def get_properties(self, location: BlobLocation, credential: BlobCredential) -> BlobProperties:
-        key = model_key(location, credential)
-        inner = self.inner
-
-        async def fetch() -> BlobProperties:
-            return await inner.get_properties(location, credential)
-
-        try:
-            properties = await self._hub.model_cache.get(key, fetch)
-        except Exception:
-            _record(self._hub, key, None)
-            raise
-        _record(self._hub, key, normalize_etag(properties.etag))
-        return properties
-
-    async def close(self) -> None:
-        """Close the wrapped resolver (the operator's clean-up closes deps.images / deps.models)."""
-        close = getattr(self.inner, "close", None)
-        if close is not None:
-            await close()
-
-    def invalidate(self, key: ModelKey) -> None:
-        self._hub.model_cache.invalidate(key)
-
-
-# --- the hub -------------------------------------------------------------------------------------------
+# After an event: retry until the service shows the announced version (it may lag its own event).
+NOTIFY_RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 @dataclass(frozen=True)
@@ -527,7 +102,7 @@ class WatchHub:
         self._coalesce = coalesce_seconds
         self._concurrency = concurrency
         self._clock = clock
-        self.image_cache: _SingleFlightCache[ImageKey, str] = _SingleFlightCache(
+        self.image_cache: SingleFlightCache[ImageKey, str] = SingleFlightCache(
             version_of=lambda digest: digest,
             on_success=self._fetched,
             ttl=ttl_seconds,
@@ -535,7 +110,7 @@ class WatchHub:
             cacheable_errors=(ImageResolutionError,),
             clock=clock,
         )
-        self.model_cache: _SingleFlightCache[ModelKey, BlobProperties] = _SingleFlightCache(
+        self.model_cache: SingleFlightCache[ModelKey, BlobProperties] = SingleFlightCache(
             version_of=lambda properties: normalize_etag(properties.etag),
             on_success=self._fetched,
             ttl=ttl_seconds,
@@ -543,8 +118,8 @@ class WatchHub:
             cacheable_errors=(ModelResolutionError,),
             clock=clock,
         )
-        self.images = CachingImageResolver(self, images)
-        self.models = CachingModelResolver(self, models)
+        self.images = CachingImageResolver(self, self.image_cache, images)
+        self.models = CachingModelResolver(self, self.model_cache, models)
         # app -> {key: version the app last saw (None: its resolution failed)}
         self._apps: dict[AppKey, dict[WatchKey, str | None]] = {}
         self._followers: dict[WatchKey, set[AppKey]] = {}
@@ -709,7 +284,7 @@ class WatchHub:
         ]
         return await self._refresh(self.model_cache, keys, normalize_etag(etag) if etag else None)
 
-    async def _refresh(self, cache: _SingleFlightCache[K, V], keys: list[K], expect: str | None) -> int:
+    async def _refresh(self, cache: SingleFlightCache[K, V], keys: list[K], expect: str | None) -> int:
         refreshed = 0
         for key in keys:
             if not self._followers.get(key):
@@ -745,7 +320,7 @@ class WatchHub:
             await asyncio.gather(*(one_expecting(key, expect) for key in followed))
         return refreshed
 
-    async def _resolve_after_event(self, cache: _SingleFlightCache[K, V], key: K, expect: str | None) -> bool:
+    async def _resolve_after_event(self, cache: SingleFlightCache[K, V], key: K, expect: str | None) -> bool:
         """Re-resolve after an event until the service shows the announced version.
 
         Services can lag their own events: distribution notifies before it writes the tag

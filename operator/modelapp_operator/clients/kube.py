@@ -22,8 +22,7 @@ from urllib.parse import quote
 
 import aiohttp
 import kopf
-from modelapp_operator.build import FIELD_MANAGER
-from modelapp_operator.model import API_VERSION, KIND, PLURAL
+from modelapp_operator.names import API_VERSION, FIELD_MANAGER, KIND, PLURAL
 from modelapp_operator.redact import redact
 
 EventType = Literal["Normal", "Warning"]

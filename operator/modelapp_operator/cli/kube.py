@@ -1,6 +1,6 @@
 """A small synchronous Kubernetes client for the `modelapp` CLI (urllib, no kopf).
 
-The operator's own client (kube.py) is async and logs in through kopf; a CLI wants
+The operator's own client (clients/kube.py) is async and logs in through kopf; a CLI wants
 one blocking call at a time, clear errors and a fast start-up, so it reads the
 kubeconfig itself: client certificate and key (files or inline data), bearer
 token (or tokenFile), the cluster CA (file, inline data, or skip-verify when the
@@ -25,10 +25,8 @@ from typing import Any
 from urllib.parse import quote
 
 import yaml
+from modelapp_operator.names import API_VERSION, PLURAL
 
-GROUP = "modelapp.io"
-VERSION = "v1alpha1"
-PLURAL = "modelapps"
 _SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
@@ -247,7 +245,7 @@ class KubeClient:
         return result
 
     def get_modelapp(self, namespace: str, name: str) -> dict[str, Any]:
-        return self.get(f"{GROUP}/{VERSION}", PLURAL, namespace, name)
+        return self.get(API_VERSION, PLURAL, namespace, name)
 
     def patch_modelapp(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
-        return self.merge_patch(f"{GROUP}/{VERSION}", PLURAL, namespace, name, patch)
+        return self.merge_patch(API_VERSION, PLURAL, namespace, name, patch)

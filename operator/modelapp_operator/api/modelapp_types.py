@@ -1,4 +1,4 @@
-"""The ModelApp custom resource as typed Python objects.
+"""The ModelApp custom resource as typed, validated Python objects (pydantic).
 
 A ModelApp body is parsed once, at the start of a reconcile, into `ModelApp`;
 everything downstream works on these frozen objects. The API server already
@@ -13,13 +13,9 @@ import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
+from modelapp_operator.names import API_VERSION, KIND
+from modelapp_serving.model_blob import blob_url
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-GROUP = "modelapp.io"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "ModelApp"
-PLURAL = "modelapps"
 
 RESERVED_ENV_PREFIX = "MODELAPP_"
 
@@ -34,7 +30,7 @@ _QUANTITY_CPU = r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(m|k|M|G)?$"
 _QUANTITY_MEMORY = r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(Ki|Mi|Gi|Ti|k|M|G|T)?$"
 _PERCENT = re.compile(r"^(100|[1-9]?[0-9])%$")
 
-ModelFormat = Literal["onnx", "skops", "pickle"]
+ModelFormat = Literal["onnx", "skops", "pickle"]  # modelapp_serving.model_blob.MODEL_FORMATS (contract test)
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
 
 
@@ -97,8 +93,8 @@ class BlobLocation(_Frozen):
 
     @property
     def url(self) -> str:
-        """Full blob URL as the app expects it in MODELAPP_MODEL_URL."""
-        return f"{self.account_url.rstrip('/')}/{self.container}/{self.name}"
+        """Full blob URL as the app expects it in MODELAPP_MODEL_URL (the name percent-quoted)."""
+        return blob_url(self.account_url, self.container, self.name)
 
 
 class SecretKeyRef(_Frozen):

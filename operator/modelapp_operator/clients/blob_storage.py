@@ -1,4 +1,4 @@
-"""Resolve the model blob: its current ETag, size and the sha256/format metadata the publisher wrote.
+"""Azure Blob Storage: the model blob's current ETag, size and the sha256/format metadata the publisher wrote.
 
 The operator asks the blob service for properties only (no download). With a
 connection-string Secret it uses that; with workload identity it uses its own
@@ -22,13 +22,14 @@ from azure.core.exceptions import (
 )
 from azure.identity.aio import DefaultAzureCredential
 from azure.storage.blob.aio import BlobClient
-from modelapp_operator.build import ResolvedModel, normalize_etag
-from modelapp_operator.errors import ResolutionError
-from modelapp_operator.model import BlobLocation, ModelSpec
+from modelapp_operator.api.modelapp_types import BlobLocation, ModelSpec
+from modelapp_operator.clients.errors import ResolutionError
+from modelapp_operator.names import Reason
+from modelapp_operator.plan.release import ResolvedModel
 from modelapp_operator.redact import redact
+from modelapp_serving.model_blob import MODEL_FORMATS, normalize_etag, read_published_metadata
 
 _SHA256 = re.compile(r"^[a-f0-9]{64}$")
-_FORMATS = ("onnx", "skops", "pickle")
 
 
 class ModelResolutionError(ResolutionError):
@@ -66,53 +67,51 @@ def check_model(model: ModelSpec, properties: BlobProperties) -> ResolvedModel:
     """Combine the spec's pins with what the blob service reports; raise ModelResolutionError on mismatch."""
     if model.version is not None and normalize_etag(model.version) != normalize_etag(properties.etag):
         raise ModelResolutionError(
-            "ModelVersionMismatch",
+            Reason.MODEL_VERSION_MISMATCH,
             f"pinned version {model.version} is no longer the blob's current version {properties.etag}: "
             "the blob was overwritten; pin the new version or republish the old content",
             retry_after=300,
         )
-    metadata = {k.lower(): v for k, v in properties.metadata.items()}
-    published_sha = metadata.get("sha256", "").strip().lower() or None
+    published_sha, published_format = read_published_metadata(properties.metadata)
     if published_sha is not None and not _SHA256.match(published_sha):
         raise ModelResolutionError(
-            "ModelMetadataInvalid", "blob metadata sha256 is not 64 hex characters", retry_after=300
+            Reason.MODEL_METADATA_INVALID, "blob metadata sha256 is not 64 hex characters", retry_after=300
         )
     if model.sha256 is not None and published_sha is not None and model.sha256 != published_sha:
         raise ModelResolutionError(
-            "ModelChecksumMismatch",
+            Reason.MODEL_CHECKSUM_MISMATCH,
             f"spec.model.sha256 {model.sha256[:12]}... differs from the blob's metadata sha256 {published_sha[:12]}...",
             retry_after=300,
         )
     sha256 = model.sha256 or published_sha
     if sha256 is None:
         raise ModelResolutionError(
-            "ModelChecksumMissing",
+            Reason.MODEL_CHECKSUM_MISSING,
             "no sha256: set spec.model.sha256 or publish the blob with metadata sha256",
             retry_after=300,
         )
-    published_format = metadata.get("format", "").strip().lower() or None
-    if published_format is not None and published_format not in _FORMATS:
+    if published_format is not None and published_format not in MODEL_FORMATS:
         raise ModelResolutionError(
-            "ModelFormatUnknown",
+            Reason.MODEL_FORMAT_UNKNOWN,
             f"blob metadata format {published_format[:32]!r} is not onnx, skops or pickle",
             retry_after=300,
         )
     if model.format is not None and published_format is not None and model.format != published_format:
         raise ModelResolutionError(
-            "ModelFormatMismatch",
+            Reason.MODEL_FORMAT_MISMATCH,
             f"spec.model.format {model.format} differs from the blob's metadata format {published_format}",
             retry_after=300,
         )
     model_format = model.format or published_format
     if model_format is None:
         raise ModelResolutionError(
-            "ModelFormatUnknown",
+            Reason.MODEL_FORMAT_UNKNOWN,
             "no format: set spec.model.format or publish the blob with metadata format",
             retry_after=300,
         )
     if model_format == "pickle" and not model.allow_pickle:
         raise ModelResolutionError(
-            "PickleNotAllowed",
+            Reason.PICKLE_NOT_ALLOWED,
             "the blob is a pickle model: set spec.model.allowPickle: true to load it",
             retry_after=300,
         )
@@ -160,34 +159,38 @@ class AzureBlobResolver:
             client = self._client(location, credential)
         except ValueError as error:
             raise ModelResolutionError(
-                "StorageCredentialInvalid", f"the connection string is not usable: {error}", retry_after=300
+                Reason.STORAGE_CREDENTIAL_INVALID, f"the connection string is not usable: {error}", retry_after=300
             ) from None
         where = f"{location.container}/{location.name}"
         try:
             async with client:
                 properties = await client.get_blob_properties()
         except ResourceNotFoundError:
-            raise ModelResolutionError("BlobNotFound", f"blob {where} does not exist", retry_after=30) from None
+            raise ModelResolutionError(Reason.BLOB_NOT_FOUND, f"blob {where} does not exist", retry_after=30) from None
         except ClientAuthenticationError as error:
             raise ModelResolutionError(
-                "StorageAccessDenied", f"not allowed to read {where}: {_first_line(error)}", retry_after=120
+                Reason.STORAGE_ACCESS_DENIED, f"not allowed to read {where}: {_first_line(error)}", retry_after=120
             ) from None
         except (ServiceRequestError, ServiceResponseError) as error:
             raise ModelResolutionError(
-                "StorageUnavailable", f"cannot reach the blob service for {where}: {_first_line(error)}", retry_after=30
+                Reason.STORAGE_UNAVAILABLE,
+                f"cannot reach the blob service for {where}: {_first_line(error)}",
+                retry_after=30,
             ) from None
         except HttpResponseError as error:
             code = error.status_code or 0
             if code in (401, 403):
                 raise ModelResolutionError(
-                    "StorageAccessDenied", f"not allowed to read {where} ({code})", retry_after=120
+                    Reason.STORAGE_ACCESS_DENIED, f"not allowed to read {where} ({code})", retry_after=120
                 ) from None
             raise ModelResolutionError(
-                "StorageUnavailable", f"blob service answered {code} for {where}: {_first_line(error)}", retry_after=30
+                Reason.STORAGE_UNAVAILABLE,
+                f"blob service answered {code} for {where}: {_first_line(error)}",
+                retry_after=30,
             ) from None
         except Exception as error:  # credential chains raise their own types; never crash on them
             raise ModelResolutionError(
-                "StorageUnavailable",
+                Reason.STORAGE_UNAVAILABLE,
                 f"reading {where} failed: {type(error).__name__}: {_first_line(error)}",
                 retry_after=60,
             ) from None

@@ -23,8 +23,9 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
-from modelapp_operator.acr import AcrTokenError, AcrTokenProvider
-from modelapp_operator.errors import ResolutionError
+from modelapp_operator.clients.acr import AcrTokenError, AcrTokenProvider
+from modelapp_operator.clients.errors import ResolutionError
+from modelapp_operator.names import Reason
 
 MANIFEST_MEDIA_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -180,13 +181,13 @@ class RegistryClient:
                 status, headers, body = await self._manifest(url, authorization)
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError, ssl.SSLError) as error:
             raise ImageResolutionError(
-                "RegistryTLSError",
+                Reason.REGISTRY_TLS_ERROR,
                 f"TLS with {host} failed ({_tls_detail(error)}); set MODELAPP_REGISTRY_CA_FILE for a private CA",
                 retry_after=120,
             ) from None
         except (aiohttp.ClientError, TimeoutError) as error:
             raise ImageResolutionError(
-                "RegistryUnavailable", f"cannot reach {host}: {type(error).__name__}: {error}", retry_after=30
+                Reason.REGISTRY_UNAVAILABLE, f"cannot reach {host}: {type(error).__name__}: {error}", retry_after=30
             ) from None
         return self._digest_of(status, headers, body, repository, tag)
 
@@ -224,23 +225,25 @@ class RegistryClient:
     ) -> str:
         if challenge is None:
             raise ImageResolutionError(
-                "RegistryUnauthorized", "registry answered 401 without a challenge", retry_after=120
+                Reason.REGISTRY_UNAUTHORIZED, "registry answered 401 without a challenge", retry_after=120
             )
         if challenge.scheme == "basic":
             if credentials is None:
                 raise ImageResolutionError(
-                    "RegistryUnauthorized",
+                    Reason.REGISTRY_UNAUTHORIZED,
                     "registry requires credentials: set spec.image.pullSecretName to a dockerconfigjson Secret",
                     retry_after=120,
                 )
             return basic_authorization(credentials)
         if challenge.scheme != "bearer" or not challenge.params.get("realm"):
             raise ImageResolutionError(
-                "RegistryUnauthorized", f"unsupported authentication scheme {challenge.scheme!r}", retry_after=300
+                Reason.REGISTRY_UNAUTHORIZED, f"unsupported authentication scheme {challenge.scheme!r}", retry_after=300
             )
         realm = challenge.params["realm"]
         if not realm.startswith("https://") and urlsplit(realm).netloc not in self._insecure_hosts:
-            raise ImageResolutionError("RegistryUnauthorized", f"token realm {realm} is not HTTPS", retry_after=300)
+            raise ImageResolutionError(
+                Reason.REGISTRY_UNAUTHORIZED, f"token realm {realm} is not HTTPS", retry_after=300
+            )
         params: dict[str, str] = {"scope": challenge.params.get("scope") or f"repository:{path}:pull"}
         if challenge.params.get("service"):
             params["service"] = challenge.params["service"]
@@ -248,23 +251,23 @@ class RegistryClient:
         async with self._session.get(realm, params=params, headers=headers, ssl=self._ssl) as response:
             if response.status in (401, 403):
                 raise ImageResolutionError(
-                    "RegistryUnauthorized",
+                    Reason.REGISTRY_UNAUTHORIZED,
                     f"token endpoint refused the credentials ({response.status})",
                     retry_after=120,
                 )
             if response.status != 200:
                 raise ImageResolutionError(
-                    "RegistryUnavailable", f"token endpoint answered {response.status}", retry_after=30
+                    Reason.REGISTRY_UNAVAILABLE, f"token endpoint answered {response.status}", retry_after=30
                 )
             try:
                 document: Any = await response.json(content_type=None)
             except ValueError:
                 raise ImageResolutionError(
-                    "RegistryUnavailable", "token endpoint sent no JSON", retry_after=30
+                    Reason.REGISTRY_UNAVAILABLE, "token endpoint sent no JSON", retry_after=30
                 ) from None
         token = (document.get("token") or document.get("access_token")) if isinstance(document, dict) else None
         if not isinstance(token, str) or not token:
-            raise ImageResolutionError("RegistryUnavailable", "token endpoint sent no token", retry_after=30)
+            raise ImageResolutionError(Reason.REGISTRY_UNAVAILABLE, "token endpoint sent no token", retry_after=30)
         expires_in = document.get("expires_in", 60)
         lifetime = float(expires_in) if isinstance(expires_in, int | float) else 60.0
         header = f"Bearer {token}"
@@ -279,19 +282,19 @@ class RegistryClient:
                 return digest
             if body:
                 return "sha256:" + hashlib.sha256(body).hexdigest()
-            raise ImageResolutionError("RegistryUnavailable", "registry sent no digest for the manifest")
+            raise ImageResolutionError(Reason.REGISTRY_UNAVAILABLE, "registry sent no digest for the manifest")
         if status == 404:
-            raise ImageResolutionError("ImageNotFound", f"{repository}:{tag} does not exist", retry_after=60)
+            raise ImageResolutionError(Reason.IMAGE_NOT_FOUND, f"{repository}:{tag} does not exist", retry_after=60)
         if status in (401, 403):
             raise ImageResolutionError(
-                "RegistryUnauthorized",
+                Reason.REGISTRY_UNAUTHORIZED,
                 f"not allowed to pull {repository} ({status}): check the pull Secret",
                 retry_after=120,
             )
         if status == 429 or status >= 500:
-            raise ImageResolutionError("RegistryUnavailable", f"registry answered {status}", retry_after=30)
+            raise ImageResolutionError(Reason.REGISTRY_UNAVAILABLE, f"registry answered {status}", retry_after=30)
         raise ImageResolutionError(
-            "ImageResolutionFailed", f"registry answered {status} for {repository}:{tag}", retry_after=60
+            Reason.IMAGE_RESOLUTION_FAILED, f"registry answered {status} for {repository}:{tag}", retry_after=60
         )
 
 

@@ -1,6 +1,7 @@
 """Pure functions behind the `modelapp` CLI: patches, the wait verdict, rollback targets, tables.
 
-No I/O here: each takes ModelApp bodies (dicts as the API returns them) and returns data or text.
+No I/O here (imports: the names module and the model-blob contract only): each takes ModelApp
+bodies (dicts as the API returns them) and returns data or text.
 """
 
 from __future__ import annotations
@@ -11,19 +12,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from modelapp_operator.names import ConditionType, Outcome, Reason
+from modelapp_serving.model_blob import normalize_etag
+
 DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
 SHA256_HEX = re.compile(r"^[a-f0-9]{64}$")
 # A blob ETag as the service returns it, with or without the surrounding quotes.
 ETAG = re.compile(r'^"?[!#-~]+"?$')
 # History outcomes of a pair that served traffic: safe rollback targets. ("Superseded" is a pair
 # replaced while still progressing: it never became Ready.)
-ROLLBACK_OUTCOMES = frozenset({"Ready"})
+ROLLBACK_OUTCOMES = frozenset({Outcome.READY})
 # Degraded reasons that end a wait: the rollout of the wanted pair has failed.
-FAILED_ROLLOUT_REASONS = frozenset({"RolledBack", "ProgressDeadlineExceeded"})
-
-
-def normalize_etag(etag: str) -> str:
-    return etag.strip().strip('"')
+FAILED_ROLLOUT_REASONS = frozenset({Reason.ROLLED_BACK, Reason.PROGRESS_DEADLINE_EXCEEDED})
 
 
 def short(digest: str) -> str:
@@ -125,22 +125,22 @@ def wait_verdict(body: Mapping[str, Any], wanted: Wanted) -> Verdict:
     status = body.get("status") or {}
     generation = _generation(body)
     conditions = conditions_by_type(body)
-    ready = conditions.get("Ready") or {}
-    degraded = conditions.get("Degraded") or {}
+    ready = conditions.get(ConditionType.READY) or {}
+    degraded = conditions.get(ConditionType.DEGRADED) or {}
     image = status.get("image") or {}
     model = status.get("model") or {}
     running = wanted.matches(image.get("digest"), model.get("version"))
 
-    if ready.get("status") == "False" and ready.get("reason") == "InvalidSpec":
-        return Verdict("failed", "InvalidSpec", str(ready.get("message") or "the spec is invalid"))
+    if ready.get("status") == "False" and ready.get("reason") == Reason.INVALID_SPEC:
+        return Verdict("failed", Reason.INVALID_SPEC, str(ready.get("message") or "the spec is invalid"))
     if wanted.given:
         for pair in status.get("failedPairs") or []:
             if wanted.matches(pair.get("imageDigest"), pair.get("modelVersion")):
                 message = str(degraded.get("message") or f"{wanted.describe()} failed and was rolled back")
-                return Verdict("failed", str(degraded.get("reason") or "RolledBack"), message)
+                return Verdict("failed", str(degraded.get("reason") or Reason.ROLLED_BACK), message)
         for entry in status.get("history") or []:
             if wanted.matches(entry.get("imageDigest"), entry.get("modelVersion")):
-                if entry.get("outcome") == "Failed":
+                if entry.get("outcome") == Outcome.FAILED:
                     message = (
                         f"revision {entry.get('revision')} ({wanted.describe()}) failed: {entry.get('reason', '')}"
                     )
@@ -151,7 +151,7 @@ def wait_verdict(body: Mapping[str, Any], wanted: Wanted) -> Verdict:
         message = str(degraded.get("message") or "")
         if not wanted.given:
             ours = True
-        elif degraded.get("reason") == "RolledBack":
+        elif degraded.get("reason") == Reason.ROLLED_BACK:
             # Only a rollback of the wanted pair ends this wait. history and failedPairs (checked above)
             # name that pair exactly; without them (an older operator) the message's part before
             # "rolled back to" does. The restored pair itself is not a failure.
@@ -164,13 +164,13 @@ def wait_verdict(body: Mapping[str, Any], wanted: Wanted) -> Verdict:
 
     current = _observed(body) >= generation and _observed(body, ready) >= generation
     if ready.get("status") == "True" and current and running:
-        return Verdict("ready", str(ready.get("reason") or "Available"), str(ready.get("message") or ""))
+        return Verdict("ready", str(ready.get("reason") or Reason.AVAILABLE), str(ready.get("message") or ""))
     if not current:
         return Verdict("waiting", "NotObserved", f"generation {generation} not observed yet (at {_observed(body)})")
     if not running:
         what = f"running image {short(str(image.get('digest') or '-'))} model {model.get('version') or '-'}"
-        return Verdict("waiting", str(ready.get("reason") or "Pending"), f"{what}, want {wanted.describe()}")
-    reason = str(ready.get("reason") or "Pending")
+        return Verdict("waiting", str(ready.get("reason") or Reason.PENDING), f"{what}, want {wanted.describe()}")
+    reason = str(ready.get("reason") or Reason.PENDING)
     return Verdict("waiting", reason, str(ready.get("message") or status.get("replicaSummary") or ""))
 
 

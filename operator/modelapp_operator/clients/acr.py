@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import aiohttp
 from azure.identity.aio import DefaultAzureCredential
+from modelapp_operator.names import Reason
 
 ACR_SCOPE = "https://containerregistry.azure.net/.default"
 REFRESH_TOKEN_FALLBACK_SECONDS = 3600.0  # when a refresh token carries no readable exp
@@ -200,7 +201,7 @@ class AcrTokenProvider:
         except Exception as error:  # credential chains raise many types; report, never crash
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
             raise AcrTokenError(
-                "AzureIdentityUnavailable",
+                Reason.AZURE_IDENTITY_UNAVAILABLE,
                 f"no Entra ID token for the registry: {type(error).__name__}: {first_line} "
                 "(check the operator's workload identity)",
                 retry_after=60,
@@ -224,20 +225,20 @@ class AcrTokenProvider:
                 return status, document
         except (aiohttp.ClientError, TimeoutError) as error:
             raise AcrTokenError(
-                "RegistryUnavailable", f"cannot reach {host}{path}: {type(error).__name__}", retry_after=30
+                Reason.REGISTRY_UNAVAILABLE, f"cannot reach {host}{path}: {type(error).__name__}", retry_after=30
             ) from None
 
     @staticmethod
     def _token_from(status: int, document: Any, field_name: str, host: str, path: str) -> str:
         if status in (401, 403):
             raise AcrTokenError(
-                "RegistryUnauthorized",
+                Reason.REGISTRY_UNAUTHORIZED,
                 f"{host}{path} refused the operator's identity ({status}): grant it AcrPull on the registry",
                 retry_after=120,
             )
         if status != 200:
-            raise AcrTokenError("RegistryUnavailable", f"{host}{path} answered {status}", retry_after=30)
+            raise AcrTokenError(Reason.REGISTRY_UNAVAILABLE, f"{host}{path} answered {status}", retry_after=30)
         token = document.get(field_name) if isinstance(document, dict) else None
         if not isinstance(token, str) or not token:
-            raise AcrTokenError("RegistryUnavailable", f"{host}{path} sent no {field_name}", retry_after=30)
+            raise AcrTokenError(Reason.REGISTRY_UNAVAILABLE, f"{host}{path} sent no {field_name}", retry_after=30)
         return token

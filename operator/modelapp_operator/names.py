@@ -1,0 +1,129 @@
+"""The operator's vocabulary: every name the cluster sees, in one place.
+
+API group/version/kind, labels, annotation keys, the field manager, condition types, reasons
+(of conditions, history entries and events) and history outcomes. Everything else imports
+these instead of spelling the strings, including the CLI and the demo.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- the ModelApp API ---------------------------------------------------------------------------
+
+GROUP: Final = "modelapp.io"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "ModelApp"
+PLURAL: Final = "modelapps"
+
+# --- who writes --------------------------------------------------------------------------------
+
+FIELD_MANAGER: Final = "modelapp-operator"  # server-side apply, events' reporting component
+MANAGED_BY: Final = "modelapp-operator"  # value of LABEL_MANAGED_BY on every child
+
+# --- labels ------------------------------------------------------------------------------------
+
+LABEL_NAME: Final = "app.kubernetes.io/name"
+LABEL_INSTANCE: Final = "app.kubernetes.io/instance"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+LABEL_WORKLOAD_IDENTITY: Final = "azure.workload.identity/use"
+APP_NAME: Final = "modelapp"  # value of LABEL_NAME
+CHILD_SELECTOR: Final = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+
+# --- annotations -------------------------------------------------------------------------------
+
+ANNOTATION_PREFIX: Final = f"{GROUP}/"
+# On the pod template: the pair it runs.
+ANNOTATION_IMAGE_DIGEST: Final = f"{GROUP}/image-digest"
+ANNOTATION_MODEL_VERSION: Final = f"{GROUP}/model-version"
+ANNOTATION_MODEL_SHA256: Final = f"{GROUP}/model-sha256"
+# On each child: a hash of what we applied, so an unchanged child is not applied again.
+ANNOTATION_APPLIED_HASH: Final = f"{GROUP}/applied-hash"
+# On the ModelApp, written by request_reconcile(); any change of it makes kopf call the update handler.
+ANNOTATION_RECONCILE_REQUEST: Final = f"{GROUP}/reconcile-requested-at"
+# kopf keeps its bookkeeping in annotations under this prefix. Not `modelapp.io` itself:
+# kopf leaves annotations under its own prefix out of the diff it compares, and
+# modelapp.io/reconcile-requested-at must count as a change.
+KOPF_PERSISTENCE_PREFIX: Final = f"operator.{GROUP}"
+
+
+# --- conditions --------------------------------------------------------------------------------
+
+
+class ConditionType:
+    READY: Final = "Ready"
+    PROGRESSING: Final = "Progressing"
+    DEGRADED: Final = "Degraded"
+    IMAGE_RESOLVED: Final = "ImageResolved"
+    MODEL_RESOLVED: Final = "ModelResolved"
+    ALL: Final = (READY, PROGRESSING, DEGRADED, IMAGE_RESOLVED, MODEL_RESOLVED)
+
+
+class Reason:
+    """Reasons of conditions, history entries and events (a resolution failure's reason is all three)."""
+
+    # Ready / Progressing / Degraded
+    PENDING: Final = "Pending"
+    AVAILABLE: Final = "Available"
+    ROLLING_OUT: Final = "RollingOut"
+    ROLLOUT_COMPLETE: Final = "RolloutComplete"
+    PROGRESS_DEADLINE_EXCEEDED: Final = "ProgressDeadlineExceeded"  # also the Deployment's own reason
+    REPLICA_FAILURE: Final = "ReplicaFailure"  # also the Deployment's condition type
+    AS_EXPECTED: Final = "AsExpected"
+    ROLLED_BACK: Final = "RolledBack"
+    # Ready=False reasons that stop everything until a person acts.
+    INVALID_SPEC: Final = "InvalidSpec"
+    NAME_CONFLICT: Final = "NameConflict"
+    # ImageResolved / ModelResolved
+    PINNED: Final = "Pinned"
+    RESOLVED: Final = "Resolved"
+    PULL_SECRET_NOT_FOUND: Final = "PullSecretNotFound"  # noqa: S105 - a reason, not a secret
+    PULL_SECRET_INVALID: Final = "PullSecretInvalid"  # noqa: S105 - a reason, not a secret
+    IMAGE_NOT_FOUND: Final = "ImageNotFound"
+    IMAGE_RESOLUTION_FAILED: Final = "ImageResolutionFailed"
+    REGISTRY_UNAVAILABLE: Final = "RegistryUnavailable"
+    REGISTRY_UNAUTHORIZED: Final = "RegistryUnauthorized"
+    REGISTRY_TLS_ERROR: Final = "RegistryTLSError"
+    AZURE_IDENTITY_UNAVAILABLE: Final = "AzureIdentityUnavailable"
+    STORAGE_SECRET_NOT_FOUND: Final = "StorageSecretNotFound"  # noqa: S105 - a reason, not a secret
+    STORAGE_CREDENTIAL_INVALID: Final = "StorageCredentialInvalid"
+    STORAGE_ACCESS_DENIED: Final = "StorageAccessDenied"
+    STORAGE_UNAVAILABLE: Final = "StorageUnavailable"
+    BLOB_NOT_FOUND: Final = "BlobNotFound"
+    MODEL_VERSION_MISMATCH: Final = "ModelVersionMismatch"
+    MODEL_METADATA_INVALID: Final = "ModelMetadataInvalid"
+    MODEL_CHECKSUM_MISMATCH: Final = "ModelChecksumMismatch"
+    MODEL_CHECKSUM_MISSING: Final = "ModelChecksumMissing"
+    MODEL_FORMAT_UNKNOWN: Final = "ModelFormatUnknown"
+    MODEL_FORMAT_MISMATCH: Final = "ModelFormatMismatch"
+    PICKLE_NOT_ALLOWED: Final = "PickleNotAllowed"
+    # History entries: why a revision started.
+    INITIAL: Final = "Initial"
+    IMAGE_CHANGED: Final = "ImageChanged"
+    MODEL_CHANGED: Final = "ModelChanged"
+    IMAGE_AND_MODEL_CHANGED: Final = "ImageAndModelChanged"
+    SUPERSEDED_BY_REVISION: Final = "SupersededByRevision"  # + the revision number
+    # Events only.
+    ROLLOUT_STARTED: Final = "RolloutStarted"
+    READY: Final = "Ready"
+
+
+# Ready=False reasons under which the operator waits for a person instead of retrying.
+BLOCKING_REASONS: Final = frozenset({Reason.INVALID_SPEC, Reason.NAME_CONFLICT})
+
+
+class Outcome:
+    """How a revision in status.history ended."""
+
+    PROGRESSING: Final = "Progressing"
+    READY: Final = "Ready"
+    FAILED: Final = "Failed"
+    SUPERSEDED: Final = "Superseded"  # replaced while still progressing: it never became Ready
+
+
+# --- Deployment status, as the Deployment controller writes it ----------------------------------
+
+DEPLOYMENT_PROGRESSING: Final = "Progressing"
+DEPLOYMENT_REPLICA_FAILURE: Final = "ReplicaFailure"
+DEPLOYMENT_DEADLINE_EXCEEDED: Final = "ProgressDeadlineExceeded"

@@ -1,0 +1,255 @@
+"""The children a ModelApp owns, rendered: its Deployment and Service, and when to apply them.
+
+Pure: no I/O. Everything the operator applies is computed here, so unit tests check the
+rendered objects byte for byte. Each child carries a hash of itself (ANNOTATION_APPLIED_HASH)
+so an unchanged child is not applied again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from modelapp_operator.api.modelapp_types import ModelApp
+from modelapp_operator.names import (
+    ANNOTATION_APPLIED_HASH,
+    ANNOTATION_IMAGE_DIGEST,
+    ANNOTATION_MODEL_SHA256,
+    ANNOTATION_MODEL_VERSION,
+    ANNOTATION_PREFIX,
+    APP_NAME,
+    LABEL_INSTANCE,
+    LABEL_MANAGED_BY,
+    LABEL_NAME,
+    LABEL_WORKLOAD_IDENTITY,
+    MANAGED_BY,
+)
+from modelapp_operator.plan.release import Release
+
+CONTAINER_NAME = "app"
+CACHE_DIR = "/var/cache/modelapp"
+RUN_AS_USER = 10001
+
+
+def selector_labels(app: ModelApp) -> dict[str, str]:
+    return {LABEL_NAME: APP_NAME, LABEL_INSTANCE: app.name}
+
+
+def child_labels(app: ModelApp) -> dict[str, str]:
+    return {**selector_labels(app), LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def container_env(app: ModelApp, release: Release) -> list[dict[str, Any]]:
+    """The contract env vars (see docs/modelapp-spec.md), then the user's own."""
+    spec = app.spec
+    env: list[dict[str, Any]] = [
+        {"name": "MODELAPP_MODEL_URL", "value": release.model.url},
+        {"name": "MODELAPP_MODEL_ETAG", "value": release.model.version},
+        {"name": "MODELAPP_MODEL_SHA256", "value": release.model.sha256},
+        {"name": "MODELAPP_MODEL_FORMAT", "value": release.model.format},
+        {"name": "MODELAPP_MODEL_CACHE_DIR", "value": CACHE_DIR},
+        {"name": "MODELAPP_PORT", "value": str(spec.port)},
+    ]
+    if release.model.format == "pickle" and spec.model.allow_pickle:
+        env.append({"name": "MODELAPP_ALLOW_PICKLE", "value": "true"})
+    credentials = spec.model.credentials
+    if credentials.secret_ref is not None:
+        env.append(
+            {
+                "name": "MODELAPP_MODEL_CONNECTION_STRING",
+                "valueFrom": {"secretKeyRef": {"name": credentials.secret_ref.name, "key": credentials.secret_ref.key}},
+            }
+        )
+    if credentials.client_id is not None:
+        env.append({"name": "AZURE_CLIENT_ID", "value": credentials.client_id})
+    env.extend({"name": item.name, "value": item.value} for item in spec.env)
+    return env
+
+
+def container_security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def pod_template(app: ModelApp, release: Release) -> dict[str, Any]:
+    """The pod template. Only the release and the spec's pod-level fields go in: never the
+    ModelApp's own labels or annotations, so editing those rolls nothing."""
+    spec = app.spec
+    labels = selector_labels(app)
+    credentials = spec.model.credentials
+    if credentials.service_account_name is not None:
+        labels[LABEL_WORKLOAD_IDENTITY] = "true"
+    resources: dict[str, Any] = {"requests": spec.resources.requests.as_dict()}
+    if spec.resources.limits is not None and spec.resources.limits.as_dict():
+        resources["limits"] = spec.resources.limits.as_dict()
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [
+            {
+                "name": CONTAINER_NAME,
+                "image": release.image.reference,
+                "imagePullPolicy": "IfNotPresent",
+                "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
+                "env": container_env(app, release),
+                "resources": resources,
+                "readinessProbe": {
+                    "httpGet": {"path": "/readyz", "port": "http"},
+                    "periodSeconds": 5,
+                    "timeoutSeconds": 2,
+                    "failureThreshold": 3,
+                },
+                "livenessProbe": {
+                    "httpGet": {"path": "/healthz", "port": "http"},
+                    "periodSeconds": 10,
+                    "timeoutSeconds": 2,
+                    "failureThreshold": 3,
+                },
+                "securityContext": container_security_context(),
+                "volumeMounts": [
+                    {"name": "model-cache", "mountPath": CACHE_DIR},
+                    {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a mount point, not a temp file
+                ],
+            }
+        ],
+        "volumes": [{"name": "model-cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+    }
+    if credentials.service_account_name is not None:
+        pod_spec["serviceAccountName"] = credentials.service_account_name
+        # Workload identity projects its own token; the API token is still not needed.
+    if spec.image.pull_secret_name is not None:
+        pod_spec["imagePullSecrets"] = [{"name": spec.image.pull_secret_name}]
+    return {
+        "metadata": {
+            "labels": labels,
+            "annotations": {
+                ANNOTATION_IMAGE_DIGEST: release.image.digest,
+                ANNOTATION_MODEL_VERSION: release.model.version,
+                ANNOTATION_MODEL_SHA256: release.model.sha256,
+            },
+        },
+        "spec": pod_spec,
+    }
+
+
+def _with_applied_hash(obj: dict[str, Any]) -> dict[str, Any]:
+    """Stamp the object with a hash of itself, so reconcile can skip applying an unchanged object."""
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    obj["metadata"].setdefault("annotations", {})[ANNOTATION_APPLIED_HASH] = digest[:20]
+    return obj
+
+
+def applied_hash(obj: Mapping[str, Any]) -> str | None:
+    value = ((obj.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_APPLIED_HASH)
+    return value if isinstance(value, str) else None
+
+
+def child_metadata(app: ModelApp) -> dict[str, Any]:
+    """Name, labels and the controller reference every child carries (the garbage collector follows it)."""
+    return {
+        "name": app.name,
+        "namespace": app.namespace,
+        "labels": child_labels(app),
+        "ownerReferences": [app.owner_reference()],
+    }
+
+
+def build_deployment(app: ModelApp, release: Release) -> dict[str, Any]:
+    spec = app.spec
+    return _with_applied_hash(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": child_metadata(app),
+            "spec": {
+                "replicas": spec.replicas,
+                "revisionHistoryLimit": 10,
+                "progressDeadlineSeconds": spec.rollout.progress_deadline_seconds,
+                "selector": {"matchLabels": selector_labels(app)},
+                "strategy": {
+                    "type": "RollingUpdate",
+                    "rollingUpdate": {
+                        "maxSurge": spec.rollout.max_surge,
+                        "maxUnavailable": spec.rollout.max_unavailable,
+                    },
+                },
+                "template": pod_template(app, release),
+            },
+        }
+    )
+
+
+def build_service(app: ModelApp) -> dict[str, Any]:
+    spec = app.spec
+    return _with_applied_hash(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": child_metadata(app),
+            "spec": {
+                "type": spec.service.type,
+                "selector": selector_labels(app),
+                "ports": [{"name": "http", "port": spec.service.port, "targetPort": "http", "protocol": "TCP"}],
+            },
+        }
+    )
+
+
+def needs_apply(existing: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
+    """Whether desired must be applied over existing: it changed since we last applied it, or the
+    fields that define the running pair or the scale were edited by someone else (kubectl edit/scale)."""
+    if existing is None or applied_hash(existing) != applied_hash(desired):
+        return True
+
+    def watched(obj: Mapping[str, Any]) -> tuple[Any, ...]:
+        spec = obj.get("spec") or {}
+        template = spec.get("template") or {}
+        containers = (template.get("spec") or {}).get("containers") or [{}]
+        annotations = (template.get("metadata") or {}).get("annotations") or {}
+        return (
+            spec.get("replicas"),
+            containers[0].get("image"),
+            tuple(sorted((k, v) for k, v in annotations.items() if k.startswith(ANNOTATION_PREFIX))),
+            spec.get("type"),
+            tuple((p.get("port"), p.get("targetPort")) for p in spec.get("ports") or []),
+        )
+
+    return watched(existing) != watched(desired)
+
+
+def is_owned_by(obj: Mapping[str, Any], app: ModelApp) -> bool:
+    """True when obj's controller reference is this ModelApp (by uid): only then may we change it."""
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("uid") == app.metadata.uid:
+            return True
+    return False
+
+
+def template_release_changed(existing: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
+    """Whether applying desired over existing starts a rollout of a new image/model pair."""
+    if existing is None:
+        return True
+
+    def key(obj: Mapping[str, Any]) -> tuple[Any, ...]:
+        annotations = (((obj.get("spec") or {}).get("template") or {}).get("metadata") or {}).get("annotations") or {}
+        return tuple(
+            annotations.get(k) for k in (ANNOTATION_IMAGE_DIGEST, ANNOTATION_MODEL_VERSION, ANNOTATION_MODEL_SHA256)
+        )
+
+    return key(existing) != key(desired)

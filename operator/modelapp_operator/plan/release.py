@@ -1,0 +1,106 @@
+"""The (image, model) pair a ModelApp runs: what each side resolved to, and the pair as a value.
+
+Pure: no I/O. A Release is what the Deployment's pod template runs; a Pair is its identity
+(image digest, model version without quotes), as history and failedPairs record it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from modelapp_operator.api.modelapp_types import ModelAppSpec
+from modelapp_serving.model_blob import normalize_etag
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    repository: str
+    digest: str  # sha256:<64 hex>
+    tag: str | None = None
+
+    @property
+    def reference(self) -> str:
+        return f"{self.repository}@{self.digest}"
+
+    @property
+    def short_digest(self) -> str:
+        return short_digest(self.digest)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    url: str
+    version: str  # the ETag exactly as the blob service returns it (quoted)
+    sha256: str
+    format: str
+    size: int | None = None
+    last_modified: str | None = None
+
+
+@dataclass(frozen=True)
+class Release:
+    """The (image digest, model version) pair a Deployment runs."""
+
+    image: ResolvedImage
+    model: ResolvedModel
+
+
+def short_digest(digest: str) -> str:
+    return digest.split(":", 1)[-1][:12]
+
+
+def release_from_status(status: Mapping[str, Any]) -> Release | None:
+    """The pair the last reconcile deployed, as recorded in status (None before the first)."""
+    image = status.get("image") or {}
+    model = status.get("model") or {}
+    try:
+        return Release(
+            image=ResolvedImage(repository=image["repository"], digest=image["digest"], tag=image.get("tag")),
+            model=ResolvedModel(
+                url=model["url"],
+                version=model["version"],
+                sha256=model["sha256"],
+                format=model["format"],
+                size=model.get("size"),
+                last_modified=model.get("lastModified"),
+            ),
+        )
+    except (KeyError, TypeError):
+        return None
+
+
+def pinned_image(spec: ModelAppSpec, status: Mapping[str, Any]) -> ResolvedImage | None:
+    """The image needing no registry call: a pinned digest, or a tag resolved before with followTag false."""
+    if spec.image.digest is not None:
+        return ResolvedImage(repository=spec.image.repository, digest=spec.image.digest)
+    if spec.image.follows_tag:
+        return None
+    recorded = status.get("image") or {}
+    if (
+        recorded.get("repository") == spec.image.repository
+        and recorded.get("tag") == spec.image.tag
+        and isinstance(recorded.get("digest"), str)
+    ):
+        return ResolvedImage(repository=spec.image.repository, digest=recorded["digest"], tag=spec.image.tag)
+    return None
+
+
+Pair = tuple[str, str]  # (image digest, model version without quotes)
+
+
+def pair_of(image_digest: str, model_version: str) -> Pair:
+    return image_digest, normalize_etag(model_version)
+
+
+def release_pair(release: Release) -> Pair:
+    return pair_of(release.image.digest, release.model.version)
+
+
+def entry_pair(entry: Mapping[str, Any]) -> Pair:
+    return pair_of(str(entry.get("imageDigest") or ""), str(entry.get("modelVersion") or ""))
+
+
+def describe_pair(image_digest: str, model_version: str) -> str:
+    return f"image {short_digest(image_digest)} model {model_version}"

@@ -1,0 +1,258 @@
+"""The one reconcile, as read → plan → apply → write: from a ModelApp to applied children and a status.
+
+kopf's create/update/resume handlers call `reconcile`; the child-Deployment watch calls
+`refresh_status`, which also starts an automatic rollback when a rollout missed its progress
+deadline; the watch hub (poller and webhook receiver) calls `reconcile` directly when a followed
+tag or blob changes. Every entry point takes the per-object lock and reads the ModelApp again,
+so they never interleave. The decisions are made by plan/reconcile_plan.py; this module only
+reads, applies, posts and writes. None of it needs kopf: it raises our own errors, which
+handlers.py maps to kopf's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from modelapp_operator.api.modelapp_types import SpecError, parse_modelapp
+from modelapp_operator.clients.blob_storage import ModelResolver
+from modelapp_operator.clients.kube import KubeClient
+from modelapp_operator.clients.registry import ImageResolver
+from modelapp_operator.names import ANNOTATION_RECONCILE_REQUEST, API_VERSION, KIND
+from modelapp_operator.plan.reconcile_plan import (
+    Failure,
+    ReconcileInputs,
+    ReconcilePlan,
+    StatusUpdate,
+    plan_invalid_spec,
+    plan_reconcile,
+    plan_refresh,
+    refresh_applies,
+)
+from modelapp_operator.plan.release import Release
+from modelapp_operator.plan.status import Event, now_utc
+from modelapp_operator.reconcile.resolve import resolve_image, resolve_model
+from modelapp_operator.redact import redact
+from modelapp_operator.watch.hub import WatchHub
+from modelapp_operator.watch.resolvers import track_resolutions
+
+_log = logging.getLogger(__name__)
+
+
+class ReconcileError(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {redact(message)}")
+        self.reason = reason
+        self.message = redact(message)
+
+
+class PermanentReconcileError(ReconcileError):
+    """Retrying cannot help until the ModelApp changes (invalid spec)."""
+
+
+class TemporaryReconcileError(ReconcileError):
+    """A dependency is unavailable or a conflict may clear: retry after `delay` seconds."""
+
+    def __init__(self, reason: str, message: str, *, delay: float) -> None:
+        super().__init__(reason, message)
+        self.delay = delay
+
+
+@dataclass
+class Dependencies:
+    kube: KubeClient
+    images: ImageResolver
+    models: ModelResolver
+    clock: Callable[[], datetime] = now_utc
+    # The shared caches and subscriptions; images/models are then the hub's caching resolvers.
+    watch: WatchHub | None = None
+    # One lock per ModelApp: reconcile and refresh_status must not interleave their status writes.
+    _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    # metadata.generation of the child Deployment as our last apply left it: a watch event
+    # that shows an older generation predates that apply (a newer event follows).
+    _applied_generations: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Bounds the reconciles and status refreshes in flight at once: a cold start of 1,000
+    # ModelApps otherwise holds 1,000 sets of API responses in memory together, and the
+    # API server answers no faster for being asked everything at once.
+    in_flight: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(64))
+
+    def lock(self, namespace: str, name: str) -> asyncio.Lock:
+        return self._locks.setdefault((namespace, name), asyncio.Lock())
+
+    def record_applied(self, namespace: str, name: str, deployment: Mapping[str, Any]) -> None:
+        generation = (deployment.get("metadata") or {}).get("generation")
+        if isinstance(generation, int):
+            self._applied_generations[(namespace, name)] = generation
+
+    def predates_apply(self, namespace: str, name: str, deployment: Mapping[str, Any]) -> bool:
+        """Whether this copy of the child Deployment is older than what our last apply wrote."""
+        applied = self._applied_generations.get((namespace, name))
+        generation = (deployment.get("metadata") or {}).get("generation")
+        return applied is not None and isinstance(generation, int) and generation < applied
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The ModelApp is gone: drop its per-object state."""
+        self._applied_generations.pop((namespace, name), None)
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    status: dict[str, Any]
+    release: Release | None
+    applied: tuple[str, ...]  # kinds applied this time, e.g. ("Deployment",)
+    found: bool = True  # False: the ModelApp no longer exists
+    rolled_back: bool = False
+
+
+async def reconcile(body: Mapping[str, Any], deps: Dependencies) -> ReconcileResult:
+    """Resolve, render, apply what differs, write status. Idempotent; safe to call at any time.
+
+    Only body's metadata.namespace and metadata.name are used: the ModelApp is read again
+    under the per-object lock, so a poller may call reconcile({"metadata": {...}}, deps).
+
+    Raises PermanentReconcileError for an invalid spec and TemporaryReconcileError when
+    something must be retried, in both cases after the status says why."""
+    metadata = body.get("metadata") or {}
+    namespace, name = str(metadata.get("namespace")), str(metadata.get("name"))
+    async with deps.lock(namespace, name), deps.in_flight:
+        # Read it again under the lock: the caller's copy may predate our own last status write.
+        current = await deps.kube.get(API_VERSION, KIND, namespace, name)
+        if current is None:
+            return ReconcileResult(status={}, release=None, applied=(), found=False)  # deleted meanwhile
+        return await _reconcile_locked(current, deps)
+
+
+async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> ReconcileResult:
+    # Read.
+    try:
+        app = parse_modelapp(body)
+    except SpecError as error:
+        plan = plan_invalid_spec(body, str(error), deps.clock())
+        await _write_status(deps, body, plan.status_update())
+        assert plan.failure is not None
+        raise _error(plan.failure) from None
+    with track_resolutions(deps.watch, (app.namespace, app.name)):
+        (image, image_resolution), (model, model_resolution) = await asyncio.gather(
+            resolve_image(app, deps.kube, deps.images), resolve_model(app, deps.kube, deps.models)
+        )
+    deployment, service = await asyncio.gather(
+        deps.kube.get("apps/v1", "Deployment", app.namespace, app.name),
+        deps.kube.get("v1", "Service", app.namespace, app.name),
+    )
+    # Plan.
+    plan = plan_reconcile(
+        ReconcileInputs(app, image, image_resolution, model, model_resolution, deployment, service), deps.clock()
+    )
+    # Apply, then write.
+    applied_deployment = await _apply(deps, body, plan)
+    update = plan.status_update(applied_deployment)
+    await _write_status(deps, body, update)
+    if plan.failure is not None:
+        raise _error(plan.failure)
+    return ReconcileResult(
+        status=update.status, release=plan.release, applied=plan.applied_kinds, rolled_back=plan.rolled_back
+    )
+
+
+async def _apply(deps: Dependencies, body: Mapping[str, Any], plan: ReconcilePlan) -> Mapping[str, Any] | None:
+    """Apply the plan's objects and post its events; returns the Deployment as the API server answered."""
+    metadata = body.get("metadata") or {}
+    namespace, name = str(metadata.get("namespace")), str(metadata.get("name"))
+    applied_deployment: Mapping[str, Any] | None = None
+    for obj in plan.apply:
+        answer = await deps.kube.apply(obj)
+        if obj["kind"] == "Deployment":
+            applied_deployment = answer
+            deps.record_applied(namespace, name, answer)
+    for event in plan.events:
+        _log.log(
+            logging.WARNING if event.type == "Warning" else logging.INFO, "%s/%s: %s", namespace, name, event.message
+        )
+        await _post_event(deps, body, event)
+    return applied_deployment
+
+
+async def _write_status(deps: Dependencies, body: Mapping[str, Any], update: StatusUpdate) -> None:
+    if not update.changed:
+        return
+    metadata = body.get("metadata") or {}
+    await deps.kube.patch_modelapp_status(metadata["namespace"], metadata["name"], update.status)
+    for event in update.events:
+        await _post_event(deps, body, event)
+
+
+async def _post_event(deps: Dependencies, body: Mapping[str, Any], event: Event) -> None:
+    involved = {"apiVersion": API_VERSION, "kind": KIND, "metadata": dict(body.get("metadata") or {})}
+    await deps.kube.post_event(involved, event.type, event.reason, event.message)
+
+
+def _error(failure: Failure) -> ReconcileError:
+    if failure.retry_after is None:
+        return PermanentReconcileError(failure.reason, failure.message)
+    return TemporaryReconcileError(failure.reason, failure.message, delay=failure.retry_after)
+
+
+async def refresh_status(
+    namespace: str, name: str, deps: Dependencies, deployment_seen: Mapping[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """Recompute the rollout part of the status from the live Deployment (no resolution).
+
+    Called when a child Deployment changes, so Ready follows pods becoming ready, and
+    a Deployment edited behind the operator's back is noticed. deployment_seen: the
+    Deployment as the watch event delivered it, used instead of reading it again (a copy
+    older than our own last apply is skipped: the event of that apply follows)."""
+    if deployment_seen is not None and deps.predates_apply(namespace, name, deployment_seen):
+        return None
+    async with deps.lock(namespace, name), deps.in_flight:
+        if deployment_seen is not None and deps.predates_apply(namespace, name, deployment_seen):
+            return None  # a reconcile applied a newer template while we waited for the lock
+        body = await deps.kube.get(API_VERSION, KIND, namespace, name)
+        if body is None:
+            return None
+        try:
+            app = parse_modelapp(body)
+        except SpecError:
+            return None  # reconcile reports it
+        previous: Mapping[str, Any] = body.get("status") or {}
+        if not refresh_applies(previous):
+            return None  # nothing rolled out by us yet, or a person must act first
+        deployment = (
+            deployment_seen
+            if deployment_seen is not None
+            else await deps.kube.get("apps/v1", "Deployment", namespace, name)
+        )
+        plan = plan_refresh(app, previous, deployment, deps.clock())
+        if plan is None:
+            return None
+        if plan.rollback_from is not None:
+            # The rollout missed its deadline and a Ready pair exists: the full reconcile rolls back.
+            _log.warning(
+                "%s/%s: revision %s missed its progress deadline; rolling back",
+                namespace,
+                name,
+                plan.rollback_from["revision"],
+            )
+            try:
+                return (await _reconcile_locked(body, deps)).status
+            except ReconcileError:
+                return None  # the status says why; the rollback itself was applied before
+        assert plan.update is not None
+        await _write_status(deps, body, plan.update)
+        if plan.drifted:
+            # Someone scaled or edited our Deployment: the reconcile puts it back.
+            _log.info("%s/%s: Deployment drifted from the ModelApp; requesting a reconcile", namespace, name)
+            await request_reconcile(deps.kube, namespace, name, now=deps.clock())
+        return plan.update.status
+
+
+async def request_reconcile(kube: KubeClient, namespace: str, name: str, *, now: datetime | None = None) -> None:
+    """Ask for a reconcile of one ModelApp (e.g. its tag moved or its blob changed).
+
+    It stamps an annotation; kopf sees the change and runs the update handler in
+    its per-object queue, so requests never race with a running reconcile."""
+    stamp = (now or now_utc()).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    await kube.patch_modelapp_annotations(namespace, name, {ANNOTATION_RECONCILE_REQUEST: stamp})
