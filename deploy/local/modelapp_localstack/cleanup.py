@@ -80,12 +80,24 @@ def _run(*args: str) -> None:
     subprocess.run(list(args), capture_output=True, check=False, timeout=30)
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    """Processes whose command line names `text` (the run folder): shims, helpers, children."""
+def ancestry(pid: int) -> list[int]:
+    """`pid` and its parents up to init: the stack's own process and whatever started it."""
+    chain = []
+    while pid > 1:
+        chain.append(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return chain
+
+
+def _processes_mentioning(text: str, spared: set[int]) -> list[int]:
+    """Processes whose command line names `text` (the run folder): shims, helpers, children; but
+    never the stack's own process or the shell that started it with `--run-dir`."""
     found = []
-    me = os.getpid()
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
+        if not entry.name.isdigit() or int(entry.name) in spared:
             continue
         with contextlib.suppress(OSError):
             if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
@@ -186,7 +198,10 @@ def undo(ledger: Ledger, run_dir: Path, *, remove_run_dir: bool) -> None:
         # Only a group whose leader is gone or is still the process we started: pids get reused.
         if process_start_time(entry["pgid"]) in (None, entry.get("start_time"))
     ]
-    pids = _processes_mentioning(str(run_dir))
+    spared = {os.getpid()} | {
+        entry["pid"] for entry in by_kind.get("spare", []) if process_start_time(entry["pid"]) == entry.get("start_time")
+    }
+    pids = _processes_mentioning(str(run_dir), spared)
     for entry in by_kind.get("cgroup", []):
         pids += _cgroup_pids(entry["path"])
     for entry in by_kind.get("netns", []):
@@ -228,7 +243,10 @@ class Janitor:
     pipe: IO[bytes]
 
     @classmethod
-    def start(cls, run_dir: Path, *, remove_run_dir: bool) -> Janitor:
+    def start(cls, run_dir: Path, ledger: Ledger, *, remove_run_dir: bool) -> Janitor:
+        """Start the janitor for `run_dir`; the calling process and its ancestors are never killed."""
+        for pid in ancestry(os.getpid()):
+            ledger.record("spare", pid=pid, start_time=process_start_time(pid))
         log_file = (run_dir / "logs" / "janitor.log")
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with log_file.open("ab") as log:

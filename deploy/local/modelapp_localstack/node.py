@@ -298,7 +298,14 @@ def start_real_node(
     if not (CNI_BIN_DIR / "bridge").exists():
         raise StackError(f"real nodes need CNI plugins in {CNI_BIN_DIR}: apt-get install containernetworking-plugins")
     started = time.monotonic()
-    folder = run_dir / name
+    # Unix socket paths (containerd's, kubelet's pod-resources and plugin sockets) are limited to
+    # about 100 bytes, and a run folder under pytest's tmp_path is longer: everything of the node
+    # is named through a short link to its folder in the run folder.
+    (run_dir / name).mkdir(parents=True, exist_ok=True)
+    folder = Path(f"/run/modelapp-{network.index}")
+    ledger.record("path", path=str(folder))
+    folder.unlink(missing_ok=True)
+    folder.symlink_to(run_dir / name)
     logs = folder / "logs"
     containerd_dir = folder / "containerd"
     cni_conf_dir = folder / "cni" / "net.d"

@@ -8,9 +8,12 @@ the registry at the same address the tests use.
 from __future__ import annotations
 
 import contextlib
+import signal
 import subprocess
+import threading
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +28,22 @@ from .procs import StackError, log
 from .registry import Registry, start_registry
 
 LOOPBACK = "127.0.0.1"
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 REAL_NODE_NAME = "real-node-0"
 REAL_NODE_READY_TIMEOUT_SECONDS = 120.0
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @dataclass
@@ -58,7 +75,7 @@ class Stack:
         stack = cls(run_dir=run_dir, keep_run_dir=keep_run_dir, real_nodes=real_nodes)
         stack._ledger = Ledger(run_dir / LEDGER_NAME)
         # From here on, even a SIGKILL of this process leaves nothing behind.
-        stack._janitor = Janitor.start(run_dir, remove_run_dir=not keep_run_dir)
+        stack._janitor = Janitor.start(run_dir, stack._ledger, remove_run_dir=not keep_run_dir)
         return stack
 
     @property
@@ -157,18 +174,24 @@ class Stack:
                               timeout=timeout, check=False)
 
     def stop(self) -> None:
+        """Stop everything and remove what the ledger names. A second Ctrl-C or SIGTERM while this
+        runs is ignored: a half-done clean-up is the one thing worse than a slow one."""
         started = time.monotonic()
-        for component in (self.node, self.registry, self.azurite, self.kube):
-            if component is not None:
-                with contextlib.suppress(Exception):
-                    component.stop()
-        self.node = self.registry = self.azurite = self.kube = None
-        # Containers, mounts, the node network, cgroups, links: whatever the ledger names.
-        undo(self.ledger, self.run_dir, remove_run_dir=not self.keep_run_dir)
-        self.network = None
-        if self._janitor is not None:
-            self._janitor.release()
-            self._janitor = None
+        with _signals_ignored():
+            for component in (self.node, self.registry, self.azurite, self.kube):
+                if component is not None:
+                    with contextlib.suppress(Exception):
+                        component.stop()
+            self.node = self.registry = self.azurite = self.kube = None
+            # Containers, mounts, the node network, cgroups, links: whatever the ledger names. The run
+            # folder (and the ledger in it) goes last, in the janitor's pass, so it knows whom to spare.
+            undo(self.ledger, self.run_dir, remove_run_dir=False)
+            self.network = None
+            if self._janitor is not None:
+                self._janitor.release()
+                self._janitor = None
+            if not self.keep_run_dir:
+                undo(self.ledger, self.run_dir, remove_run_dir=True)
         if self.real_nodes:
             log(f"stack stopped and cleaned up in {time.monotonic() - started:.1f}s")
 
