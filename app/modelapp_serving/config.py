@@ -49,6 +49,8 @@ class ServingConfig:
     download_chunk_bytes: int = DEFAULT_DOWNLOAD_CHUNK_BYTES
     onnx_threads: int = 1
     """Threads per ONNX session; 1 because gunicorn already runs one process per core."""
+    image: str | None = None
+    """The image this pod runs, by digest (the operator sets it); shown by /version and /metrics."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServingConfig:
@@ -95,4 +97,5 @@ class ServingConfig:
                 high=256 << 20,
             ),
             onnx_threads=env_int(env, "MODELAPP_ONNX_THREADS", 1, low=0, high=256),
+            image=env.get("MODELAPP_IMAGE") or None,
         )

@@ -80,7 +80,7 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = config.max_request_bytes
     app.extensions[EXTENSION_KEY] = ServingExtension(config, state, metrics)
     _install_error_handlers(app)
-    _install_routes(app, state, metrics)
+    _install_routes(app, state, metrics, config.image)
     fast_path = PredictFastPath(app.wsgi_app, state, config.max_request_bytes)
     get_serving(app).predict_fast_path = fast_path
     app.wsgi_app = MetricsMiddleware(fast_path, metrics)  # type: ignore[method-assign]
@@ -106,7 +106,7 @@ def error_body(message: str, status: int) -> bytes:
     return json.dumps({"error": message, "status": status}, separators=(",", ":")).encode()
 
 
-def _install_routes(app: Flask, state: ModelState, metrics: ServingMetrics) -> None:
+def _install_routes(app: Flask, state: ModelState, metrics: ServingMetrics, image: str | None = None) -> None:
     def not_ready() -> Response:
         return error_response(f"model not ready: {state.reason}", 503, {"Retry-After": "5"})
 
@@ -138,7 +138,8 @@ def _install_routes(app: Flask, state: ModelState, metrics: ServingMetrics) -> N
     def version() -> Response:
         info = state.info
         return json_response(
-            {"version": __version__, "model": info.as_json() if info else None, "ready": state.ready}, 200
+            {"version": __version__, "image": image, "model": info.as_json() if info else None, "ready": state.ready},
+            200,
         )
 
     @app.get("/metrics")

@@ -155,7 +155,17 @@ def test_healthz_answers(client: FlaskClient) -> None:
 
 def test_version_shows_app_and_model(client: FlaskClient) -> None:
     body = client.get("/version").get_json()
-    assert body == {"version": __version__, "model": INFO.as_json(), "ready": True}
+    assert body == {"version": __version__, "image": None, "model": INFO.as_json(), "ready": True}
+
+
+def test_version_names_the_image_the_operator_pinned(onnx_model: LoadedModel) -> None:
+    image = "registry.example/team/iris@sha256:" + "ab" * 32
+    env = {"MODELAPP_MODEL_URL": INFO.url, "MODELAPP_MODEL_ETAG": INFO.etag, "MODELAPP_MODEL_SHA256": INFO.sha256,
+           "MODELAPP_MODEL_FORMAT": "onnx", "MODELAPP_IMAGE": image}
+    config = ServingConfig.from_env(env)
+    assert config.image == image
+    with create_app(config, model=onnx_model, model_info=INFO).test_client() as client:
+        assert client.get("/version").get_json()["image"] == image
 
 
 def test_version_never_shows_a_sas_token(onnx_model: LoadedModel) -> None:

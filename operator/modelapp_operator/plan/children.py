@@ -51,6 +51,8 @@ def container_env(app: ModelApp, release: Release) -> list[dict[str, Any]]:
         {"name": "MODELAPP_MODEL_FORMAT", "value": release.model.format},
         {"name": "MODELAPP_MODEL_CACHE_DIR", "value": CACHE_DIR},
         {"name": "MODELAPP_PORT", "value": str(spec.port)},
+        # The image by digest, so the app's /version and /metrics say which pair this pod serves.
+        {"name": "MODELAPP_IMAGE", "value": release.image.reference},
     ]
     if release.model.format == "pickle" and spec.model.allow_pickle:
         env.append({"name": "MODELAPP_ALLOW_PICKLE", "value": "true"})
