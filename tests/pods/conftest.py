@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from modelapp_localstack import Azurite, KubeCluster, Registry, Stack
@@ -36,7 +37,7 @@ def real_stack(local_stack: Stack, kube: KubeCluster) -> Stack:
     return local_stack
 
 
-def _build(stack: Stack, registry: Registry, which: str, repository: str, tag: str) -> Image:
+def _build(stack: Stack, registry: Registry, which: Literal["app", "operator"], repository: str, tag: str) -> Image:
     from modelapp_localstack import images
 
     reference = images.build_project_image(stack.buildah(), which, registry, repository=repository, tag=tag)

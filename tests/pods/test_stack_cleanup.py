@@ -34,11 +34,11 @@ def _iptables_rules() -> str:
 def _leftovers(run_dir: Path, namespace: str) -> list[str]:
     index = namespace.rsplit("-", 1)[1]
     found = []
-    if namespace in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
+    if namespace in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout.split():
         found.append(f"network namespace {namespace}")
-    if subprocess.run(["ip", "link", "show", f"mdl{index}"], capture_output=True).returncode == 0:
+    if subprocess.run(["ip", "link", "show", f"mdl{index}"], capture_output=True, check=False).returncode == 0:
         found.append(f"link mdl{index}")
-    routes = subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+    routes = subprocess.run(["ip", "route"], capture_output=True, text=True, check=False).stdout
     found += [f"route {line}" for line in routes.splitlines() if f"10.244.{index}." in line]
     mounts = Path("/proc/self/mountinfo").read_text()
     found += [f"mount {line.split()[4]}" for line in mounts.splitlines() if str(run_dir) in line]

@@ -199,7 +199,8 @@ def undo(ledger: Ledger, run_dir: Path, *, remove_run_dir: bool) -> None:
         if process_start_time(entry["pgid"]) in (None, entry.get("start_time"))
     ]
     spared = {os.getpid()} | {
-        entry["pid"] for entry in by_kind.get("spare", []) if process_start_time(entry["pid"]) == entry.get("start_time")
+        entry["pid"] for entry in by_kind.get("spare", [])
+        if process_start_time(entry["pid"]) == entry.get("start_time")
     }
     pids = _processes_mentioning(str(run_dir), spared)
     for entry in by_kind.get("cgroup", []):

@@ -28,7 +28,7 @@ OPERATOR_NAMESPACE = "modelapp-system"
 OPERATOR_DEPLOYMENT = "modelapp-operator"
 TENANT_NAMESPACE = "ml"
 REGISTRY_CA_MOUNT = "/etc/modelapp/registry-ca"
-PULL_SECRET = "regcred"
+PULL_SECRET_NAME = "regcred"  # noqa: S105 - the name of a Secret, not a credential
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def _overlay(
         "kind": "Deployment",
         "metadata": {"name": OPERATOR_DEPLOYMENT, "namespace": OPERATOR_NAMESPACE},
         "spec": {"template": {"spec": {
-            "imagePullSecrets": [{"name": PULL_SECRET}],
+            "imagePullSecrets": [{"name": PULL_SECRET_NAME}],
             "containers": [{"name": "operator", "volumeMounts": [
                 {"name": "registry-ca", "mountPath": REGISTRY_CA_MOUNT, "readOnly": True}]}],
             "volumes": [{"name": "registry-ca", "configMap": {"name": "modelapp-registry-ca"}}],
@@ -85,7 +85,7 @@ def _overlay(
          "metadata": {"name": "modelapp-registry-ca", "namespace": OPERATOR_NAMESPACE},
          "data": {"ca.crt": registry.ca_file.read_text()}},
         {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
-         "metadata": {"name": PULL_SECRET, "namespace": OPERATOR_NAMESPACE},
+         "metadata": {"name": PULL_SECRET_NAME, "namespace": OPERATOR_NAMESPACE},
          "stringData": {".dockerconfigjson": registry.dockerconfigjson()}},
     ]
     (folder / "local-objects.yaml").write_text(yaml.safe_dump_all(extra))

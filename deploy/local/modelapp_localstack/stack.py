@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
-import threading
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
