@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelapp_serving.model_blob import BlobAddress, ModelFormat, parse_blob_url
+from modelapp_serving.model_blob import BlobAddress, ModelFormat, PinnedVersion, parse_blob_url
 from modelapp_serving.settings import ConfigError, env_bool, env_int, env_required
 
 __all__ = ["ConfigError", "ModelFormat", "ModelSpec", "ServingConfig"]
@@ -30,6 +30,10 @@ class ModelSpec:
     etag: str
     sha256: str
     format: ModelFormat
+    pin: PinnedVersion = field(default_factory=PinnedVersion)
+    """The immutable version to download (MODELAPP_MODEL_PIN); unpinned: the blob, If-Match the ETag."""
+    signature_public_key: bytes | None = field(default=None, repr=False)
+    """PEM public key (MODELAPP_MODEL_SIGNATURE_PUBLIC_KEY): the model must carry a signature made with it."""
 
     @property
     def location(self) -> BlobAddress:
@@ -76,11 +80,23 @@ class ServingConfig:
             raise ConfigError(
                 "MODELAPP_MODEL_FORMAT=pickle needs MODELAPP_ALLOW_PICKLE=true (loading a pickle runs code)"
             )
+        try:
+            pin = PinnedVersion.from_query(env["MODELAPP_MODEL_PIN"]) if env.get("MODELAPP_MODEL_PIN") else None
+        except ValueError as error:
+            raise ConfigError(f"MODELAPP_MODEL_PIN: {error}") from None
+        public_key = env.get("MODELAPP_MODEL_SIGNATURE_PUBLIC_KEY", "").strip()
         cache_dir = Path(env.get("MODELAPP_MODEL_CACHE_DIR", "") or DEFAULT_CACHE_DIR)
         if not cache_dir.is_absolute():
             raise ConfigError(f"MODELAPP_MODEL_CACHE_DIR must be an absolute path, not {str(cache_dir)!r}")
         return cls(
-            model=ModelSpec(url=url, etag=etag, sha256=sha256, format=model_format),
+            model=ModelSpec(
+                url=url,
+                etag=etag,
+                sha256=sha256,
+                format=model_format,
+                pin=pin or PinnedVersion(),
+                signature_public_key=public_key.encode() if public_key else None,
+            ),
             connection_string=env.get("MODELAPP_MODEL_CONNECTION_STRING") or None,
             cache_dir=cache_dir,
             port=env_int(env, "MODELAPP_PORT", DEFAULT_PORT, low=1, high=65535),

@@ -36,7 +36,8 @@ from azure.identity import DefaultAzureCredential
 from azure.storage.blob import BlobClient, BlobServiceClient
 
 from modelapp_serving.config import ModelSpec
-from modelapp_serving.model_blob import ModelFormat, redact_url
+from modelapp_serving.model_blob import METADATA_SIGNATURE, ModelFormat, redact_url
+from modelapp_serving.signing import SignatureError, decode_bundle, verify_signature
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,10 @@ def fetch_verified_model(
     except OSError as error:
         raise ModelFetchError(f"cannot create the cache dir {cache_dir}: {error}", retryable=False) from None
     target = cached_model_path(cache_dir, spec)
+    factory = blob_client_factory or make_blob_client
+    if spec.signature_public_key is not None:
+        # Before any byte is used (a cached file too): the pinned version's signature names spec.sha256.
+        _check_signature(factory(spec, settings), spec)
     with _exclusive_lock(cache_dir / f".{spec.sha256}.lock"):
         _remove_stale_partials(cache_dir, spec.sha256)
         if target.exists():
@@ -108,7 +113,6 @@ def fetch_verified_model(
                 return FetchResult(target, False, time.perf_counter() - started, target.stat().st_size)
             log.warning("cached model %s has sha256 %s, expected %s: downloading again", target, actual, spec.sha256)
             target.unlink()
-        factory = blob_client_factory or make_blob_client
         size = _download_verified(factory(spec, settings), spec, target, settings)
         _write_stamp(cache_dir, target, spec.sha256, settings.run_id)
     return FetchResult(target, True, time.perf_counter() - started, size)
@@ -124,19 +128,44 @@ def make_blob_client(spec: ModelSpec, settings: DownloadSettings) -> Any:
         "read_timeout": 60,
     }
     location = spec.location
+    # The pinned snapshot or version: bytes that never change, whatever happens to the blob since.
+    pinned: dict[str, Any] = {"snapshot": spec.pin.snapshot, "version_id": spec.pin.version_id}
     if settings.connection_string:
         service = BlobServiceClient.from_connection_string(settings.connection_string, **tuning)
-        return service.get_blob_client(location.container, location.blob)
+        return service.get_blob_client(location.container, location.blob, **pinned)
     if "?" in spec.url:
         # The URL carries a SAS token: it is the credential.
-        return BlobClient.from_blob_url(spec.url, **tuning)
+        return BlobClient.from_blob_url(spec.url, **pinned, **tuning)
     return BlobClient(
         location.account_url,
         location.container,
         location.blob,
         credential=DefaultAzureCredential(),
+        **pinned,
         **tuning,
     )
+
+
+def _check_signature(blob_client: Any, spec: ModelSpec) -> None:
+    """Refuse unless the version's signature verifies with the key and names spec.sha256."""
+    shown = f"{redact_url(spec.url)} ({spec.pin.describe() or f'ETag {spec.etag}'})"
+    assert spec.signature_public_key is not None
+    try:
+        properties = blob_client.get_blob_properties()
+    except Exception as error:
+        raise _describe_storage_error(error, shown, spec.etag) from None
+    encoded = {k.lower(): v for k, v in (properties.metadata or {}).items()}.get(METADATA_SIGNATURE)
+    if not encoded:
+        raise ModelFetchError(f"model {shown} is not signed: refusing it", retryable=False)
+    try:
+        signed = verify_signature(decode_bundle(encoded), spec.signature_public_key)
+    except SignatureError as error:
+        raise ModelFetchError(f"model {shown}: {error}: refusing it", retryable=False) from None
+    if signed.sha256 != spec.sha256:
+        raise ModelFetchError(
+            f"model {shown} is signed for sha256 {signed.sha256}, expected {spec.sha256}: refusing it",
+            retryable=False,
+        )
 
 
 class HashingFileWriter:
@@ -223,11 +252,11 @@ def _download_verified(blob_client: Any, spec: ModelSpec, target: Path, settings
     writer = HashingFileWriter(fd)
     try:
         try:
-            downloader = blob_client.download_blob(
-                etag=spec.etag,
-                match_condition=MatchConditions.IfNotModified,
-                max_concurrency=settings.concurrency,
+            # A version ID is immutable by itself; a blob or a snapshot is also held to the ETag resolved.
+            condition = (
+                {} if spec.pin.version_id else {"etag": spec.etag, "match_condition": MatchConditions.IfNotModified}
             )
+            downloader = blob_client.download_blob(max_concurrency=settings.concurrency, **condition)
             _reserve_space(fd, int(downloader.size))
             downloader.readinto(writer)
         except ModelFetchError:

@@ -10,6 +10,12 @@ without the app's dependencies, the app image without kopf.
   Azurite emulator, http://<host>:<port>/<account>/<container>/<blob>. The blob name is
   percent-quoted in a URL and unquoted when parsed.
 - ETags compare without their quotes and weak prefix.
+- A model version is pinned to something that never changes (PinnedVersion): the blob's version ID
+  where the account keeps versions, else a snapshot the operator took conditionally on the ETag it
+  resolved. Snapshots the operator took carry METADATA_PINNED_BY, so it deletes only its own.
+- A signed model carries its OpenSSF model-signing bundle (base64) in METADATA_SIGNATURE, so the
+  signature is part of the same immutable version as the bytes it covers; the publisher also
+  writes it next to the model as `<blob>.sig` for the model_signing command line.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ from modelapp_serving.settings import ConfigError
 # Blob metadata the publisher writes and the operator checks.
 METADATA_SHA256 = "sha256"
 METADATA_FORMAT = "format"
+METADATA_SIGNATURE = "modelsignature"
+# On snapshots the operator took: the uid of the ModelApp that pinned it (metadata keys are C# identifiers).
+METADATA_PINNED_BY = "modelapppinnedby"
+SIGNATURE_SUFFIX = ".sig"
 
 # The emulator's well-known account (Azurite, the storage emulator).
 EMULATOR_ACCOUNT = "devstoreaccount1"
@@ -68,6 +78,48 @@ def read_published_metadata(metadata: Mapping[str, str]) -> tuple[str | None, st
     sha256 = lowered.get(METADATA_SHA256, "").strip().lower() or None
     model_format = lowered.get(METADATA_FORMAT, "").strip().lower() or None
     return sha256, model_format
+
+
+@dataclass(frozen=True)
+class PinnedVersion:
+    """An immutable address of one model version: a blob version ID or a snapshot time (at most one)."""
+
+    version_id: str | None = None
+    snapshot: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.version_id is not None and self.snapshot is not None:
+            raise ValueError("a model version is pinned by a version ID or a snapshot, not both")
+
+    @property
+    def pinned(self) -> bool:
+        return self.version_id is not None or self.snapshot is not None
+
+    @property
+    def kind(self) -> str:
+        """versionId, snapshot or etag (nothing immutable: only the ETag, checked with If-Match)."""
+        return "versionId" if self.version_id else "snapshot" if self.snapshot else "etag"
+
+    @property
+    def query(self) -> str:
+        """The blob URL's query that addresses it: `versionid=...` or `snapshot=...` (empty when unpinned)."""
+        if self.version_id:
+            return f"versionid={quote(self.version_id, safe='')}"
+        if self.snapshot:
+            return f"snapshot={quote(self.snapshot, safe='')}"
+        return ""
+
+    def describe(self) -> str:
+        return f"version {self.version_id}" if self.version_id else f"snapshot {self.snapshot}" if self.snapshot else ""
+
+    @classmethod
+    def from_query(cls, query: str) -> PinnedVersion:
+        """Parse `versionid=...` or `snapshot=...` (what `query` renders); raise ValueError otherwise."""
+        key, _, value = query.strip().partition("=")
+        value = unquote(value)
+        if not value or key.lower() not in ("versionid", "snapshot"):
+            raise ValueError(f"expected versionid=<id> or snapshot=<time>, not {query[:80]!r}")
+        return cls(version_id=value) if key.lower() == "versionid" else cls(snapshot=value)
 
 
 def normalize_etag(etag: str) -> str:

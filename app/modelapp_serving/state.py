@@ -2,23 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from modelapp_serving.config import ServingConfig
 from modelapp_serving.download import RUN_ID_ENV, DownloadSettings, ModelFetchError, fetch_verified_model
 from modelapp_serving.model import LoadedModel, ModelLoadError, load_model_file
 from modelapp_serving.model_blob import redact_url
+from modelapp_serving.settings import env_bool
 
 log = logging.getLogger(__name__)
 
 RETRY_FIRST_DELAY_S = 2.0
 RETRY_MAX_DELAY_S = 60.0
+TERMINATION_LOG = Path("/dev/termination-log")
+EXIT_ON_REFUSAL_ENV = "MODELAPP_EXIT_ON_REFUSAL"
+
+
+def report_refusal(reason: str, *, termination_log: Path = TERMINATION_LOG) -> None:
+    """Write why the model was refused where Kubernetes reads a container's termination message
+    (the operator shows it in the ModelApp's ModelVerified condition); with MODELAPP_EXIT_ON_REFUSAL
+    (the operator sets it) stop the container, so the refusal is visible as a restart with that message."""
+    if termination_log.exists():  # Kubernetes mounts it; never create one elsewhere
+        with contextlib.suppress(OSError):
+            termination_log.write_text(reason[:4000])
+    if env_bool(os.environ, EXIT_ON_REFUSAL_ENV, default=False):
+        log.error("exiting: the model was refused (%s=true)", EXIT_ON_REFUSAL_ENV)
+        os.kill(os.getppid(), signal.SIGTERM)  # the gunicorn master stops every worker and exits
 
 
 @dataclass(frozen=True)
@@ -113,6 +131,7 @@ def load_until_ready(
             if not error.retryable:
                 log.error("model not ready: %s", error.reason)
                 state.set_waiting(error.reason, failed=True)
+                report_refusal(error.reason)
                 return
             log.warning("model not ready: %s (retrying in %.0f s)", error.reason, delay)
             state.set_waiting(error.reason, failed=False)
@@ -122,6 +141,7 @@ def load_until_ready(
         except ModelLoadError as error:
             log.error("model not ready: %s", error.reason)
             state.set_waiting(error.reason, failed=True)
+            report_refusal(error.reason)
             return
         except Exception as error:
             # Unexpected: still one line and a reason, never a dead thread with a silent not-ready app.

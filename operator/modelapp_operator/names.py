@@ -38,6 +38,7 @@ ANNOTATION_PREFIX: Final = f"{GROUP}/"
 ANNOTATION_IMAGE_DIGEST: Final = f"{GROUP}/image-digest"
 ANNOTATION_MODEL_VERSION: Final = f"{GROUP}/model-version"
 ANNOTATION_MODEL_SHA256: Final = f"{GROUP}/model-sha256"
+ANNOTATION_MODEL_PIN: Final = f"{GROUP}/model-pin"  # versionid=... or snapshot=... (absent: ETag only)
 # On each child: a hash of what we applied, so an unchanged child is not applied again.
 ANNOTATION_APPLIED_HASH: Final = f"{GROUP}/applied-hash"
 # On the ModelApp, written by request_reconcile(); any change of it makes kopf call the update handler.
@@ -57,7 +58,9 @@ class ConditionType:
     DEGRADED: Final = "Degraded"
     IMAGE_RESOLVED: Final = "ImageResolved"
     MODEL_RESOLVED: Final = "ModelResolved"
-    ALL: Final = (READY, PROGRESSING, DEGRADED, IMAGE_RESOLVED, MODEL_RESOLVED)
+    # Whether the pinned model was verified, how (spec sha256, blob metadata, signature), or why a pod refused it.
+    MODEL_VERIFIED: Final = "ModelVerified"
+    ALL: Final = (READY, PROGRESSING, DEGRADED, IMAGE_RESOLVED, MODEL_RESOLVED, MODEL_VERIFIED)
 
 
 class Reason:
@@ -98,6 +101,17 @@ class Reason:
     MODEL_FORMAT_UNKNOWN: Final = "ModelFormatUnknown"
     MODEL_FORMAT_MISMATCH: Final = "ModelFormatMismatch"
     PICKLE_NOT_ALLOWED: Final = "PickleNotAllowed"
+    # Immutable model versions (ModelResolved) and verification (ModelVerified).
+    VERSION_NOT_PINNED: Final = "VersionNotPinned"  # resolved, but no snapshot could be taken: ETag only
+    MODEL_VERSION_GONE: Final = "ModelVersionGone"  # the pinned snapshot or version was deleted
+    SHA256_PINNED: Final = "Sha256Pinned"  # spec.model.sha256
+    SHA256_FROM_METADATA: Final = "Sha256FromMetadata"  # the blob's own metadata: whoever writes it vouches
+    SIGNATURE_VERIFIED: Final = "SignatureVerified"
+    SIGNATURE_MISSING: Final = "SignatureMissing"
+    SIGNATURE_INVALID: Final = "SignatureInvalid"
+    SIGNATURE_KEY_NOT_FOUND: Final = "SignatureKeyNotFound"
+    MODEL_REFUSED: Final = "ModelRefused"  # a pod refused the model (its termination message says why)
+    NOT_VERIFIED: Final = "NotVerified"  # nothing resolved yet
     # History entries: why a revision started.
     INITIAL: Final = "Initial"
     IMAGE_CHANGED: Final = "ImageChanged"

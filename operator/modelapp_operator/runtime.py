@@ -80,7 +80,14 @@ def build_hub(config: OperatorConfig) -> WatchHub:
 
 async def start(config: OperatorConfig, logger: Logger) -> Runtime:
     hub = build_hub(config)
-    deps = Dependencies(kube=AiohttpKubeClient.connect(), images=hub.images, models=hub.models, watch=hub)
+    blobs = hub.models.inner
+    deps = Dependencies(
+        kube=AiohttpKubeClient.connect(),
+        images=hub.images,
+        models=hub.models,
+        watch=hub,
+        pins=blobs if isinstance(blobs, AzureBlobResolver) else None,
+    )
     runtime = Runtime(deps=deps, child_refresher=ChildRefresher(deps, logger))
 
     async def reconcile_changed(app: AppKey) -> None:

@@ -76,6 +76,7 @@ def test_deployment_runs_image_by_digest_with_contract_env() -> None:
         "MODELAPP_MODEL_SHA256": SHA,
         "MODELAPP_MODEL_FORMAT": "onnx",
         "MODELAPP_MODEL_CACHE_DIR": "/var/cache/modelapp",
+        "MODELAPP_EXIT_ON_REFUSAL": "true",
         "MODELAPP_PORT": "8080",
         "MODELAPP_IMAGE": f"127.0.0.1:5000/team/iris@{DIGEST}",
         "MODELAPP_MODEL_CONNECTION_STRING": {"secretKeyRef": {"name": "storage", "key": "connectionString"}},

@@ -121,6 +121,29 @@ class ModelCredentials(_Frozen):
         return self
 
 
+class KeyRef(_Frozen):
+    name: Annotated[str, Field(max_length=253, pattern=_DNS_SUBDOMAIN)]
+    key: Annotated[str, Field(max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")] = "publicKey"
+
+
+class PublicKeySource(_Frozen):
+    config_map_ref: Annotated[KeyRef | None, Field(alias="configMapRef")] = None
+    secret_ref: Annotated[KeyRef | None, Field(alias="secretRef")] = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PublicKeySource:
+        if (self.config_map_ref is None) == (self.secret_ref is None):
+            raise ValueError("set exactly one of model.signature.publicKey.configMapRef or secretRef")
+        return self
+
+
+class SignatureSpec(_Frozen):
+    """OpenSSF model signing, key mode: the model must carry a signature made with this key's private half."""
+
+    required: bool = True
+    public_key: Annotated[PublicKeySource, Field(alias="publicKey")]
+
+
 class ModelSpec(_Frozen):
     blob: BlobLocation
     version: Annotated[str | None, Field(min_length=1, max_length=256, pattern=r'^"?[!#-~]+"?$')] = None
@@ -128,6 +151,11 @@ class ModelSpec(_Frozen):
     format: ModelFormat | None = None
     allow_pickle: Annotated[bool, Field(alias="allowPickle")] = False
     credentials: ModelCredentials
+    signature: SignatureSpec | None = None
+
+    @property
+    def requires_signature(self) -> bool:
+        return self.signature is not None and self.signature.required
 
     @model_validator(mode="after")
     def _pickle_needs_consent(self) -> ModelSpec:

@@ -1,8 +1,12 @@
-"""Azure Blob Storage: the model blob's current ETag, size and the sha256/format metadata the publisher wrote.
+"""Azure Blob Storage: the model blob's current ETag, size and the sha256/format metadata the publisher wrote,
+and the immutable version it is pinned to.
 
 The operator asks the blob service for properties only (no download). With a
 connection-string Secret it uses that; with workload identity it uses its own
-DefaultAzureCredential (the operator's identity needs read access to the blob).
+DefaultAzureCredential. Pinning: where the account keeps blob versions, the version ID the
+properties name; else a snapshot taken with If-Match on the resolved ETag (so a concurrent
+overwrite is never captured), marked with METADATA_PINNED_BY. Taking and deleting snapshots
+needs write access (Storage Blob Data Contributor); a read-only identity gets ETag pinning.
 """
 
 from __future__ import annotations
@@ -13,27 +17,40 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from azure.core import MatchConditions
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
+    ResourceModifiedError,
     ResourceNotFoundError,
     ServiceRequestError,
     ServiceResponseError,
 )
 from azure.identity.aio import DefaultAzureCredential
-from azure.storage.blob.aio import BlobClient
+from azure.storage.blob.aio import BlobClient, ContainerClient
 from modelapp_operator.api.modelapp_types import BlobLocation, ModelSpec
 from modelapp_operator.clients.errors import ResolutionError
 from modelapp_operator.names import Reason
 from modelapp_operator.plan.release import ResolvedModel
 from modelapp_operator.redact import redact
-from modelapp_serving.model_blob import MODEL_FORMATS, normalize_etag, read_published_metadata
+from modelapp_serving.model_blob import (
+    METADATA_PINNED_BY,
+    MODEL_FORMATS,
+    PinnedVersion,
+    normalize_etag,
+    read_published_metadata,
+)
+from modelapp_serving.signing import VerifiedSignature
 
 _SHA256 = re.compile(r"^[a-f0-9]{64}$")
 
 
 class ModelResolutionError(ResolutionError):
     """The model could not be resolved now. `reason` becomes the ModelResolved condition's reason."""
+
+
+class PinNotAllowed(ModelResolutionError):
+    """The identity may read the blob but not snapshot it (HTTP 403): the version stays pinned by ETag only."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,7 @@ class BlobProperties:
     size: int | None
     last_modified: str | None
     metadata: Mapping[str, str]
+    version_id: str | None = None  # set only where the account keeps blob versions
 
 
 class ModelResolver(Protocol):
@@ -63,8 +81,30 @@ class ModelResolver(Protocol):
         ...
 
 
-def check_model(model: ModelSpec, properties: BlobProperties) -> ResolvedModel:
-    """Combine the spec's pins with what the blob service reports; raise ModelResolutionError on mismatch."""
+class ModelPinner(Protocol):
+    """Immutable model versions: read one, take a snapshot, delete the operator's own snapshots."""
+
+    async def pinned_properties(
+        self, location: BlobLocation, credential: BlobCredential, pin: PinnedVersion
+    ) -> BlobProperties:
+        """The properties of a snapshot or version; raise ModelResolutionError (MODEL_VERSION_GONE on 404)."""
+        ...
+
+    async def snapshot(
+        self, location: BlobLocation, credential: BlobCredential, properties: BlobProperties, owner: str
+    ) -> PinnedVersion:
+        """Snapshot the blob if it still has properties.etag; raise PinNotAllowed or ModelResolutionError."""
+        ...
+
+    async def prune(self, location: BlobLocation, credential: BlobCredential, owner: str, keep: set[str]) -> int:
+        """Delete the snapshots `owner` took of the blob that are not in keep; return how many."""
+        ...
+
+
+def check_model(model: ModelSpec, properties: BlobProperties, signed: VerifiedSignature | None = None) -> ResolvedModel:
+    """Combine the spec's pins with what the blob service reports; raise ModelResolutionError on mismatch.
+
+    signed: the blob's verified signature; its sha256 is then the expected one (never the metadata's)."""
     if model.version is not None and normalize_etag(model.version) != normalize_etag(properties.etag):
         raise ModelResolutionError(
             Reason.MODEL_VERSION_MISMATCH,
@@ -77,13 +117,30 @@ def check_model(model: ModelSpec, properties: BlobProperties) -> ResolvedModel:
         raise ModelResolutionError(
             Reason.MODEL_METADATA_INVALID, "blob metadata sha256 is not 64 hex characters", retry_after=300
         )
+    if signed is not None and published_sha is not None and published_sha != signed.sha256:
+        raise ModelResolutionError(
+            Reason.SIGNATURE_INVALID,
+            f"the blob's metadata sha256 {published_sha[:12]}... is not the signed sha256 {signed.sha256[:12]}...",
+            retry_after=300,
+        )
+    if model.sha256 is not None and signed is not None and model.sha256 != signed.sha256:
+        raise ModelResolutionError(
+            Reason.MODEL_CHECKSUM_MISMATCH,
+            f"spec.model.sha256 {model.sha256[:12]}... differs from the signed sha256 {signed.sha256[:12]}...",
+            retry_after=300,
+        )
     if model.sha256 is not None and published_sha is not None and model.sha256 != published_sha:
         raise ModelResolutionError(
             Reason.MODEL_CHECKSUM_MISMATCH,
             f"spec.model.sha256 {model.sha256[:12]}... differs from the blob's metadata sha256 {published_sha[:12]}...",
             retry_after=300,
         )
-    sha256 = model.sha256 or published_sha
+    if signed is not None:
+        sha256: str | None = signed.sha256
+        verified_by = "signature"
+    else:
+        sha256 = model.sha256 or published_sha
+        verified_by = "spec" if model.sha256 is not None else "metadata"
     if sha256 is None:
         raise ModelResolutionError(
             Reason.MODEL_CHECKSUM_MISSING,
@@ -122,6 +179,8 @@ def check_model(model: ModelSpec, properties: BlobProperties) -> ResolvedModel:
         format=model_format,
         size=properties.size,
         last_modified=properties.last_modified,
+        verified_by=verified_by,
+        signer=signed.signer if signed is not None else None,
     )
 
 
@@ -136,7 +195,7 @@ class AzureBlobResolver:
         if self._identity is not None:
             await self._identity.close()
 
-    def _client(self, location: BlobLocation, credential: BlobCredential) -> Any:
+    def _client(self, location: BlobLocation, credential: BlobCredential, *, container_only: bool = False) -> Any:
         # Fail fast: the reconcile retries with its own backoff, the SDK must not stall it.
         options: dict[str, Any] = {
             "connection_timeout": self._timeout,
@@ -145,62 +204,152 @@ class AzureBlobResolver:
             "retry_backoff_factor": 0.5,
         }
         if isinstance(credential, ConnectionStringCredential):
+            if container_only:
+                return ContainerClient.from_connection_string(
+                    credential.connection_string, location.container, **options
+                )
             return BlobClient.from_connection_string(
                 credential.connection_string, location.container, location.name, **options
             )
         if self._identity is None:
             self._identity = DefaultAzureCredential()
+        if container_only:
+            return ContainerClient(
+                location.account_url.rstrip("/"), location.container, credential=self._identity, **options
+            )
         return BlobClient(
             location.account_url.rstrip("/"), location.container, location.name, credential=self._identity, **options
         )
 
-    async def get_properties(self, location: BlobLocation, credential: BlobCredential) -> BlobProperties:
+    def _client_for(self, location: BlobLocation, credential: BlobCredential) -> Any:
         try:
-            client = self._client(location, credential)
+            return self._client(location, credential)
         except ValueError as error:
             raise ModelResolutionError(
                 Reason.STORAGE_CREDENTIAL_INVALID, f"the connection string is not usable: {error}", retry_after=300
             ) from None
+
+    async def get_properties(self, location: BlobLocation, credential: BlobCredential) -> BlobProperties:
+        client = self._client_for(location, credential)
         where = f"{location.container}/{location.name}"
         try:
             async with client:
                 properties = await client.get_blob_properties()
+        except Exception as error:
+            raise _storage_error(error, where, "read") from None
+        return _properties(properties)
+
+    async def pinned_properties(
+        self, location: BlobLocation, credential: BlobCredential, pin: PinnedVersion
+    ) -> BlobProperties:
+        client = self._client_for(location, credential)
+        where = f"{location.container}/{location.name} {pin.describe()}"
+        try:
+            async with client:
+                properties = await client.get_blob_properties(version_id=pin.version_id, snapshot=pin.snapshot)
         except ResourceNotFoundError:
-            raise ModelResolutionError(Reason.BLOB_NOT_FOUND, f"blob {where} does not exist", retry_after=30) from None
-        except ClientAuthenticationError as error:
             raise ModelResolutionError(
-                Reason.STORAGE_ACCESS_DENIED, f"not allowed to read {where}: {_first_line(error)}", retry_after=120
+                Reason.MODEL_VERSION_GONE,
+                f"{where} no longer exists: that model version cannot be restored",
+                retry_after=300,
             ) from None
-        except (ServiceRequestError, ServiceResponseError) as error:
+        except Exception as error:
+            raise _storage_error(error, where, "read") from None
+        return _properties(properties)
+
+    async def snapshot(
+        self, location: BlobLocation, credential: BlobCredential, properties: BlobProperties, owner: str
+    ) -> PinnedVersion:
+        client = self._client_for(location, credential)
+        where = f"{location.container}/{location.name}"
+        # A snapshot gets the metadata given here instead of the blob's: keep the blob's, add the mark.
+        metadata = {**properties.metadata, METADATA_PINNED_BY: owner}
+        try:
+            async with client:
+                created = await client.create_snapshot(
+                    metadata=metadata, etag=properties.etag, match_condition=MatchConditions.IfNotModified
+                )
+        except ResourceModifiedError:
             raise ModelResolutionError(
-                Reason.STORAGE_UNAVAILABLE,
-                f"cannot reach the blob service for {where}: {_first_line(error)}",
-                retry_after=30,
+                Reason.MODEL_VERSION_MISMATCH,
+                f"{where} changed after it was resolved to {properties.etag}: resolving it again",
+                retry_after=2,
             ) from None
-        except HttpResponseError as error:
-            code = error.status_code or 0
-            if code in (401, 403):
-                raise ModelResolutionError(
-                    Reason.STORAGE_ACCESS_DENIED, f"not allowed to read {where} ({code})", retry_after=120
-                ) from None
-            raise ModelResolutionError(
-                Reason.STORAGE_UNAVAILABLE,
-                f"blob service answered {code} for {where}: {_first_line(error)}",
-                retry_after=30,
-            ) from None
-        except Exception as error:  # credential chains raise their own types; never crash on them
-            raise ModelResolutionError(
-                Reason.STORAGE_UNAVAILABLE,
-                f"reading {where} failed: {type(error).__name__}: {_first_line(error)}",
-                retry_after=60,
-            ) from None
-        last_modified = properties.last_modified
-        return BlobProperties(
-            etag=str(properties.etag),
-            size=int(properties.size) if properties.size is not None else None,
-            last_modified=last_modified.isoformat() if isinstance(last_modified, datetime) else None,
-            metadata=dict(properties.metadata or {}),
+        except Exception as error:
+            failure = _storage_error(error, where, "snapshot")
+            if failure.reason == Reason.STORAGE_ACCESS_DENIED:
+                raise PinNotAllowed(failure.reason, failure.message, retry_after=failure.retry_after) from None
+            raise failure from None
+        return PinnedVersion(snapshot=str(created["snapshot"]))
+
+    async def prune(self, location: BlobLocation, credential: BlobCredential, owner: str, keep: set[str]) -> int:
+        client = self._client_for(location, credential)
+        where = f"{location.container}/{location.name}"
+        deleted = 0
+        try:
+            async with client:
+                container = self._client(location, credential, container_only=True)
+                async with container:
+                    listing = container.list_blobs(name_starts_with=location.name, include=["snapshots", "metadata"])
+                    async for item in listing:
+                        if item.name != location.name or not item.snapshot or item.snapshot in keep:
+                            continue
+                        if (item.metadata or {}).get(METADATA_PINNED_BY) != owner:
+                            continue  # a user's snapshot, or another ModelApp's: never ours to delete
+                        try:
+                            await container.get_blob_client(location.name, snapshot=item.snapshot).delete_blob()
+                        except ResourceNotFoundError:
+                            continue
+                        deleted += 1
+        except Exception as error:
+            raise _storage_error(error, where, "delete snapshots of") from None
+        return deleted
+
+
+def _properties(properties: Any) -> BlobProperties:
+    last_modified = properties.last_modified
+    return BlobProperties(
+        etag=str(properties.etag),
+        size=int(properties.size) if properties.size is not None else None,
+        last_modified=last_modified.isoformat() if isinstance(last_modified, datetime) else None,
+        metadata=dict(properties.metadata or {}),
+        version_id=getattr(properties, "version_id", None) or None,
+    )
+
+
+def _storage_error(error: Exception, where: str, verb: str) -> ModelResolutionError:
+    """An SDK error as a ModelResolutionError naming what to look at."""
+    if isinstance(error, ModelResolutionError):
+        return error
+    if isinstance(error, ResourceNotFoundError):
+        return ModelResolutionError(Reason.BLOB_NOT_FOUND, f"blob {where} does not exist", retry_after=30)
+    if isinstance(error, ClientAuthenticationError):
+        return ModelResolutionError(
+            Reason.STORAGE_ACCESS_DENIED, f"not allowed to {verb} {where}: {_first_line(error)}", retry_after=120
         )
+    if isinstance(error, ServiceRequestError | ServiceResponseError):
+        return ModelResolutionError(
+            Reason.STORAGE_UNAVAILABLE,
+            f"cannot reach the blob service for {where}: {_first_line(error)}",
+            retry_after=30,
+        )
+    if isinstance(error, HttpResponseError):
+        code = error.status_code or 0
+        if code in (401, 403):
+            return ModelResolutionError(
+                Reason.STORAGE_ACCESS_DENIED, f"not allowed to {verb} {where} ({code})", retry_after=120
+            )
+        return ModelResolutionError(
+            Reason.STORAGE_UNAVAILABLE,
+            f"blob service answered {code} for {where}: {_first_line(error)}",
+            retry_after=30,
+        )
+    # Credential chains raise their own types; never crash on them.
+    return ModelResolutionError(
+        Reason.STORAGE_UNAVAILABLE,
+        f"{verb} {where} failed: {type(error).__name__}: {_first_line(error)}",
+        retry_after=60,
+    )
 
 
 def _first_line(error: BaseException) -> str:

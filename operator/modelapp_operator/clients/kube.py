@@ -56,7 +56,13 @@ class KubeClient(Protocol):
     async def post_event(self, involved: Mapping[str, Any], type_: EventType, reason: str, message: str) -> None: ...
 
 
-_PLURALS = {"Deployment": "deployments", "Service": "services", "Secret": "secrets", KIND: PLURAL}
+_PLURALS = {
+    "Deployment": "deployments",
+    "Service": "services",
+    "Secret": "secrets",
+    "ConfigMap": "configmaps",
+    KIND: PLURAL,
+}
 
 
 def resource_path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:

@@ -16,6 +16,7 @@ from modelapp_operator.api.modelapp_types import ModelApp
 from modelapp_operator.names import (
     ANNOTATION_APPLIED_HASH,
     ANNOTATION_IMAGE_DIGEST,
+    ANNOTATION_MODEL_PIN,
     ANNOTATION_MODEL_SHA256,
     ANNOTATION_MODEL_VERSION,
     ANNOTATION_PREFIX,
@@ -49,11 +50,25 @@ def container_env(app: ModelApp, release: Release) -> list[dict[str, Any]]:
         {"name": "MODELAPP_MODEL_ETAG", "value": release.model.version},
         {"name": "MODELAPP_MODEL_SHA256", "value": release.model.sha256},
         {"name": "MODELAPP_MODEL_FORMAT", "value": release.model.format},
+        # The immutable version to download (versionid=... or snapshot=...); absent: the ETag only.
+        *([{"name": "MODELAPP_MODEL_PIN", "value": release.model.pin.query}] if release.model.pin.pinned else []),
         {"name": "MODELAPP_MODEL_CACHE_DIR", "value": CACHE_DIR},
+        # A refused model (sha256, signature) stops the container with the reason as its termination message.
+        {"name": "MODELAPP_EXIT_ON_REFUSAL", "value": "true"},
         {"name": "MODELAPP_PORT", "value": str(spec.port)},
         # The image by digest, so the app's /version and /metrics say which pair this pod serves.
         {"name": "MODELAPP_IMAGE", "value": release.image.reference},
     ]
+    signature = spec.model.signature
+    if signature is not None and release.model.verified_by == "signature":
+        # The app verifies the signature in the pinned version's metadata again, with the same key.
+        source = signature.public_key
+        if source.config_map_ref is not None:
+            key_ref = {"configMapKeyRef": {"name": source.config_map_ref.name, "key": source.config_map_ref.key}}
+        else:
+            assert source.secret_ref is not None
+            key_ref = {"secretKeyRef": {"name": source.secret_ref.name, "key": source.secret_ref.key}}
+        env.append({"name": "MODELAPP_MODEL_SIGNATURE_PUBLIC_KEY", "valueFrom": key_ref})
     if release.model.format == "pickle" and spec.model.allow_pickle:
         env.append({"name": "MODELAPP_ALLOW_PICKLE", "value": "true"})
     credentials = spec.model.credentials
@@ -124,6 +139,9 @@ def pod_template(app: ModelApp, release: Release) -> dict[str, Any]:
                     "failureThreshold": 3,
                 },
                 "securityContext": container_security_context(),
+                # The app writes why it refused a model to /dev/termination-log before it exits;
+                # the operator shows it in the ModelVerified condition.
+                "terminationMessagePolicy": "FallbackToLogsOnError",
                 "volumeMounts": [
                     {"name": "model-cache", "mountPath": CACHE_DIR},
                     {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a mount point, not a temp file
@@ -144,6 +162,7 @@ def pod_template(app: ModelApp, release: Release) -> dict[str, Any]:
                 ANNOTATION_IMAGE_DIGEST: release.image.digest,
                 ANNOTATION_MODEL_VERSION: release.model.version,
                 ANNOTATION_MODEL_SHA256: release.model.sha256,
+                **({ANNOTATION_MODEL_PIN: release.model.pin.query} if release.model.pin.pinned else {}),
             },
         },
         "spec": pod_spec,
@@ -251,7 +270,8 @@ def template_release_changed(existing: Mapping[str, Any] | None, desired: Mappin
     def key(obj: Mapping[str, Any]) -> tuple[Any, ...]:
         annotations = (((obj.get("spec") or {}).get("template") or {}).get("metadata") or {}).get("annotations") or {}
         return tuple(
-            annotations.get(k) for k in (ANNOTATION_IMAGE_DIGEST, ANNOTATION_MODEL_VERSION, ANNOTATION_MODEL_SHA256)
+            annotations.get(k)
+            for k in (ANNOTATION_IMAGE_DIGEST, ANNOTATION_MODEL_VERSION, ANNOTATION_MODEL_SHA256, ANNOTATION_MODEL_PIN)
         )
 
     return key(existing) != key(desired)

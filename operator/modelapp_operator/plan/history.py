@@ -22,11 +22,13 @@ from modelapp_operator.plan.release import (
     describe_pair,
     entry_pair,
     pair_of,
+    pin_fields,
+    pin_from,
     release_from_status,
     release_pair,
 )
 from modelapp_operator.plan.status import Condition, rollout_state, timestamp
-from modelapp_serving.model_blob import normalize_etag
+from modelapp_serving.model_blob import PinnedVersion, normalize_etag
 
 HISTORY_LIMIT = 10
 FAILED_PAIRS_LIMIT = 10
@@ -64,6 +66,9 @@ def _release_from_entry(spec: ModelAppSpec, entry: Mapping[str, Any]) -> Release
             version=str(entry["modelVersion"]),
             sha256=str(entry["modelSha256"]),
             format=str(entry["modelFormat"]),
+            pin=pin_from(entry, "model"),
+            verified_by=str(entry.get("modelVerifiedBy") or "metadata"),
+            signer=entry.get("modelSigner"),
         ),
     )
 
@@ -219,7 +224,11 @@ def record_release(
         "imageRepository": release.image.repository,
         "modelUrl": release.model.url,
         "modelFormat": release.model.format,
+        **{f"model{k[0].upper()}{k[1:]}": v for k, v in pin_fields(release.model).items()},
+        "modelVerifiedBy": release.model.verified_by,
     }
+    if release.model.signer:
+        entry["modelSigner"] = release.model.signer
     if rollback_of is not None:
         entry["rollbackOf"] = rollback_of
     return [entry, *entries][:HISTORY_LIMIT]
@@ -266,3 +275,36 @@ def rolled_back_condition(history: Sequence[Mapping[str, Any]], progress_deadlin
         if entry.get("outcome") == Outcome.READY:
             return None
     return None
+
+
+def known_pin(status: Mapping[str, Any], url: str, version: str) -> PinnedVersion | None:
+    """The pin status already records for model `version` of the blob at `url` (status.model, then
+    history, newest first): a reconcile reuses it instead of taking another snapshot."""
+    wanted = normalize_etag(version)
+    model = status.get("model") or {}
+    candidates: list[tuple[Mapping[str, Any], str]] = [(model, "")] if isinstance(model, Mapping) else []
+    candidates += [(entry, "model") for entry in history_of(status)]
+    for record, prefix in candidates:
+        record_url = record.get("url" if not prefix else "modelUrl")
+        record_version = record.get("version" if not prefix else "modelVersion")
+        if record_url == url and normalize_etag(str(record_version or "")) == wanted:
+            pin = pin_from(record, prefix)
+            if pin.pinned:
+                return pin
+    return None
+
+
+def kept_snapshots(status: Mapping[str, Any]) -> set[str]:
+    """The snapshots status still names (status.model and history): everything else the operator took goes."""
+    model = status.get("model") or {}
+    kept = {pin_from(model).snapshot} if isinstance(model, Mapping) else set()
+    kept |= {pin_from(entry, "model").snapshot for entry in history_of(status)}
+    return {snapshot for snapshot in kept if snapshot}
+
+
+def snapshot_urls(status: Mapping[str, Any]) -> set[str]:
+    """The model blob URLs status records a snapshot of (status.model and history)."""
+    model = status.get("model") or {}
+    urls = {str(model.get("url"))} if isinstance(model, Mapping) and pin_from(model).snapshot else set()
+    urls |= {str(e.get("modelUrl")) for e in history_of(status) if pin_from(e, "model").snapshot and e.get("modelUrl")}
+    return urls

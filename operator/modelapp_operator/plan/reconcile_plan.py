@@ -36,6 +36,7 @@ from modelapp_operator.plan.status import (
     condition,
     rollout_state,
     transition_events,
+    verified_condition,
 )
 
 BLOCKED_RETRY_SECONDS = 60.0
@@ -60,6 +61,7 @@ class ReconcileInputs:
     model_resolution: Resolution
     deployment: Mapping[str, Any] | None  # the child Deployment as read (None: absent)
     service: Mapping[str, Any] | None
+    refusal: str | None = None  # why a pod of the rolling-out template refused its model (termination message)
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,7 @@ def plan_reconcile(inputs: ReconcileInputs, now: datetime) -> ReconcilePlan:
         history=rollout.history if blocked is None else None,
         failed_pairs=rollout.failed_pairs if blocked is None else None,
         rolled_back=rolled_back_condition(rollout.history, app.spec.rollout.progress_deadline_seconds),
+        verified=verified_condition(release, inputs.model_resolution.condition, inputs.refusal),
     )
     return ReconcilePlan(
         previous=app.status,

@@ -7,11 +7,11 @@ Pure: no I/O. A Release is what the Deployment's pod template runs; a Pair is it
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from modelapp_operator.api.modelapp_types import ModelAppSpec
-from modelapp_serving.model_blob import normalize_etag
+from modelapp_serving.model_blob import PinnedVersion, normalize_etag
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,29 @@ class ResolvedModel:
     format: str
     size: int | None = None
     last_modified: str | None = None
+    # What never changes: the version ID or the operator's snapshot of `version` (none: ETag only).
+    pin: PinnedVersion = field(default_factory=PinnedVersion)
+    # Where the expected sha256 came from: spec (spec.model.sha256), metadata (the blob's), signature.
+    verified_by: str = "metadata"
+    signer: str | None = None  # the signature's key fingerprint or certificate subject
+
+
+def pin_fields(model: ResolvedModel) -> dict[str, str]:
+    """The pin as status and history record it (absent keys: not pinned)."""
+    fields = {"versionId": model.pin.version_id, "snapshot": model.pin.snapshot}
+    return {k: v for k, v in fields.items() if v}
+
+
+def pin_from(record: Mapping[str, Any], prefix: str = "") -> PinnedVersion:
+    """The pin a status.model (prefix "") or a history entry (prefix "model") recorded."""
+
+    def read(name: str) -> str | None:
+        key = f"{prefix}{name[0].upper()}{name[1:]}" if prefix else name
+        value = record.get(key)
+        return value if isinstance(value, str) and value else None
+
+    version_id, snapshot = read("versionId"), read("snapshot")
+    return PinnedVersion(version_id=version_id, snapshot=None if version_id else snapshot)
 
 
 @dataclass(frozen=True)
@@ -65,6 +88,9 @@ def release_from_status(status: Mapping[str, Any]) -> Release | None:
                 format=model["format"],
                 size=model.get("size"),
                 last_modified=model.get("lastModified"),
+                pin=pin_from(model),
+                verified_by=str(model.get("verifiedBy") or "metadata"),
+                signer=model.get("signer"),
             ),
         )
     except (KeyError, TypeError):

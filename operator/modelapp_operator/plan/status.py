@@ -19,7 +19,7 @@ from modelapp_operator.names import (
     ConditionType,
     Reason,
 )
-from modelapp_operator.plan.release import Release
+from modelapp_operator.plan.release import Release, pin_fields
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -106,6 +106,7 @@ class Observation:
     history: Sequence[Mapping[str, Any]] | None = None
     failed_pairs: Sequence[Mapping[str, Any]] | None = None
     rolled_back: Condition | None = None  # Degraded=True RolledBack (see rolled_back_condition)
+    verified: Condition | None = None  # ModelVerified (None: keep what status has)
 
 
 def derive_conditions(obs: Observation) -> list[Condition]:
@@ -154,7 +155,7 @@ def derive_conditions(obs: Observation) -> list[Condition]:
             )
         else:
             degraded = Condition(ConditionType.DEGRADED, "False", Reason.AS_EXPECTED, "")
-    return [ready, progressing, degraded, obs.image, obs.model]
+    return [ready, progressing, degraded, obs.image, obs.model, *([obs.verified] if obs.verified else [])]
 
 
 def merge_conditions(
@@ -167,6 +168,13 @@ def merge_conditions(
     by_type = {c.get("type"): c for c in previous}
     stamp = timestamp(now)
     merged: list[dict[str, Any]] = []
+    current_types = {c.type for c in current}
+    # Conditions this observation does not decide (ModelVerified on a refresh) are kept as they were.
+    kept = [
+        dict(c)
+        for c in previous
+        if c.get("type") == ConditionType.MODEL_VERIFIED and c.get("type") not in current_types
+    ]
     for condition in current:
         before = by_type.get(condition.type) or {}
         changed = before.get("status") != condition.status or not before.get("lastTransitionTime")
@@ -180,7 +188,7 @@ def merge_conditions(
                 "observedGeneration": generation,
             }
         )
-    return merged
+    return merged + kept
 
 
 def build_status(previous: Mapping[str, Any], obs: Observation, now: datetime) -> dict[str, Any]:
@@ -212,6 +220,9 @@ def build_status(previous: Mapping[str, Any], obs: Observation, now: datetime) -
                 "format": model.format,
                 "size": model.size,
                 "lastModified": model.last_modified,
+                **pin_fields(model),
+                "verifiedBy": model.verified_by,
+                "signer": model.signer,
             }.items()
             if v is not None
         }
@@ -254,6 +265,7 @@ def transition_events(before: Mapping[str, Any], after: Mapping[str, Any]) -> li
     for type_ in (
         ConditionType.IMAGE_RESOLVED,
         ConditionType.MODEL_RESOLVED,
+        ConditionType.MODEL_VERIFIED,
         ConditionType.DEGRADED,
         ConditionType.READY,
     ):
@@ -271,3 +283,29 @@ def transition_events(before: Mapping[str, Any], after: Mapping[str, Any]) -> li
         ):
             events.append(Event("Warning", str(new.get("reason")), message))
     return events
+
+
+_SIGNATURE_REASONS = frozenset(
+    {Reason.SIGNATURE_MISSING, Reason.SIGNATURE_INVALID, Reason.SIGNATURE_KEY_NOT_FOUND, Reason.MODEL_CHECKSUM_MISMATCH}
+)
+
+
+def verified_condition(release: Release | None, model: Condition, refusal: str | None = None) -> Condition:
+    """ModelVerified: how the sha256 of the model that runs was established and what it is pinned to;
+    False when the resolved version failed verification (signature, checksum) or a pod refused it."""
+    if model.status == "False" and model.reason in _SIGNATURE_REASONS:
+        return Condition(ConditionType.MODEL_VERIFIED, "False", model.reason, model.message)
+    if refusal is not None:
+        return Condition(ConditionType.MODEL_VERIFIED, "False", Reason.MODEL_REFUSED, refusal)
+    if release is None:
+        return Condition(ConditionType.MODEL_VERIFIED, "Unknown", Reason.NOT_VERIFIED, "no model resolved yet")
+    m = release.model
+    where = f"pinned to {m.pin.describe()}" if m.pin.pinned else f"pinned by ETag {m.version} only (no snapshot)"
+    if m.verified_by == "signature":
+        reason, how = Reason.SIGNATURE_VERIFIED, f"from its signature, verified with key {m.signer}"
+    elif m.verified_by == "spec":
+        reason, how = Reason.SHA256_PINNED, "from spec.model.sha256"
+    else:
+        reason, how = Reason.SHA256_FROM_METADATA, "from the blob's own metadata (whoever can write the blob vouches)"
+    message = f"sha256 {m.sha256} {how}; {where}; every pod checks the bytes against it before loading"
+    return Condition(ConditionType.MODEL_VERIFIED, "True", reason, message)

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from modelapp_operator.api.modelapp_types import SpecError, parse_modelapp
-from modelapp_operator.clients.blob_storage import ModelResolver
+from modelapp_operator.api.modelapp_types import BlobLocation, ModelApp, SpecError, parse_modelapp
+from modelapp_operator.clients.blob_storage import ModelPinner, ModelResolutionError, ModelResolver
 from modelapp_operator.clients.kube import KubeClient
 from modelapp_operator.clients.registry import ImageResolver
 from modelapp_operator.names import ANNOTATION_RECONCILE_REQUEST, API_VERSION, KIND
+from modelapp_operator.plan.history import kept_snapshots, snapshot_urls
 from modelapp_operator.plan.reconcile_plan import (
     Failure,
     ReconcileInputs,
@@ -35,10 +36,11 @@ from modelapp_operator.plan.reconcile_plan import (
 )
 from modelapp_operator.plan.release import Release
 from modelapp_operator.plan.status import Event, now_utc
-from modelapp_operator.reconcile.resolve import resolve_image, resolve_model
+from modelapp_operator.reconcile.resolve import model_credential, resolve_image, resolve_model
 from modelapp_operator.redact import redact
 from modelapp_operator.watch.hub import WatchHub
 from modelapp_operator.watch.resolvers import track_resolutions
+from modelapp_serving.model_blob import parse_blob_url
 
 _log = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ class Dependencies:
     clock: Callable[[], datetime] = now_utc
     # The shared caches and subscriptions; images/models are then the hub's caching resolvers.
     watch: WatchHub | None = None
+    # Immutable model versions (snapshots); None: models are pinned by ETag only.
+    pins: ModelPinner | None = None
     # One lock per ModelApp: reconcile and refresh_status must not interleave their status writes.
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     # metadata.generation of the child Deployment as our last apply left it: a watch event
@@ -137,7 +141,7 @@ async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> Reco
         raise _error(plan.failure) from None
     with track_resolutions(deps.watch, (app.namespace, app.name)):
         (image, image_resolution), (model, model_resolution) = await asyncio.gather(
-            resolve_image(app, deps.kube, deps.images), resolve_model(app, deps.kube, deps.models)
+            resolve_image(app, deps.kube, deps.images), resolve_model(app, deps.kube, deps.models, deps.pins)
         )
     deployment, service = await asyncio.gather(
         deps.kube.get("apps/v1", "Deployment", app.namespace, app.name),
@@ -151,6 +155,7 @@ async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> Reco
     applied_deployment = await _apply(deps, body, plan)
     update = plan.status_update(applied_deployment)
     await _write_status(deps, body, update)
+    await _prune_snapshots(deps, app, update.status)
     if plan.failure is not None:
         raise _error(plan.failure)
     return ReconcileResult(
@@ -174,6 +179,26 @@ async def _apply(deps: Dependencies, body: Mapping[str, Any], plan: ReconcilePla
         )
         await _post_event(deps, body, event)
     return applied_deployment
+
+
+async def _prune_snapshots(deps: Dependencies, app: ModelApp, status: Mapping[str, Any]) -> None:
+    """Delete the snapshots this ModelApp took that its status no longer names (history is bounded at
+    HISTORY_LIMIT): after the status naming the new set is written, and only when that set changed."""
+    kept = kept_snapshots(status)
+    if deps.pins is None or kept == kept_snapshots(app.status):
+        return
+    urls = {str(u) for u in snapshot_urls(app.status) | snapshot_urls(status)}
+    for url in sorted(urls):
+        address = parse_blob_url(url)
+        location = BlobLocation(account_url=address.account_url, container=address.container, name=address.blob)
+        try:
+            credential = await model_credential(app, deps.kube)
+            deleted = await deps.pins.prune(location, credential, app.metadata.uid, kept)
+        except ModelResolutionError as error:
+            _log.warning("%s/%s: old snapshots stay until the next change: %s", app.namespace, app.name, error.message)
+            continue
+        if deleted:
+            _log.info("%s/%s: deleted %d snapshot(s) of %s no longer in history", app.namespace, app.name, deleted, url)
 
 
 async def _write_status(deps: Dependencies, body: Mapping[str, Any], update: StatusUpdate) -> None:

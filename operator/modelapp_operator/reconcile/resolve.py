@@ -7,13 +7,18 @@ becomes a False condition with a retry delay, never an exception.
 
 from __future__ import annotations
 
-from modelapp_operator.api.modelapp_types import ModelApp
+import dataclasses
+
+from modelapp_operator.api.modelapp_types import KeyRef, ModelApp
 from modelapp_operator.clients.blob_storage import (
     BlobCredential,
+    BlobProperties,
     ConnectionStringCredential,
+    ModelPinner,
     ModelResolutionError,
     ModelResolver,
     OperatorIdentityCredential,
+    PinNotAllowed,
     check_model,
 )
 from modelapp_operator.clients.kube import KubeClient
@@ -24,9 +29,12 @@ from modelapp_operator.clients.registry import (
     credentials_from_dockerconfig,
 )
 from modelapp_operator.names import ConditionType, Reason
+from modelapp_operator.plan.history import known_pin
 from modelapp_operator.plan.reconcile_plan import Resolution
 from modelapp_operator.plan.release import ResolvedImage, ResolvedModel, pinned_image
 from modelapp_operator.plan.status import Condition
+from modelapp_serving.model_blob import METADATA_SIGNATURE, PinnedVersion, normalize_etag
+from modelapp_serving.signing import SignatureError, VerifiedSignature, decode_bundle, verify_signature
 
 
 async def resolve_image(
@@ -58,7 +66,7 @@ async def resolve_image(
     return image, _resolved(ConditionType.IMAGE_RESOLVED, Reason.RESOLVED, f"{spec.tag} is {digest}")
 
 
-async def _model_credential(app: ModelApp, kube: KubeClient) -> BlobCredential:
+async def model_credential(app: ModelApp, kube: KubeClient) -> BlobCredential:
     ref = app.spec.model.credentials.secret_ref
     if ref is None:
         return OperatorIdentityCredential()
@@ -77,18 +85,109 @@ async def _model_credential(app: ModelApp, kube: KubeClient) -> BlobCredential:
         ) from None
 
 
-async def resolve_model(
-    app: ModelApp, kube: KubeClient, models: ModelResolver
-) -> tuple[ResolvedModel | None, Resolution]:
-    model = app.spec.model
+async def _public_key(app: ModelApp, kube: KubeClient) -> bytes:
+    signature = app.spec.model.signature
+    assert signature is not None
+    source = signature.public_key
+    ref: KeyRef = source.config_map_ref or source.secret_ref  # type: ignore[assignment]
+    kind = "ConfigMap" if source.config_map_ref is not None else "Secret"
+    if kind == "ConfigMap":
+        config_map = await kube.get("v1", "ConfigMap", app.namespace, ref.name)
+        data = (config_map or {}).get("data") or {}
+        value: bytes | None = str(data[ref.key]).encode() if ref.key in data else None
+        found = config_map is not None
+    else:
+        secret = await kube.read_secret(app.namespace, ref.name)
+        value = (secret or {}).get(ref.key)
+        found = secret is not None
+    if value is None:
+        what = "does not exist" if not found else f"has no key {ref.key}"
+        raise ModelResolutionError(Reason.SIGNATURE_KEY_NOT_FOUND, f"{kind} {ref.name} {what}", retry_after=60)
+    return value
+
+
+async def _verify(app: ModelApp, kube: KubeClient, properties: BlobProperties) -> VerifiedSignature | None:
+    """The blob's signature checked against the spec's public key; None when none is asked for or present."""
+    signature = app.spec.model.signature
+    if signature is None:
+        return None
+    encoded = {k.lower(): v for k, v in properties.metadata.items()}.get(METADATA_SIGNATURE)
+    if not encoded:
+        if not signature.required:
+            return None
+        raise ModelResolutionError(
+            Reason.SIGNATURE_MISSING,
+            f"model version {properties.etag} is not signed (no {METADATA_SIGNATURE} metadata) and "
+            "spec.model.signature.required is true: publish it with `modelapp publish-model --sign-key`",
+            retry_after=300,
+        )
+    key = await _public_key(app, kube)
     try:
-        credential = await _model_credential(app, kube)
+        return verify_signature(decode_bundle(encoded), key)
+    except SignatureError as error:
+        raise ModelResolutionError(
+            Reason.SIGNATURE_INVALID, f"model version {properties.etag}: {error}", retry_after=300
+        ) from None
+
+
+async def _pin(
+    app: ModelApp, credential: BlobCredential, properties: BlobProperties, pins: ModelPinner
+) -> tuple[PinnedVersion, str | None]:
+    """The immutable version of the resolved ETag: the version ID, a snapshot status already names,
+    or a new snapshot taken with If-Match on that ETag. (pin, why it is not pinned) ."""
+    if properties.version_id:
+        return PinnedVersion(version_id=properties.version_id), None
+    model = app.spec.model
+    known = known_pin(app.status, model.blob.url, properties.etag)
+    if known is not None:
+        return known, None
+    try:
+        return await pins.snapshot(model.blob, credential, properties, app.metadata.uid), None
+    except PinNotAllowed as error:
+        return PinnedVersion(), error.message
+
+
+async def resolve_model(
+    app: ModelApp, kube: KubeClient, models: ModelResolver, pins: ModelPinner | None = None
+) -> tuple[ResolvedModel | None, Resolution]:
+    """What the model resolves to, pinned to an immutable version when `pins` is given.
+
+    spec.model.version naming an earlier ETag (a rollback) resolves to the snapshot or version
+    status recorded for it; the blob's current bytes are never taken for it."""
+    model = app.spec.model
+    unpinned: str | None = None
+    try:
+        credential = await model_credential(app, kube)
         properties = await models.get_properties(model.blob, credential)
-        resolved = check_model(model, properties)
+        pin = PinnedVersion()
+        if model.version is not None and normalize_etag(model.version) != normalize_etag(properties.etag):
+            known = known_pin(app.status, model.blob.url, model.version)
+            if known is None or pins is None:
+                raise ModelResolutionError(
+                    Reason.MODEL_VERSION_MISMATCH,
+                    f"pinned version {model.version} is no longer the blob's current version {properties.etag} "
+                    "and no snapshot or version of it is recorded: it cannot be restored; pin the current "
+                    "version or republish the old content",
+                    retry_after=300,
+                )
+            properties = await pins.pinned_properties(model.blob, credential, known)
+            pin = known
+        signed = await _verify(app, kube, properties)
+        resolved = check_model(model, properties, signed)
+        if not pin.pinned and pins is not None:
+            pin, unpinned = await _pin(app, credential, properties, pins)
+        resolved = dataclasses.replace(resolved, pin=pin)
     except ModelResolutionError as error:
         return None, _failed(ConditionType.MODEL_RESOLVED, error.reason, error.message, error.retry_after)
     reason = Reason.PINNED if model.version is not None else Reason.RESOLVED
-    message = f"{model.blob.container}/{model.blob.name} version {resolved.version} sha256 {resolved.sha256}"
+    where = f" ({pin.describe()})" if pin.pinned else ""
+    message = f"{model.blob.container}/{model.blob.name} version {resolved.version}{where} sha256 {resolved.sha256}"
+    if unpinned is not None:
+        reason = Reason.VERSION_NOT_PINNED
+        message += (
+            f"; the version cannot be pinned ({unpinned}): a rollback finds these bytes only while the blob "
+            "is unchanged. Grant the operator Storage Blob Data Contributor to pin versions with snapshots"
+        )
     return resolved, _resolved(ConditionType.MODEL_RESOLVED, reason, message)
 
 
