@@ -1,17 +1,17 @@
-"""The main job, end to end on this machine: `python -m modelapp_localstack.demo [--once]`.
+"""The main job, end to end on this machine: `modelapp-demo [--once]`.
 
-Brings up the local stack (Kubernetes with kwok nodes, Azurite, a TLS registry), builds and pushes
-an app image, publishes a model, runs the operator against a ModelApp until it is Ready, then runs
-the app locally with exactly the env the operator rendered into the Deployment's pod template and
-serves a prediction. Then it publishes a second model version, shows the operator rolling the
-Deployment to it, and serves a prediction from the new model. Everything it started is stopped and
-its run folder removed on exit (Ctrl-C included).
+Brings up the local stack (Kubernetes with a real node that runs containers, Azurite, a TLS
+registry), builds the app and operator images from Dockerfile.app and Dockerfile.operator on a
+Debian base image, installs the operator in-cluster with `kubectl apply -k deploy/`, publishes a
+model and applies a ModelApp. The operator resolves the pair and rolls real pods, which pull the
+image by digest, download and verify the pinned model and pass their readiness probe; predictions
+come through the Service. Then a second model version is published and the operator rolls the pods
+to it by itself; the new pods answer. Everything is stopped and removed on exit (Ctrl-C included).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import os
@@ -29,29 +29,36 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from modelapp_operator.names import (
+    ANNOTATION_MODEL_VERSION,
+    ANNOTATION_RECONCILE_REQUEST,
+    API_VERSION,
+    KIND,
+    LABEL_INSTANCE,
+    ConditionType,
+)
+
+from . import images
 from .binaries import REPO_ROOT
-from .operator import OperatorProcess, apply_crd, create_tenant_namespace
-from .procs import StackError, free_port
+from .incluster import TENANT_NAMESPACE, InClusterOperator, install_operator
+from .operator import tenant_secrets
+from .procs import StackError
 from .stack import Stack
 
-NAMESPACE = "demo"
+NAMESPACE = TENANT_NAMESPACE
 APP_NAME = "iris"
-IMAGE_PATH = "modelapp/iris-server"
+APP_REPOSITORY = "modelapp/iris-server"
+OPERATOR_REPOSITORY = "modelapp/operator"
 MODEL_CONTAINER = "models"
 MODEL_BLOB = "iris/model.onnx"
 STEPS = 10
+POLL_SECONDS = 5
 # Iris rows: a setosa, a virginica and a versicolor near the virginica border.
 SAMPLE_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5], [5.9, 3.0, 4.2, 1.5]]
 # How long the operator gets to notice a new blob version by itself before the demo asks it to
 # reconcile (as a Blob Storage event would).
-SELF_NOTICE_SECONDS = 15.0
-IMAGE_DOCKERFILE = """\
-# Built by modelapp_localstack.demo. No base image can be pulled on this machine, so this image
-# is FROM scratch and only carries the app's source tree; the real image is Dockerfile.app (ACR).
-FROM scratch
-LABEL org.opencontainers.image.title="modelapp iris-server (local demo)"
-COPY app/ /app/
-"""
+SELF_NOTICE_SECONDS = 20.0
+READY_TIMEOUT_SECONDS = 300.0
 
 
 class DemoError(Exception):
@@ -61,10 +68,8 @@ class DemoError(Exception):
 @dataclass
 class Demo:
     run_dir: Path
-    once: bool
     stack: Stack | None = None
-    operator: OperatorProcess | None = None
-    app: subprocess.Popen[bytes] | None = None
+    operator: InClusterOperator | None = None
     step: int = 0
     started: float = field(default_factory=time.monotonic)
 
@@ -82,37 +87,52 @@ class Demo:
 
     @staticmethod
     def say(text: str) -> None:
-        print(f"      {text}", flush=True)
+        with contextlib.suppress(OSError):
+            print(f"      {text}", flush=True)
 
     # --- steps ----------------------------------------------------------------------------------
 
     def start_stack(self) -> Stack:
-        with self.stage("Start the local stack: Kubernetes (kwok nodes), Azurite, TLS registry"):
-            self.stack = Stack.create(self.run_dir / "stack")
-            kube = self.stack.start_kube()
+        with self.stage("Start the local stack: Kubernetes (a real node + a kwok node), Azurite, TLS registry"):
+            self.stack = Stack.create(self.run_dir / "stack", real_nodes=1)
+            kube = self.stack.start_kube(nodes=1)
             azurite = self.stack.start_azurite()
             registry = self.stack.start_registry()
+            assert self.stack.network is not None
             self.say(f"Kubernetes  {kube.server}  (KUBECONFIG={kube.kubeconfig})")
+            self.say(f"real node   real-node-0: containerd, kubelet, kube-proxy in netns {self.stack.network.namespace}"
+                     f", pods {self.stack.network.pod_cidr}")
             self.say(f"Azurite     {azurite.blob_endpoint}")
             self.say(f"registry    {registry.url}")
         return self.stack
 
-    def build_image(self, stack: Stack) -> tuple[str, str]:
-        with self.stage("Build the app image with buildah and push it to the local registry"):
+    def build_images(self, stack: Stack) -> tuple[str, str]:
+        with self.stage("Build the images from Dockerfile.app and Dockerfile.operator (Debian base, buildah)"):
             assert stack.registry is not None
-            context = self.run_dir / "image"
-            shutil.copytree(REPO_ROOT / "app", context / "app", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-            (context / "Dockerfile").write_text(IMAGE_DOCKERFILE)
-            self.say("no base image can be pulled here: this image is FROM scratch and carries the app's source")
-            self.say("tree only (the cluster's pods are kwok's; the app itself runs locally in step 7)")
-            repository = f"{stack.registry.host}/{IMAGE_PATH}"
-            image = f"{repository}:demo-1"
+            self.say("cached by content in .cache/images; the first run on a machine builds them (a few minutes)")
             buildah = stack.buildah()
-            buildah.build(context, image, context / "Dockerfile")
-            digest = buildah.push(image, stack.registry)
-            self.say(f"pushed {image}")
-            self.say(f"digest {digest}")
-        return repository, digest
+            app = images.build_project_image(buildah, "app", stack.registry, repository=APP_REPOSITORY, tag="demo-1")
+            operator = images.build_project_image(buildah, "operator", stack.registry,
+                                                  repository=OPERATOR_REPOSITORY, tag="demo")
+            self.say(f"pushed {app}")
+            self.say(f"pushed {operator}")
+        return app, operator
+
+    def install_operator(self, stack: Stack, operator_image: str) -> InClusterOperator:
+        with self.stage("Install the operator in-cluster: kubectl apply -k deploy/ (+ a local overlay)"):
+            assert stack.kube is not None and stack.registry is not None and stack.azurite is not None
+            self.operator = install_operator(
+                stack.kube, stack.registry, operator_image, self.run_dir,
+                settings={"MODELAPP_POLL_INTERVAL_SECONDS": str(POLL_SECONDS)},
+            )
+            pod = self.operator.pods()[0]
+            self.say(f"pod {pod['metadata']['namespace']}/{pod['metadata']['name']} on {pod['spec']['nodeName']}, "
+                     f"ServiceAccount {pod['spec']['serviceAccountName']} (its own RBAC, pod security restricted)")
+            items = tenant_secrets(NAMESPACE, stack.registry, stack.azurite)
+            stack.kube.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                                       "items": items}))
+            self.say(f"namespace {NAMESPACE} (deploy/tenant): pull Secret regcred, storage Secret storage")
+        return self.operator
 
     def publish(self, stack: Stack, version: int) -> tuple[str, str]:
         from modelapp_serving.publish import publish_model  # noqa: PLC0415 - the app's module, imported when used
@@ -130,16 +150,13 @@ class Demo:
         self.say(f"version (ETag) {published.etag}  sha256 {published.sha256[:16]}...")
         return published.etag, published.sha256
 
-    def apply_modelapp(self, stack: Stack, repository: str) -> None:
-        with self.stage(f"Apply the CRD and ModelApp {NAMESPACE}/{APP_NAME} (pull Secret, storage Secret)"):
-            assert stack.kube is not None and stack.registry is not None and stack.azurite is not None
-            kube = stack.kube
-            apply_crd(kube)
-            labels = {"pod-security.kubernetes.io/enforce": "restricted"}
-            create_tenant_namespace(kube, NAMESPACE, stack.registry, stack.azurite, labels)
+    def apply_modelapp(self, stack: Stack, app_image: str) -> None:
+        with self.stage(f"Apply ModelApp {NAMESPACE}/{APP_NAME}"):
+            assert stack.kube is not None and stack.azurite is not None
+            repository = app_image.split("@", 1)[0]
             modelapp: dict[str, Any] = {
-                "apiVersion": "modelapp.io/v1alpha1",
-                "kind": "ModelApp",
+                "apiVersion": API_VERSION,
+                "kind": KIND,
                 "metadata": {"name": APP_NAME, "namespace": NAMESPACE},
                 "spec": {
                     "image": {"repository": repository, "tag": "demo-1", "pullSecretName": "regcred"},
@@ -152,195 +169,131 @@ class Demo:
                         "credentials": {"secretRef": {"name": "storage"}},
                     },
                     "replicas": 2,
-                    "rollout": {"maxSurge": 1, "maxUnavailable": 0, "progressDeadlineSeconds": 120},
+                    "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "1Gi"}},
+                    "rollout": {"maxSurge": 1, "maxUnavailable": 0, "progressDeadlineSeconds": 180},
                 },
             }
-            kube.kubectl("apply", "-f", "-", input=json.dumps(modelapp))
+            stack.kube.kubectl("apply", "-f", "-", input=json.dumps(modelapp))
             self.say("image follows tag demo-1; model follows the blob (no version pinned)")
 
-    def start_operator(self, stack: Stack) -> None:
-        with self.stage("Start the operator (python -m modelapp_operator)"):
-            assert stack.kube is not None and stack.registry is not None
-            self.operator = OperatorProcess.start(
-                stack.kube,
-                stack.registry,
-                self.run_dir / "operator.log",
-                {"MODELAPP_POLL_INTERVAL_SECONDS": "5"},
-                namespaces=[NAMESPACE],
-                extra_source_roots=[REPO_ROOT / "app", REPO_ROOT / "deploy" / "local"],
-            )
-            self.say(f"pid {self.operator.pid}, log {self.operator.log_file}")
+    def modelapp(self) -> dict[str, Any]:
+        assert self.stack is not None and self.stack.kube is not None
+        result: dict[str, Any] = json.loads(
+            self.stack.kube.kubectl("get", "modelapp", APP_NAME, "-n", NAMESPACE, "-o", "json").stdout)
+        return result
 
-    def wait_ready(self, stack: Stack, model_version: str | None, what: str) -> dict[str, Any]:
-        from modelapp_operator.cli.commands import EXIT_OK, Progress, wait_for  # noqa: PLC0415
-        from modelapp_operator.cli.kube import KubeClient, load_connection  # noqa: PLC0415
+    def wait_ready(self, model_version: str | None, what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        shown = ""
+        while True:
+            body = self.modelapp()
+            status = body.get("status") or {}
+            conditions = {c["type"]: c for c in status.get("conditions") or []}
+            ready = conditions.get(ConditionType.READY) or {}
+            line = f"Ready={ready.get('status', '?')} {ready.get('reason', '')}: {ready.get('message', '')}"
+            if line != shown:
+                self.say(line)
+                shown = line
+            on_version = model_version is None or (status.get("model") or {}).get("version") == model_version
+            if (ready.get("status") == "True" and on_version
+                    and status.get("observedGeneration") == body["metadata"]["generation"]):
+                self.say(f"Ready: image {status['image']['digest'][:19]}...  model {status['model']['version']}  "
+                         f"replicas {status.get('replicaSummary', '')}")
+                return body
+            if time.monotonic() > deadline:
+                raise DemoError(f"{what}: not Ready after {READY_TIMEOUT_SECONDS:.0f}s ({line})\n{self.diagnostics()}")
+            time.sleep(1)
 
-        assert stack.kube is not None
-        client = KubeClient(load_connection(str(stack.kube.kubeconfig)))
+    def diagnostics(self) -> str:
+        if self.stack is None or self.stack.kube is None:
+            return ""
+        pods = self.stack.kube.kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide", check=False).stdout
+        logs = self.operator.logs(40) if self.operator else ""
+        return f"--- pods ---\n{pods}\n--- operator ---\n{logs}"
 
-        def fetch() -> dict[str, Any]:
-            if self.operator is not None and self.operator.exited():
-                raise DemoError(f"the operator exited ({self.operator.returncode}):\n{self.operator_log_tail()}")
-            return client.get_modelapp(NAMESPACE, APP_NAME)
-
-        progress = Progress(sys.stderr)
-        try:
-            code, verdict = wait_for(fetch, None, model_version, 180, interval=0.5, progress=progress)
-        finally:
-            progress.done()
-        if code != EXIT_OK:
-            raise DemoError(f"{what}: {verdict.state} {verdict.reason}: {verdict.message}\n{self.operator_log_tail()}")
-        body = client.get_modelapp(NAMESPACE, APP_NAME)
-        status = body["status"]
-        self.say(
-            f"Ready: image {status['image']['shortDigest']}  model {status['model']['version']}  "
-            f"replicas {status['replicaSummary']} (kwok pods)"
-        )
-        return body
-
-    def rendered_env(self, stack: Stack) -> tuple[dict[str, str], dict[str, str]]:
-        """The app container's env from the Deployment's pod template, Secret references resolved."""
-        assert stack.kube is not None
-        deployment = json.loads(stack.kube.kubectl("get", "deployment", APP_NAME, "-n", NAMESPACE, "-o", "json").stdout)
-        template = deployment["spec"]["template"]
-        env: dict[str, str] = {}
-        for item in template["spec"]["containers"][0]["env"]:
-            if "value" in item:
-                env[item["name"]] = item["value"]
+    def show_pods(self) -> None:
+        assert self.stack is not None and self.stack.kube is not None
+        pods = json.loads(self.stack.kube.kubectl(
+            "get", "pods", "-n", NAMESPACE, "-l", f"{LABEL_INSTANCE}={APP_NAME}", "-o", "json").stdout)["items"]
+        for pod in pods:
+            if pod["metadata"].get("deletionTimestamp"):
                 continue
-            ref = item["valueFrom"]["secretKeyRef"]
-            secret = json.loads(stack.kube.kubectl("get", "secret", ref["name"], "-n", NAMESPACE, "-o", "json").stdout)
-            env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
-        return env, dict(template["metadata"].get("annotations") or {})
+            container = (pod["status"].get("containerStatuses") or [{}])[0]
+            version = pod["metadata"].get("annotations", {}).get(ANNOTATION_MODEL_VERSION)
+            self.say(f"pod {pod['metadata']['name']} on {pod['spec']['nodeName']} ip {pod['status'].get('podIP')} "
+                     f"ready={container.get('ready')} model {version}")
 
-    def serve_and_predict(self, stack: Stack, label: str) -> tuple[list[Any], dict[str, Any]]:
-        env, annotations = self.rendered_env(stack)
-        shown = {k: ("***" if k == "MODELAPP_MODEL_CONNECTION_STRING" else v) for k, v in env.items()}
-        self.say("pod template env, as the operator rendered it:")
-        for key, value in shown.items():
-            self.say(f"  {key}={value}")
-        self.stop_app()
-        port = free_port()
-        cache = self.run_dir / "model-cache"
-        cache.mkdir(exist_ok=True)
-        local = {
-            **os.environ,
-            **env,
-            # Only what a pod gets from its volumes and the node differs locally:
-            "MODELAPP_MODEL_CACHE_DIR": str(cache),  # the pod's emptyDir
-            "MODELAPP_PORT": str(port),  # a free loopback port instead of 8080
-            "MODELAPP_WORKERS": "1",  # one worker is plenty for a demo on a shared machine
-            "PYTHONPATH": _source_path(),
-        }
-        log_path = self.run_dir / f"app-{label}.log"
-        with log_path.open("wb") as log:
-            self.app = subprocess.Popen(
-                [sys.executable, "-m", "modelapp_serving", "--", "--bind", f"127.0.0.1:{port}"],
-                env=local,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.run_dir,
-                start_new_session=True,
-            )
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while not _ready(base):
-            if self.app.poll() is not None or time.monotonic() > deadline:
-                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
-                raise DemoError(f"the app did not become ready (log {log_path}):\n{tail}")
-            time.sleep(0.2)
+    def predict_through_service(self, label: str, expected_version: str) -> list[Any]:
+        assert self.stack is not None and self.stack.kube is not None
+        service = json.loads(self.stack.kube.kubectl("get", "service", APP_NAME, "-n", NAMESPACE, "-o",
+                                                     "json").stdout)
+        base = f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
+        self.say(f"Service {NAMESPACE}/{APP_NAME} at {base} (ClusterIP, kube-proxy on the real node)")
         version = _get_json(f"{base}/version")
         model = version.get("model") or {}
-        if model.get("etag") != env["MODELAPP_MODEL_ETAG"]:
-            raise DemoError(f"the app loaded {model} but the pod template pins {env['MODELAPP_MODEL_ETAG']}")
-        self.say(f"app on {base} (gunicorn, log {log_path}) loaded model {env['MODELAPP_MODEL_ETAG']}, sha256 verified")
-        self.say(f"pod template annotation modelapp.io/model-version={annotations.get('modelapp.io/model-version')}")
+        if model.get("etag") != expected_version:
+            raise DemoError(f"the Service answered with model {model} but the ModelApp is Ready on {expected_version}")
+        self.say(f"GET /version: image {version.get('image')}")
+        sha256 = str(model.get("sha256"))[:16]
+        self.say(f"              model {model.get('etag')} sha256 {sha256}... (verified in the pod)")
         predictions = _post_json(f"{base}/predict", {"instances": SAMPLE_ROWS})["predictions"]
         self.say(f"POST /predict {json.dumps({'instances': SAMPLE_ROWS})}")
-        print(f"      prediction (model {label} {env['MODELAPP_MODEL_ETAG']}): {json.dumps(predictions)}", flush=True)
-        return predictions, version
+        print(f"      prediction (model {label} {expected_version}): {json.dumps(predictions)}", flush=True)
+        return list(predictions)
 
     def roll_to_new_model(self, stack: Stack, old_version: str) -> str:
-        from modelapp_operator.cli.kube import KubeClient, load_connection  # noqa: PLC0415
-        from modelapp_operator.names import ANNOTATION_RECONCILE_REQUEST  # noqa: PLC0415
-
         assert stack.kube is not None
         with self.stage("Publish model v2 (a retrained, deliberately simpler model) over the same blob"):
             new_version, _ = self.publish(stack, 2)
-        with self.stage("Roll the Deployment to model v2"):
-            client = KubeClient(load_connection(str(stack.kube.kubeconfig)))
+        with self.stage("The operator rolls the pods to model v2 by itself"):
             deadline = time.monotonic() + SELF_NOTICE_SECONDS
             noticed = False
             while time.monotonic() < deadline:
-                status = client.get_modelapp(NAMESPACE, APP_NAME).get("status") or {}
-                if (status.get("model") or {}).get("version") == new_version:
+                if ((self.modelapp().get("status") or {}).get("model") or {}).get("version") == new_version:
                     noticed = True
                     break
                 time.sleep(0.5)
             if noticed:
-                self.say("the operator noticed the new blob version by itself (poller)")
+                self.say(f"the operator noticed the new blob version by itself (poll every {POLL_SECONDS}s)")
             else:
                 # What a Blob Storage event (or the receiver) does: ask for a reconcile.
                 stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-                client.patch_modelapp(
-                    NAMESPACE, APP_NAME, {"metadata": {"annotations": {ANNOTATION_RECONCILE_REQUEST: stamp}}}
-                )
+                stack.kube.kubectl("annotate", "modelapp", APP_NAME, "-n", NAMESPACE, "--overwrite",
+                                   f"{ANNOTATION_RECONCILE_REQUEST}={stamp}")
                 self.say(f"not noticed within {SELF_NOTICE_SECONDS:.0f}s: requested a reconcile")
-                self.say(f"(annotation {ANNOTATION_RECONCILE_REQUEST}, as a Blob Storage event would)")
-            self.wait_ready(stack, new_version, "rollout to model v2")
-            replica_sets = json.loads(
-                stack.kube.kubectl(
-                    "get", "replicasets", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={APP_NAME}", "-o", "json"
-                ).stdout
-            )["items"]
-            for rs in sorted(replica_sets, key=lambda r: r["metadata"]["creationTimestamp"]):
-                version = rs["spec"]["template"]["metadata"]["annotations"].get("modelapp.io/model-version")
-                self.say(
-                    f"ReplicaSet {rs['metadata']['name']}: {rs['status'].get('replicas', 0)} pods, model {version}"
-                )
+            self.wait_ready(new_version, "rollout to model v2")
+            self.show_pods()
             if new_version == old_version:
                 raise DemoError("model v2 has the same ETag as v1")
             from modelapp_operator.cli.status import render_status  # noqa: PLC0415
 
             self.say(f"modelapp status {APP_NAME} -n {NAMESPACE}:")
-            for line in render_status(client.get_modelapp(NAMESPACE, APP_NAME), datetime.now(UTC)).splitlines():
+            for line in render_status(self.modelapp(), datetime.now(UTC)).splitlines():
                 self.say(f"  {line}")
         return new_version
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    def operator_log_tail(self, lines: int = 30) -> str:
-        if self.operator is None:
-            return ""
-        return "--- operator log ---\n" + self.operator.log_tail(lines)
-
-    def stop_app(self) -> None:
-        _stop(self.app)
-        self.app = None
-
     def stop(self) -> None:
-        self.stop_app()
-        if self.operator is not None:
-            self.operator.stop()
-        self.operator = None
         if self.stack is not None:
             self.stack.stop()
             self.stack = None
 
     def run(self) -> None:
         stack = self.start_stack()
-        repository, _ = self.build_image(stack)
+        app_image, operator_image = self.build_images(stack)
+        self.install_operator(stack, operator_image)
         with self.stage(f"Train model v1 (iris LogisticRegression) and publish it to Azurite {MODEL_CONTAINER}/"):
             v1, _ = self.publish(stack, 1)
-        self.apply_modelapp(stack, repository)
-        self.start_operator(stack)
-        with self.stage("Wait until the ModelApp is Ready (operator: resolve tag and blob, render, roll)"):
-            self.wait_ready(stack, v1, "first rollout")
-        with self.stage("Run the app locally with the pod template's env and predict"):
-            self.serve_and_predict(stack, "v1")
-        self.roll_to_new_model(stack, v1)
-        with self.stage("Run the app with the new pod template's env and predict"):
-            self.serve_and_predict(stack, "v2")
+        self.apply_modelapp(stack, app_image)
+        with self.stage("Wait until the ModelApp is Ready: real pods pull, download + verify the model, pass /readyz"):
+            self.wait_ready(v1, "first rollout")
+            self.show_pods()
+        with self.stage("Predict through the Service"):
+            self.predict_through_service("v1", v1)
+        v2 = self.roll_to_new_model(stack, v1)
+        with self.stage("Predict through the Service: the new pods answer"):
+            self.predict_through_service("v2", v2)
         print(f"\nrolled over from model v1 to v2 in {time.monotonic() - self.started:.0f}s total", flush=True)
 
 
@@ -360,19 +313,6 @@ def train_model(directory: Path, version: int) -> Path:
     return export_onnx(classifier, directory / "iris.onnx")
 
 
-def _source_path() -> str:
-    roots = [REPO_ROOT / "operator", REPO_ROOT / "app", REPO_ROOT / "deploy" / "local"]
-    return os.pathsep.join([*map(str, roots), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-
-
-def _ready(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def _get_json(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=10) as response:
         result: dict[str, Any] = json.loads(response.read())
@@ -388,32 +328,20 @@ def _post_json(url: str, body: Any) -> dict[str, Any]:
         return result
 
 
-def _stop(process: subprocess.Popen[bytes] | None) -> None:
-    if process is None or process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-
-
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m modelapp_localstack.demo",
+        prog="modelapp-demo",
         description=(
-            "ModelApp end to end on this machine: local stack, app image build and push, model publish, "
-            "the operator rolling a ModelApp, the app serving a prediction with the operator's env; then "
-            "a new model version rolled out and served. Runs until Ctrl-C and cleans up everything."
+            "ModelApp end to end on this machine: a local stack with a real node, the app and operator images "
+            "built from the project's Dockerfiles, the operator in-cluster, a ModelApp rolled to real pods that "
+            "answer through the Service; then a new model version rolled out and served. Runs until Ctrl-C and "
+            "cleans up everything."
         ),
-        epilog="Needs deploy/local/setup.sh to have run once (control-plane binaries, buildah, registry, Azurite).",
+        epilog="Needs deploy/local/setup.sh to have run once (binaries, Debian packages, Azurite). Runs as root.",
     )
     parser.add_argument("--once", action="store_true", help="exit after the roll-over to model v2 (for tests)")
     parser.add_argument(
@@ -426,31 +354,33 @@ def main(argv: list[str] | None = None) -> int:
     base.mkdir(exist_ok=True)
     run_dir = args.run_dir or base / f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    demo = Demo(run_dir=run_dir, once=args.once)
+    demo = Demo(run_dir=run_dir)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     code = 0
     try:
         demo.run()
         if not args.once:
-            print("\nthe operator and the app keep running; Ctrl-C stops everything", flush=True)
+            print("\nthe operator and the app keep running in the cluster; Ctrl-C stops everything", flush=True)
             while True:
-                if demo.operator is not None and demo.operator.exited():
-                    raise DemoError(f"the operator exited ({demo.operator.returncode})\n{demo.operator_log_tail()}")
                 time.sleep(1)
     except KeyboardInterrupt:
-        print("\ninterrupted", flush=True)
+        with contextlib.suppress(OSError):
+            print("\ninterrupted", flush=True)
         code = 130
-    except (DemoError, StackError, subprocess.CalledProcessError) as error:
+    except (DemoError, StackError, subprocess.CalledProcessError, urllib.error.URLError) as error:
         detail = f"\n{error.stderr}" if isinstance(error, subprocess.CalledProcessError) else ""
-        print(f"\ndemo failed at step {demo.step}/{STEPS}: {error}{detail}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            print(f"\ndemo failed at step {demo.step}/{STEPS}: {error}{detail}", file=sys.stderr, flush=True)
         code = 1
     finally:
-        print("cleaning up: app, operator, stack", flush=True)
+        with contextlib.suppress(OSError):
+            print("cleaning up: the stack (pods, node, network, processes)", flush=True)
         demo.stop()
         if not args.keep:
             shutil.rmtree(run_dir, ignore_errors=True)
         else:
-            print(f"kept {run_dir}", flush=True)
+            with contextlib.suppress(OSError):
+                print(f"kept {run_dir}", flush=True)
     return code
 
 

@@ -1,4 +1,5 @@
-"""The main job end to end: `python -m modelapp_localstack.demo --once` on its own local stack."""
+"""The main job end to end (README's `Run it`): `modelapp-demo --once` on its own local stack, with
+real pods answering through the Service and the operator in-cluster."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.cluster
+pytestmark = pytest.mark.pods
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,7 +24,7 @@ def test_demo_serves_a_prediction_rolls_to_a_new_model_and_cleans_up(tmp_path: P
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         capture_output=True,
         text=True,
-        timeout=540,
+        timeout=900,
         check=False,
     )
     output = result.stdout + result.stderr
@@ -31,10 +32,11 @@ def test_demo_serves_a_prediction_rolls_to_a_new_model_and_cleans_up(tmp_path: P
     assert "Traceback" not in output
     steps = re.findall(r"^\[(\d+)/(\d+)\] ", result.stdout, re.MULTILINE)
     assert [int(n) for n, _ in steps] == list(range(1, len(steps) + 1)) and {t for _, t in steps} == {str(len(steps))}
-    assert "FROM scratch" in result.stdout
+    assert "operator running in-cluster" in output and "on real-node-0" in result.stdout
     predictions = dict(re.findall(r"prediction \(model (v\d) (\"0x[0-9A-F]+\")\): \[", result.stdout))
     assert set(predictions) == {"v1", "v2"} and predictions["v1"] != predictions["v2"], result.stdout
-    # The Deployment carries the new version and the app served with exactly that env.
-    assert f"modelapp.io/model-version={predictions['v2']}" in result.stdout
+    # The new pods run the new version, on the real node, and answered through the Service.
+    new_pod = rf"pod iris-\S+ on real-node-0 ip 10\.244\.\d+\.\d+ ready=True model {re.escape(predictions['v2'])}"
+    assert re.search(new_pod, result.stdout), result.stdout
     assert "rolled over from model v1 to v2" in result.stdout
     assert "cleaning up" in result.stdout and not run_dir.exists()
