@@ -124,9 +124,11 @@ def load_until_ready(
         try:
             fetched = fetch_verified_model(spec, config.cache_dir, settings, blob_client_factory=blob_client_factory)
             state.set_waiting("loading the verified model", failed=False)
+            load_started = time.monotonic()
             model = load_model_file(
                 fetched.path, spec.format, allow_pickle=config.allow_pickle, onnx_threads=config.onnx_threads
             )
+            load_seconds = time.monotonic() - load_started
         except ModelFetchError as error:
             if not error.retryable:
                 log.error("model not ready: %s", error.reason)
@@ -152,13 +154,14 @@ def load_until_ready(
         source = "downloaded" if fetched.downloaded else "reused cached"
         mb_per_s = fetched.size / 1e6 / fetched.seconds if fetched.seconds > 0 else 0.0
         log.info(
-            "model ready: %s %s (%d bytes, sha256 %s, %.2f s, %.0f MB/s)",
+            "model ready: %s %s (%d bytes, sha256 %s, %.2f s, %.0f MB/s); loaded in %.3f s",
             source,
             redact_url(spec.url),
             fetched.size,
             spec.sha256,
             fetched.seconds,
             mb_per_s,
+            load_seconds,
         )
         state.set_ready(model)
         return

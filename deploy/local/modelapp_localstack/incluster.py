@@ -8,8 +8,10 @@ node. Nothing in deploy/ itself changes; the operator has only its ServiceAccoun
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +30,9 @@ OPERATOR_NAMESPACE = "modelapp-system"
 OPERATOR_DEPLOYMENT = "modelapp-operator"
 TENANT_NAMESPACE = "ml"
 REGISTRY_CA_MOUNT = "/etc/modelapp/registry-ca"
+RECEIVER_SERVICE = "modelapp-operator-webhooks"
+RECEIVER_PORT = 8082
+RECEIVER_CLUSTER_IP_OFFSET = 200
 PULL_SECRET_NAME = "regcred"  # noqa: S105 - the name of a Secret, not a credential
 
 
@@ -52,12 +57,24 @@ class InClusterOperator:
                           "--ignore-not-found", "--wait=true", check=False)
 
 
+def receiver_address(service_cidr: str) -> str:
+    """A fixed ClusterIP for the webhook receiver's Service, so a registry started before the
+    operator can be told where to send its notifications."""
+    return str(ipaddress.ip_network(service_cidr).network_address + RECEIVER_CLUSTER_IP_OFFSET)
+
+
+def receiver_url(service_cidr: str, path: str = "/webhooks/registry") -> str:
+    return f"http://{receiver_address(service_cidr)}:{RECEIVER_PORT}{path}"
+
+
 def _overlay(
     folder: Path,
     image: str,
     registry: Registry,
     settings: Mapping[str, str],
     real_node_namespaces: Sequence[str],
+    receiver_token: str,
+    receiver_cluster_ip: str | None,
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     name, digest = image.split("@", 1)
@@ -89,6 +106,10 @@ def _overlay(
          "stringData": {".dockerconfigjson": registry.dockerconfigjson()}},
     ]
     (folder / "local-objects.yaml").write_text(yaml.safe_dump_all(extra))
+    service_patches = [] if receiver_cluster_ip is None else [{"patch": yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": RECEIVER_SERVICE, "namespace": OPERATOR_NAMESPACE},
+        "spec": {"clusterIP": receiver_cluster_ip}})}]
     literals = {"MODELAPP_REGISTRY_CA_FILE": f"{REGISTRY_CA_MOUNT}/ca.crt", **settings}
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
@@ -101,7 +122,10 @@ def _overlay(
             "behavior": "merge",
             "literals": [f"{key}={value}" for key, value in sorted(literals.items())],
         }],
-        "patches": [*namespace_patches, {"patch": yaml.safe_dump(deployment_patch)}],
+        "patches": [*namespace_patches, {"patch": yaml.safe_dump(deployment_patch)}, *service_patches],
+        # The webhook receiver's token (deploy/base/deployment.yaml mounts this Secret; never committed).
+        "secretGenerator": [{"name": "modelapp-receiver-token", "namespace": OPERATOR_NAMESPACE,
+                             "literals": [f"token={receiver_token}"]}],
     }
     (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization, sort_keys=False))
     return folder
@@ -115,16 +139,23 @@ def install_operator(
     *,
     settings: Mapping[str, str] | None = None,
     real_node_namespaces: Sequence[str] = (OPERATOR_NAMESPACE, TENANT_NAMESPACE),
+    receiver_token: str | None = None,
+    service_cidr: str | None = None,
     timeout: float = 240,
 ) -> InClusterOperator:
     """`kubectl apply -k` deploy/ through a local overlay, then wait until the operator pod is Ready.
 
     image: `registry/repository@sha256:...` built from Dockerfile.operator.
-    settings: MODELAPP_* values merged into the operator's ConfigMap (poll interval, namespaces...)."""
+    settings: MODELAPP_* values merged into the operator's ConfigMap (poll interval, namespaces...).
+    receiver_token: the webhook receiver's token (default: a random one).
+    service_cidr: the cluster's Service range; the receiver's Service then gets `receiver_address(service_cidr)`."""
     if "@sha256:" not in image:
         raise StackError(f"install the operator by digest, not {image!r}")
     started = time.monotonic()
-    overlay = _overlay(run_dir / "operator-overlay", image, registry, settings or {}, real_node_namespaces)
+    overlay = _overlay(
+        run_dir / "operator-overlay", image, registry, settings or {}, real_node_namespaces,
+        receiver_token or secrets.token_urlsafe(24), receiver_address(service_cidr) if service_cidr else None,
+    )
     # The CRD first: the rest of deploy/ may hold objects of its kind.
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(overlay), timeout=120)
     result = kube.kubectl("rollout", "status", f"deployment/{OPERATOR_DEPLOYMENT}", "-n", OPERATOR_NAMESPACE,

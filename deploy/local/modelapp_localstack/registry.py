@@ -124,6 +124,44 @@ class Registry:
             raise StackError(f"manifest push failed: {status} {body[:300]!r}")
         return headers.get("Docker-Content-Digest") or "sha256:" + hashlib.sha256(manifest).hexdigest()
 
+    def push_variant(self, repository: str, source_tag: str, tag: str) -> str:
+        """Push `source_tag`'s image plus one small unique layer as `tag`; return the new digest.
+
+        What a CI build of a code change looks like to a node: the same base layers, one new top
+        layer. The manifest is rewritten (config diff_ids and layers) and pushed under `tag`."""
+        status, _, body = self._request("GET", f"/v2/{repository}/manifests/{source_tag}",
+                                        headers={"Accept": OCI_MANIFEST})
+        if status != 200:
+            raise StackError(f"cannot read {repository}:{source_tag}: HTTP {status}")
+        manifest = json.loads(body)
+        status, _, config_body = self._request("GET", f"/v2/{repository}/blobs/{manifest['config']['digest']}")
+        if status != 200:
+            raise StackError(f"cannot read the config of {repository}:{source_tag}: HTTP {status}")
+        config = json.loads(config_body)
+        payload = secrets.token_hex(16).encode()
+        tar_bytes = io.BytesIO()
+        with tarfile.open(fileobj=tar_bytes, mode="w") as archive:
+            info = tarfile.TarInfo("etc/modelapp-build-id")
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+        layer = gzip.compress(tar_bytes.getvalue(), mtime=0)
+        config["rootfs"]["diff_ids"].append("sha256:" + hashlib.sha256(tar_bytes.getvalue()).hexdigest())
+        config.pop("history", None)
+        new_config = json.dumps(config).encode()
+        layer_digest = self._push_blob(repository, layer)
+        config_digest = self._push_blob(repository, new_config)
+        manifest["config"] = {**manifest["config"], "digest": config_digest, "size": len(new_config)}
+        manifest["layers"] = [*manifest["layers"], {"mediaType": OCI_LAYER, "digest": layer_digest,
+                                                    "size": len(layer)}]
+        manifest.setdefault("mediaType", OCI_MANIFEST)
+        data = json.dumps(manifest).encode()
+        status, headers, body = self._request(
+            "PUT", f"/v2/{repository}/manifests/{tag}", data, {"Content-Type": manifest["mediaType"]}
+        )
+        if status != 201:
+            raise StackError(f"manifest push failed: {status} {body[:300]!r}")
+        return headers.get("Docker-Content-Digest") or "sha256:" + hashlib.sha256(data).hexdigest()
+
     def resolve(self, repository: str, tag: str) -> str:
         """Tag to digest, as a client would: HEAD the manifest with the Accept headers."""
         status, headers, _ = self._request(
