@@ -195,7 +195,14 @@ class AzureBlobResolver:
         if self._identity is not None:
             await self._identity.close()
 
-    def _client(self, location: BlobLocation, credential: BlobCredential, *, container_only: bool = False) -> Any:
+    def _client(
+        self,
+        location: BlobLocation,
+        credential: BlobCredential,
+        *,
+        container_only: bool = False,
+        pin: PinnedVersion | None = None,
+    ) -> Any:
         # Fail fast: the reconcile retries with its own backoff, the SDK must not stall it.
         options: dict[str, Any] = {
             "connection_timeout": self._timeout,
@@ -203,6 +210,8 @@ class AzureBlobResolver:
             "retry_total": 1,
             "retry_backoff_factor": 0.5,
         }
+        if pin is not None and not container_only:
+            options.update(snapshot=pin.snapshot, version_id=pin.version_id)
         if isinstance(credential, ConnectionStringCredential):
             if container_only:
                 return ContainerClient.from_connection_string(
@@ -221,9 +230,9 @@ class AzureBlobResolver:
             location.account_url.rstrip("/"), location.container, location.name, credential=self._identity, **options
         )
 
-    def _client_for(self, location: BlobLocation, credential: BlobCredential) -> Any:
+    def _client_for(self, location: BlobLocation, credential: BlobCredential, pin: PinnedVersion | None = None) -> Any:
         try:
-            return self._client(location, credential)
+            return self._client(location, credential, pin=pin)
         except ValueError as error:
             raise ModelResolutionError(
                 Reason.STORAGE_CREDENTIAL_INVALID, f"the connection string is not usable: {error}", retry_after=300
@@ -242,11 +251,11 @@ class AzureBlobResolver:
     async def pinned_properties(
         self, location: BlobLocation, credential: BlobCredential, pin: PinnedVersion
     ) -> BlobProperties:
-        client = self._client_for(location, credential)
+        client = self._client_for(location, credential, pin)
         where = f"{location.container}/{location.name} {pin.describe()}"
         try:
             async with client:
-                properties = await client.get_blob_properties(version_id=pin.version_id, snapshot=pin.snapshot)
+                properties = await client.get_blob_properties()
         except ResourceNotFoundError:
             raise ModelResolutionError(
                 Reason.MODEL_VERSION_GONE,
