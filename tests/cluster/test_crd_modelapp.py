@@ -124,6 +124,18 @@ INVALID: list[tuple[str, list[tuple[str, Any]], str]] = [
         "spec.resources.limits.memory",
     ),
     ("cpu-not-quantity", [("spec.resources", {"requests": {"cpu": "fast"}})], "spec.resources.requests.cpu"),
+    ("cpu-negative-integer", [("spec.resources", {"requests": {"cpu": -1}})], "spec.resources.requests.cpu"),
+    ("memory-negative-integer", [("spec.resources", {"requests": {"memory": -1}})], "spec.resources.requests.memory"),
+    (
+        "account-url-plain-http-public-host",
+        [("spec.model.blob.accountUrl", "http://myaccount.blob.core.windows.net")],
+        "spec.model.blob.accountUrl",
+    ),
+    (
+        "account-url-port-out-of-range",
+        [("spec.model.blob.accountUrl", "https://myaccount.blob.core.windows.net:99999")],
+        "spec.model.blob.accountUrl",
+    ),
     ("unknown-field-strict", [("spec.replica", 2)], "spec.replica"),
     ("name-too-long-for-service", [("metadata.name", "a" * 64)], "metadata.name"),
 ]
@@ -156,3 +168,22 @@ def test_invalid_modelapp_is_rejected_naming_the_field(
     )
     assert result.returncode != 0, f"accepted: {json.dumps(body['spec'])}"
     assert field in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "account_url",
+    [
+        "https://myaccount.blob.core.windows.net",
+        "https://myaccount.blob.core.windows.net:443",
+        "http://localhost:10000/devstoreaccount1",
+        "http://10.243.0.1:10000/devstoreaccount1",
+        "http://azurite.storage.svc:10000/devstoreaccount1",
+    ],
+)
+def test_account_urls_the_blob_contract_accepts_are_accepted(
+    kube: KubeCluster, namespace: str, account_url: str
+) -> None:
+    """Plain http stays allowed where model_blob.is_emulator says the endpoint is the emulator."""
+    body = copy.deepcopy(valid(namespace))
+    _set(body, "spec.model.blob.accountUrl", account_url)
+    kube.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", input=json.dumps(body))

@@ -12,9 +12,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from modelapp_operator.names import API_VERSION, KIND
-from modelapp_serving.model_blob import blob_url
+from modelapp_serving.model_blob import blob_url, is_emulator
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 RESERVED_ENV_PREFIX = "MODELAPP_"
@@ -90,6 +91,24 @@ class BlobLocation(_Frozen):
     ]
     container: Annotated[str, Field(min_length=3, max_length=63, pattern=r"^[a-z0-9](-?[a-z0-9])+$")]
     name: Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[^/?#\\\s]([^?#\\]*[^/.?#\\\s])?$")]
+
+    @field_validator("account_url")
+    @classmethod
+    def _port_and_scheme(cls, value: str) -> str:
+        parts = urlsplit(value)
+        try:
+            port = parts.port
+        except ValueError:  # above 65535
+            port = 0
+        if port is not None and not 1 <= port <= 65535:
+            raise ValueError("model.blob.accountUrl: the port must be 1-65535")
+        first_segment = parts.path.strip("/").split("/", 1)[0]
+        if parts.scheme == "http" and not is_emulator((parts.hostname or "").lower(), first_segment):
+            raise ValueError(
+                "model.blob.accountUrl: plain http is only for the storage emulator "
+                "(localhost, an IP address, or the devstoreaccount1 account): use https"
+            )
+        return value
 
     @property
     def url(self) -> str:
