@@ -18,6 +18,8 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prometheus_multiprocess
 
+from modelapp_serving.model_blob import normalize_etag
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -56,6 +58,18 @@ class ServingMetrics:
             registry=self.registry,
         )
         self.model_ready.set(0)
+        self.app_info = Gauge(
+            "modelapp_app_info",
+            "1 for the pair this pod serves: its image digest and its model version (ETag), as the operator set them.",
+            ["image_digest", "model_version"],
+            multiprocess_mode="livemax",
+            registry=self.registry,
+        )
+
+    def mark_pair(self, image: str | None, model_version: str | None) -> None:
+        """image: `repository@sha256:...` (MODELAPP_IMAGE); model_version: the pinned ETag. Unknown: ""."""
+        digest = image.rpartition("@")[2] if image and "@" in image else ""
+        self.app_info.labels(digest, normalize_etag(model_version) if model_version else "").set(1)
 
     def mark_model_ready(self, format_name: str, sha256: str, etag: str) -> None:
         self.model_info.labels(format_name, sha256, etag).set(1)

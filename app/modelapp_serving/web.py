@@ -66,6 +66,7 @@ def create_app(
     config = ServingConfig.from_env() if config is None else config
     metrics = ServingMetrics()
     state = ModelState(model_info or model_info_from_config(config))
+    metrics.mark_pair(config.image, config.model.etag if config.model is not None else None)
 
     def publish_ready(ready_state: ModelState) -> None:
         info = ready_state.info

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import kopf
 import modelapp_operator.handlers  # noqa: F401 - importing registers the kopf handlers
+from modelapp_operator import metrics
 from modelapp_operator.config import ConfigError, OperatorConfig
 from modelapp_operator.names import API_VERSION
 from modelapp_operator.redact import RedactingFilter
@@ -34,6 +35,7 @@ Environment:
                                     Entra ID identity when a ModelApp has no pull Secret
   MODELAPP_REGISTRY_TIMEOUT_SECONDS timeout of registry and blob calls (default 10)
   MODELAPP_LIVENESS_PORT            port of the liveness endpoint (default 8081)
+  MODELAPP_METRICS_PORT             port of the Prometheus /metrics endpoint (default 8083; 0 or off: none)
   KUBECONFIG                        kubeconfig to use outside a cluster
 """
 
@@ -87,6 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config = dataclasses.replace(config, namespaces=namespaces)
     configure_logging(config.log_format, verbose=args.verbose)
+    if config.metrics_port is not None:
+        try:
+            port = metrics.serve(metrics.METRICS, config.metrics_port, config.metrics_bind)
+        except OSError as error:
+            print(f"modelapp-operator: cannot serve metrics on port {config.metrics_port}: {error}", file=sys.stderr)
+            return 1
+        logging.getLogger(__name__).info("metrics on %s:%d/metrics", config.metrics_bind, port)
     kopf.run(
         standalone=True,  # one replica (Recreate strategy): no peering objects needed
         clusterwide=not namespaces,

@@ -20,6 +20,7 @@ DEFAULT_COALESCE_SECONDS = 0.2
 DEFAULT_CONCURRENCY = 16
 DEFAULT_ERROR_TTL_SECONDS = 5.0
 DEFAULT_RECEIVER_PORT = 8082  # 8081 is kopf's liveness endpoint
+DEFAULT_METRICS_PORT = 8083
 
 # A namespace name, or a kopf glob over names ("team-*", "!kube-*").
 _NAMESPACE = re.compile(r"^!?[a-z0-9*?][-a-z0-9*?]{0,62}$")
@@ -224,6 +225,8 @@ class OperatorConfig:
     registry_azure_identity_hosts: frozenset[str] = frozenset()
     watch: WatchConfig | None = None  # change detection (coalescing, concurrency); None: defaults
     receiver: ReceiverConfig | None = None  # webhook receiver; None: off
+    metrics_port: int | None = DEFAULT_METRICS_PORT  # Prometheus /metrics; None: off
+    metrics_bind: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the pod IP
 
     @property
     def clusterwide(self) -> bool:
@@ -267,6 +270,12 @@ class OperatorConfig:
             env, "MODELAPP_LIVENESS_PORT", 8081, minimum=1, maximum=65535, parse=int, what="an integer"
         )
 
+        metrics_port: int | None = None
+        if _text(env, "MODELAPP_METRICS_PORT").lower() not in ("0", "off"):
+            metrics_port = _number(
+                env, "MODELAPP_METRICS_PORT", DEFAULT_METRICS_PORT, minimum=1, maximum=65535, parse=int, what="a port"
+            )
+
         azure_hosts = frozenset(h.lower() for h in _list(env, "MODELAPP_REGISTRY_AZURE_IDENTITY_HOSTS"))
         for host in azure_hosts:
             if not _HOST.match(host.replace("*", "x")):
@@ -286,4 +295,6 @@ class OperatorConfig:
             registry_azure_identity_hosts=azure_hosts,
             watch=WatchConfig.from_env(env),
             receiver=ReceiverConfig.from_env(env),
+            metrics_port=metrics_port,
+            metrics_bind=_text(env, "MODELAPP_METRICS_BIND") or "0.0.0.0",  # noqa: S104
         )

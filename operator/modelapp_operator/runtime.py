@@ -18,6 +18,7 @@ from modelapp_operator.clients.blob_storage import AzureBlobResolver
 from modelapp_operator.clients.kube import AiohttpKubeClient
 from modelapp_operator.clients.registry import RegistryClient
 from modelapp_operator.config import OperatorConfig, WatchConfig
+from modelapp_operator.metrics import METRICS, triggered_by
 from modelapp_operator.receiver.server import Receiver
 from modelapp_operator.reconcile.child_refresher import ChildRefresher
 from modelapp_operator.reconcile.reconciler import Dependencies, ReconcileError, reconcile
@@ -94,7 +95,8 @@ async def start(config: OperatorConfig, logger: Logger) -> Runtime:
         await _reconcile_changed(app, deps, logger)
 
     hub.set_on_change(reconcile_changed)
-    runtime.tasks.append(asyncio.create_task(hub.run_polling(config.poll_interval_seconds), name="modelapp-watch-poll"))
+    polling = hub.run_polling(config.poll_interval_seconds)
+    runtime.tasks.append(asyncio.create_task(polling, name="modelapp-watch-poll", context=triggered_by("poll")))
     if config.receiver is not None and config.receiver.enabled:
         receiver = Receiver.from_config(hub, config.receiver, stats=lambda: dataclasses.asdict(hub.stats()))
         try:
@@ -103,6 +105,7 @@ async def start(config: OperatorConfig, logger: Logger) -> Runtime:
             await runtime.stop()  # kopf retries the start-up handler: leave nothing running behind
             raise
         runtime.receiver = receiver
+    METRICS.set_active(True)  # one replica: always; leader election sets it when this replica leads
     return runtime
 
 

@@ -112,9 +112,20 @@ def test_operator_deployment_is_single_restricted_and_probed() -> None:
     (generator,) = kustomization("base")["configMapGenerator"]
     assert container["envFrom"] == [{"configMapRef": {"name": generator["name"]}}]
     settings = dict(literal.split("=", 1) for literal in generator["literals"])
-    (port,) = container["ports"]
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
-    assert port["containerPort"] == int(settings["MODELAPP_LIVENESS_PORT"])
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "liveness"}
+    assert ports == {
+        "liveness": int(settings["MODELAPP_LIVENESS_PORT"]),
+        "webhooks": int(settings["MODELAPP_RECEIVER_PORT"]),
+        "metrics": int(settings["MODELAPP_METRICS_PORT"]),
+    }
+    # The receiver's token only ever comes from the Secret (never a literal in deploy/).
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["MODELAPP_RECEIVER_ENABLED"] == "true" and "MODELAPP_RECEIVER_TOKEN" not in settings
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "receiver-token")
+    assert env["MODELAPP_RECEIVER_TOKEN_FILE"].startswith(mount["mountPath"] + "/") and mount["readOnly"] is True
+    volume = next(v for v in pod["volumes"] if v["name"] == "receiver-token")
+    assert volume["secret"]["secretName"] == "modelapp-receiver-token"
 
 
 def test_aks_overlay_sets_workload_identity() -> None:

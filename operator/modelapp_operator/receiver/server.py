@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 from modelapp_operator.config import DEFAULT_RECEIVER_PORT, ConfigError, ReceiverConfig, TokenSource
+from modelapp_operator.metrics import METRICS, triggered_by
 from modelapp_operator.receiver.payloads import (
     Change,
     ImagePushed,
@@ -70,6 +71,25 @@ async def _json_errors(
     except Exception as error:
         _log.error("receiver: %s %s failed: %s", request.method, request.path, type(error).__name__)
         return _error(500, "internal_error", "the receiver failed to handle this request")
+
+
+_SOURCES = {"/webhooks/acr": "acr", "/webhooks/registry": "registry", "/webhooks/eventgrid": "eventgrid"}
+
+
+@web.middleware
+async def _count_requests(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """modelapp_operator_webhook_requests_total by source and status (outside _json_errors: final statuses)."""
+    response = await handler(request)
+    source = _SOURCES.get(request.path)
+    if source == "eventgrid" and (
+        request.method == "OPTIONS" or request.content_type.startswith("application/cloudevents")
+    ):
+        source = "cloudevents"  # the CloudEvents handshake, or CloudEvents structured mode
+    if source is not None:
+        METRICS.webhook_request(source, response.status)
+    return response
 
 
 class Receiver:
@@ -117,7 +137,7 @@ class Receiver:
         return self._port
 
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[_json_errors], client_max_size=self._max_body)
+        app = web.Application(middlewares=[_count_requests, _json_errors], client_max_size=self._max_body)
         app.router.add_post("/webhooks/acr", self._acr)
         app.router.add_post("/webhooks/registry", self._registry)
         app.router.add_post("/webhooks/eventgrid", self._eventgrid)
@@ -225,7 +245,7 @@ class Receiver:
             work = self._sink.notify_image_pushed(change.host, change.repository, change.tag, change.digest)
         else:
             work = self._sink.notify_blob_changed(change.account, change.container, change.blob, change.etag)
-        task = asyncio.create_task(work, name="modelapp-receiver-change")
+        task = asyncio.create_task(work, name="modelapp-receiver-change", context=triggered_by("webhook"))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 

@@ -22,6 +22,7 @@ from modelapp_operator.api.modelapp_types import BlobLocation, ModelApp, SpecErr
 from modelapp_operator.clients.blob_storage import ModelPinner, ModelResolutionError, ModelResolver
 from modelapp_operator.clients.kube import KubeClient
 from modelapp_operator.clients.registry import ImageResolver
+from modelapp_operator.metrics import METRICS
 from modelapp_operator.names import ANNOTATION_RECONCILE_REQUEST, API_VERSION, KIND
 from modelapp_operator.plan.history import kept_snapshots, snapshot_urls
 from modelapp_operator.plan.reconcile_plan import (
@@ -101,6 +102,7 @@ class Dependencies:
     def forget(self, namespace: str, name: str) -> None:
         """The ModelApp is gone: drop its per-object state."""
         self._applied_generations.pop((namespace, name), None)
+        METRICS.forget((namespace, name))
 
 
 @dataclass(frozen=True)
@@ -122,12 +124,14 @@ async def reconcile(body: Mapping[str, Any], deps: Dependencies) -> ReconcileRes
     something must be retried, in both cases after the status says why."""
     metadata = body.get("metadata") or {}
     namespace, name = str(metadata.get("namespace")), str(metadata.get("name"))
-    async with deps.lock(namespace, name), deps.in_flight:
-        # Read it again under the lock: the caller's copy may predate our own last status write.
-        current = await deps.kube.get(API_VERSION, KIND, namespace, name)
-        if current is None:
-            return ReconcileResult(status={}, release=None, applied=(), found=False)  # deleted meanwhile
-        return await _reconcile_locked(current, deps)
+    with METRICS.reconcile() as tracked:
+        async with deps.lock(namespace, name), deps.in_flight:
+            tracked.started()
+            # Read it again under the lock: the caller's copy may predate our own last status write.
+            current = await deps.kube.get(API_VERSION, KIND, namespace, name)
+            if current is None:
+                return ReconcileResult(status={}, release=None, applied=(), found=False)  # deleted meanwhile
+            return await _reconcile_locked(current, deps)
 
 
 async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> ReconcileResult:
@@ -153,6 +157,7 @@ async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> Reco
     )
     # Apply, then write.
     applied_deployment = await _apply(deps, body, plan)
+    METRICS.rollout_applied((app.namespace, app.name), deployment, applied_deployment, rollback=plan.rolled_back)
     update = plan.status_update(applied_deployment)
     await _write_status(deps, body, update)
     await _prune_snapshots(deps, app, update.status)
@@ -202,10 +207,11 @@ async def _prune_snapshots(deps: Dependencies, app: ModelApp, status: Mapping[st
 
 
 async def _write_status(deps: Dependencies, body: Mapping[str, Any], update: StatusUpdate) -> None:
-    if not update.changed:
-        return
     metadata = body.get("metadata") or {}
-    await deps.kube.patch_modelapp_status(metadata["namespace"], metadata["name"], update.status)
+    if update.changed:
+        await deps.kube.patch_modelapp_status(metadata["namespace"], metadata["name"], update.status)
+    # Written (or already so): state gauges, a rollout that reached Ready, change -> Ready latency.
+    METRICS.status_observed((str(metadata["namespace"]), str(metadata["name"])), update.status)
     for event in update.events:
         await _post_event(deps, body, event)
 

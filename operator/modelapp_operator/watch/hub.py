@@ -43,6 +43,7 @@ from modelapp_operator.clients.blob_storage import BlobProperties, ModelResoluti
 from modelapp_operator.clients.errors import ResolutionError
 from modelapp_operator.clients.registry import ImageResolutionError, ImageResolver
 from modelapp_operator.config import DEFAULT_COALESCE_SECONDS, DEFAULT_CONCURRENCY, DEFAULT_ERROR_TTL_SECONDS
+from modelapp_operator.metrics import METRICS
 from modelapp_operator.redact import redact
 from modelapp_operator.watch.keys import AppKey, ImageKey, ModelKey, WatchKey
 from modelapp_operator.watch.resolvers import CachingImageResolver, CachingModelResolver
@@ -205,6 +206,7 @@ class WatchHub:
         if not stale:
             return
         self._stats.changes += 1
+        METRICS.change_learned(stale, "image" if isinstance(key, ImageKey) else "model", version)
         _log.info("%s is now %s: %d ModelApp(s) to reconcile", key.reference, version, len(stale))
         self._pending |= stale
         if self._flush is None:
@@ -390,6 +392,7 @@ class WatchHub:
         )
         self._requests_at_last_poll = total
         self._stats.polls += 1
+        METRICS.poll_duration.observe(report.seconds)
         return report
 
     async def run_polling(self, interval: float) -> None:

@@ -29,10 +29,16 @@ class ImageKey:
     path: str  # repository path inside the registry
     tag: str
     credentials_id: str  # "" for anonymous / the operator's own identity
+    kind = "registry"  # for metrics: what kind of endpoint answers this key
 
     @property
     def reference(self) -> str:
         return f"{self.host}/{self.path}:{self.tag}"
+
+    @property
+    def endpoint(self) -> str:
+        """The registry host (a bounded metrics label)."""
+        return self.host
 
 
 @dataclass(frozen=True)
@@ -41,10 +47,16 @@ class ModelKey:
     container: str
     blob: str
     credentials_id: str  # "operator-identity" or a hash of the connection string
+    kind = "storage"  # for metrics: what kind of endpoint answers this key
 
     @property
     def account_name(self) -> str:
         return account_name_of(self.account_url)
+
+    @property
+    def endpoint(self) -> str:
+        """The storage account name (a bounded metrics label)."""
+        return self.account_name
 
     @property
     def reference(self) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from modelapp_operator.metrics import METRICS
 from modelapp_operator.watch.keys import ImageKey, ModelKey
 
 K = TypeVar("K", ImageKey, ModelKey)
@@ -133,6 +134,7 @@ class SingleFlightCache(Generic[K, V]):
         finally:
             if state.inflight is asyncio.current_task():
                 state.inflight = None
+        METRICS.upstream_request(key, failed=outcome.error is not None)
         if generation >= state.outcome_generation:
             state.outcome, state.outcome_generation = outcome, generation
             state.expires_at = self._clock() + ttl
