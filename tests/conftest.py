@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 from modelapp_localstack import Azurite, KubeCluster, Registry, Stack
 from modelapp_localstack.procs import free_port
+from modelapp_localstack.prometheus import Prometheus
 
 # Whether any collected test runs real containers: only then does the session's stack get a real node.
 NEEDS_REAL_NODE = pytest.StashKey[bool]()
@@ -62,3 +63,9 @@ def registry(local_stack: Stack, registry_notify_port: int, registry_notify_toke
 @pytest.fixture(scope="session")
 def kube(local_stack: Stack) -> KubeCluster:
     return local_stack.start_kube()
+
+
+@pytest.fixture(scope="session")
+def prometheus(local_stack: Stack) -> Prometheus:
+    """Debian's prometheus on the stack's host address; tests hand it targets with `scrape`."""
+    return local_stack.start_prometheus()

@@ -102,6 +102,8 @@ class OperatorProcess:
             "KUBECONFIG": str(kube.kubeconfig),
             "MODELAPP_REGISTRY_CA_FILE": str(registry.ca_file),
             "PYTHONPATH": os.pathsep.join(roots).rstrip(os.pathsep),
+            # Several operators run side by side in tests: no fixed metrics port unless env asks for one.
+            "MODELAPP_METRICS_PORT": "off",
             **(env or {}),
         }
         scope = [arg for pattern in namespaces for arg in ("--namespace", pattern)] or ["--all-namespaces"]

@@ -25,6 +25,7 @@ from .kube import KubeCluster, start_cluster
 from .node import NodeNetwork, RealNode, create_network, start_real_node
 from .pki import CertificateAuthority
 from .procs import StackError, log
+from .prometheus import Prometheus, start_prometheus
 from .registry import Registry, start_registry
 
 LOOPBACK = "127.0.0.1"
@@ -56,6 +57,7 @@ class Stack:
     kube: KubeCluster | None = None
     azurite: Azurite | None = None
     registry: Registry | None = None
+    prometheus: Prometheus | None = None
     node: RealNode | None = None
     network: NodeNetwork | None = None
     _ca: CertificateAuthority | None = field(default=None, repr=False)
@@ -163,6 +165,13 @@ class Stack:
                 self.node.trust_registry(self.registry.host, self.registry.ca_file)
         return self.registry
 
+    def start_prometheus(self) -> Prometheus:
+        """Debian's prometheus on the stack's host address, its data in the run folder."""
+        if self.prometheus is None:
+            with recording_into(self.ledger):
+                self.prometheus = start_prometheus(self.run_dir, host=self.host)
+        return self.prometheus
+
     def buildah(self) -> Buildah:
         return Buildah(self.run_dir)
 
@@ -178,10 +187,11 @@ class Stack:
         runs is ignored: a half-done clean-up is the one thing worse than a slow one."""
         started = time.monotonic()
         with _signals_ignored():
-            for component in (self.node, self.registry, self.azurite, self.kube):
+            for component in (self.prometheus, self.node, self.registry, self.azurite, self.kube):
                 if component is not None:
                     with contextlib.suppress(Exception):
                         component.stop()
+            self.prometheus = None
             self.node = self.registry = self.azurite = self.kube = None
             # Containers, mounts, the node network, cgroups, links: whatever the ledger names. The run
             # folder (and the ledger in it) goes last, in the janitor's pass, so it knows whom to spare.
