@@ -25,17 +25,21 @@ from azure.core.exceptions import (
 )
 from azure.identity import DefaultAzureCredential
 from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient, ContentSettings
+from cryptography.hazmat.primitives import serialization
 from tqdm import tqdm
 
 from modelapp_serving.config import ConfigError
 from modelapp_serving.download import file_sha256
 from modelapp_serving.model_blob import (
     METADATA_SHA256,
+    METADATA_SIGNATURE,
+    SIGNATURE_SUFFIX,
     ModelFormat,
     parse_blob_url,
     published_metadata,
     redact_url,
 )
+from modelapp_serving.signing import SignatureError, encode_bundle, key_fingerprint, sign_model_file
 
 CONTENT_TYPES = {
     ModelFormat.ONNX: "application/octet-stream",
@@ -61,6 +65,8 @@ class PublishedModel:
     format: str
     uploaded: bool
     """False when the same content was already there (nothing was written)."""
+    signer: str | None = None
+    """The signing key's fingerprint when the model was published signed."""
 
 
 def publish_model(
@@ -73,12 +79,17 @@ def publish_model(
     format: str | ModelFormat | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    sign_key: str | os.PathLike[str] | None = None,
 ) -> PublishedModel:
     """Upload `path` to `destination` (a blob URL, or (container, blob) with a connection string or
     account_url) and return its ETag and sha256, the values a ModelApp pins.
 
     Credentials: `connection_string`, else `credential` (any azure-identity credential, a SAS string
     or an account key), else a SAS in the URL, else DefaultAzureCredential.
+
+    sign_key: an EC private key (PEM). The file is signed with OpenSSF model signing; the signature
+    goes into the blob's metadata (so every snapshot or version of the blob carries the signature of
+    exactly its bytes) and next to it as `<blob>.sig` for the model_signing command line.
     """
     model_path = Path(path)
     if not model_path.is_file():
@@ -91,14 +102,30 @@ def publish_model(
     shown_url = redact_url(blob.url)
     size = model_path.stat().st_size
     sha256 = file_sha256(model_path)
+    metadata = published_metadata(sha256, model_format)
+    signature: bytes | None = None
+    signer: str | None = None
+    if sign_key is not None:
+        try:
+            signature = sign_model_file(model_path, Path(sign_key))
+            private = serialization.load_pem_private_key(Path(sign_key).read_bytes(), password=None)
+            signer = key_fingerprint(
+                private.public_key().public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+            )
+        except (SignatureError, OSError, ValueError, TypeError) as error:
+            raise PublishError(f"cannot sign {model_path.name}: {error}") from None
+        metadata[METADATA_SIGNATURE] = encode_bundle(signature)
     try:
         _ensure_container(container)
         existing = _existing_properties(blob)
         if existing is not None:
             existing_sha = (existing.metadata or {}).get(METADATA_SHA256, "")
-            if existing_sha == sha256:
+            existing_signature = (existing.metadata or {}).get(METADATA_SIGNATURE)
+            if existing_sha == sha256 and (signature is None or existing_signature == metadata[METADATA_SIGNATURE]):
                 return PublishedModel(existing.etag, sha256, existing.size, shown_url, model_format.value, False)
-            if not overwrite:
+            if not overwrite and existing_sha != sha256:
                 shown = existing_sha or "no sha256 metadata"
                 raise PublishError(
                     f"{shown_url} already holds a different model ({shown}); pass overwrite=True (--overwrite) "
@@ -127,7 +154,7 @@ def publish_model(
                 data,
                 length=size,
                 overwrite=True,
-                metadata=published_metadata(sha256, model_format),
+                metadata=metadata,
                 content_settings=ContentSettings(content_type=CONTENT_TYPES[model_format]),
                 max_concurrency=UPLOAD_CONCURRENCY,
                 progress_hook=report,
@@ -143,7 +170,14 @@ def publish_model(
     except AzureError as error:
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise PublishError(f"publishing to {shown_url} failed: {first_line}") from None
-    return PublishedModel(str(result["etag"]), sha256, size, shown_url, model_format.value, True)
+    if signature is not None:
+        # Next to the model for `model_signing verify`; the operator and the app read the metadata copy.
+        try:
+            container.get_blob_client(blob.blob_name + SIGNATURE_SUFFIX).upload_blob(signature, overwrite=True)
+        except AzureError as error:
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise PublishError(f"the model is published; writing its .sig blob failed: {first_line}") from None
+    return PublishedModel(str(result["etag"]), sha256, size, shown_url, model_format.value, True, signer)
 
 
 def _clients(

@@ -159,3 +159,47 @@ def test_snapshots_stay_bounded_over_50_publishes(azurite: Azurite, container: C
     assert max(counts) <= HISTORY_LIMIT
     remaining = {b.snapshot for b in snapshots(container, name)}
     assert remaining == kept_snapshots(status)
+
+
+def test_signed_publish_verifies_and_tampered_bytes_with_its_metadata_are_refused(
+    azurite: Azurite, container: ContainerClient, tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from modelapp_serving.download import ModelFetchError
+    from modelapp_serving.publish import publish_model
+    from modelapp_serving.signing import decode_bundle, verify_signature
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private = tmp_path / "key.pem"
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"signed model bytes")
+    name = "s/model.onnx"
+    published = publish_model(
+        model, (container.container_name, name), connection_string=azurite.connection_string, sign_key=private,
+        progress=False,
+    )  # fmt: skip
+    blob = container.get_blob_client(name)
+    metadata = blob.get_blob_properties().metadata
+    signed = verify_signature(decode_bundle(metadata["modelsignature"]), public)
+    assert signed.sha256 == published.sha256 and signed.signer == published.signer
+    assert container.get_blob_client(name + ".sig").download_blob().readall() == decode_bundle(
+        metadata["modelsignature"]
+    )
+    # Other bytes under the same (valid) metadata and signature: the app refuses them before loading.
+    tampered = blob.upload_blob(b"other model bytes", overwrite=True, metadata=dict(metadata))
+    spec = ModelSpec(
+        url=blob_url(azurite.blob_endpoint, container.container_name, name),
+        etag=str(tampered["etag"]),
+        sha256=signed.sha256,
+        format=ModelFormat.ONNX,
+        signature_public_key=public,
+    )
+    with pytest.raises(ModelFetchError, match="refusing it") as refused:
+        fetch_verified_model(spec, tmp_path / "cache", DownloadSettings(connection_string=azurite.connection_string))
+    assert not refused.value.retryable
+    assert not any((tmp_path / "cache").glob("*.onnx"))

@@ -164,6 +164,7 @@ def cmd_publish_model(args: argparse.Namespace) -> int:
             format=args.format,
             overwrite=args.overwrite,
             progress=args.progress,
+            sign_key=args.sign_key,
         )
     except (PublishError, ConfigError) as error:
         raise CliError(EXIT_ERROR, f"publish-model: {error}") from None
@@ -175,6 +176,7 @@ def cmd_publish_model(args: argparse.Namespace) -> int:
             f"  sha256          {published.sha256}",
             f"  format          {published.format}",
             f"  size            {published.size} bytes",
+            *([f"  signed by       {published.signer}"] if published.signer else []),
         ]
     )
     _emit(args, asdict(published), text)

@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--blob", required=True, help="blob name, e.g. iris/model.onnx")
     publish.add_argument("--format", choices=("onnx", "skops", "pickle"), help="default: from the file suffix")
     publish.add_argument("--overwrite", action="store_true", help="replace a different model at that name")
+    publish.add_argument(
+        "--sign-key",
+        type=Path,
+        help="EC private key (PEM): sign the file (OpenSSF model signing, key mode) and publish the signature",
+    )
     publish.set_defaults(handler=cmd_publish_model)
 
     set_image = add(

@@ -169,9 +169,23 @@ def wait_verdict(body: Mapping[str, Any], wanted: Wanted) -> Verdict:
         return Verdict("waiting", "NotObserved", f"generation {generation} not observed yet (at {_observed(body)})")
     if not running:
         what = f"running image {short(str(image.get('digest') or '-'))} model {model.get('version') or '-'}"
+        blocker = _blocking_condition(conditions)
+        if blocker is not None:
+            # Why the wanted pair is not rolled out (e.g. ModelResolved False ModelVersionGone), not Ready's reason.
+            why = f"{blocker.get('type')}: {blocker.get('message') or ''}".strip(": ")
+            return Verdict("waiting", str(blocker.get("reason")), f"{what}, want {wanted.describe()}; {why}")
         return Verdict("waiting", str(ready.get("reason") or Reason.PENDING), f"{what}, want {wanted.describe()}")
     reason = str(ready.get("reason") or Reason.PENDING)
     return Verdict("waiting", reason, str(ready.get("message") or status.get("replicaSummary") or ""))
+
+
+def _blocking_condition(conditions: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The first resolution or verification condition that is False: why nothing new rolls out."""
+    for type_ in (ConditionType.MODEL_RESOLVED, ConditionType.IMAGE_RESOLVED, ConditionType.MODEL_VERIFIED):
+        found = conditions.get(type_) or {}
+        if found.get("status") == "False":
+            return found
+    return None
 
 
 class RollbackError(ValueError):
