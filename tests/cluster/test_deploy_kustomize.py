@@ -8,16 +8,20 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from azure.storage.blob import BlobServiceClient
 from modelapp_localstack import Azurite, KubeCluster, Registry
+from modelapp_localstack.procs import free_port
 
 pytestmark = pytest.mark.cluster
 
@@ -30,6 +34,11 @@ SERVICE_ACCOUNT = f"system:serviceaccount:{OPERATOR_NS}:modelapp-operator"
 @pytest.fixture(scope="module")
 def deployed(kube: KubeCluster) -> Iterator[None]:
     kube.kubectl("apply", "-k", str(DEPLOY))
+    # The receiver's token: a Secret the installer creates (docs/operations.md, "Webhooks").
+    token = {"apiVersion": "v1", "kind": "Secret",
+             "metadata": {"name": "modelapp-receiver-token", "namespace": OPERATOR_NS},
+             "stringData": {"token": secrets.token_urlsafe(24)}}  # fmt: skip
+    kube.kubectl("apply", "-f", "-", input=json.dumps(token))
     yield
     # Everything but the CRD, which other test modules share.
     rendered = [d for d in yaml.safe_load_all(kube.kubectl("kustomize", str(DEPLOY)).stdout) if d]
@@ -55,6 +64,46 @@ def test_operator_pod_is_admitted_under_restricted_and_becomes_available(kube: K
     env_from = pods[0]["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"]
     settings = json.loads(kube.kubectl("get", "configmap", env_from, "-n", OPERATOR_NS, "-o", "json").stdout)["data"]
     assert settings["MODELAPP_NAMESPACES"] == APP_NS
+
+
+def test_receiver_and_metrics_are_exposed(kube: KubeCluster, deployed: None) -> None:
+    services = {
+        s["metadata"]["name"]: s
+        for s in json.loads(kube.kubectl("get", "services", "-n", OPERATOR_NS, "-o", "json").stdout)["items"]
+    }
+    webhooks, metrics = services["modelapp-operator-webhooks"], services["modelapp-operator-metrics"]
+    assert [(p["port"], p["targetPort"]) for p in webhooks["spec"]["ports"]] == [(8082, "webhooks")]
+    assert [(p["port"], p["targetPort"]) for p in metrics["spec"]["ports"]] == [(8083, "metrics")]
+    assert metrics["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert metrics["metadata"]["annotations"]["prometheus.io/port"] == "8083"
+    for service in (webhooks, metrics):
+        assert service["spec"]["selector"] == {"app.kubernetes.io/name": "modelapp-operator"}
+    found = kube.kubectl("get", "deployment", "modelapp-operator", "-n", OPERATOR_NS, "-o", "json")
+    deployment = json.loads(found.stdout)
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["receiver-token"]["secret"]["secretName"] == "modelapp-receiver-token"
+
+
+def test_components_render_with_an_overlay_that_generates_the_token(kube: KubeCluster, tmp_path: Path) -> None:
+    overlay = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(DEPLOY, tmp_path)],
+        "components": [os.path.relpath(DEPLOY / "components" / c, tmp_path)
+                       for c in ("prometheus-operator", "alerts", "grafana-dashboard")],
+        "secretGenerator": [{"name": "modelapp-receiver-token", "namespace": OPERATOR_NS, "literals": ["token=x"]}],
+    }  # fmt: skip
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    rendered = kube.kubectl("kustomize", "--load-restrictor=LoadRestrictionsNone", str(tmp_path)).stdout
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for item in yaml.safe_load_all(rendered):
+        by_kind.setdefault(item["kind"], []).append(item)
+    assert {m["metadata"]["name"] for m in by_kind["PodMonitor"]} == {"modelapp-operator", "modelapp-apps"}
+    assert len(by_kind["PrometheusRule"]) == 1
+    secret_name = by_kind["Secret"][0]["metadata"]["name"]
+    assert str(secret_name).startswith("modelapp-receiver-token-")  # generated: a hash suffix
+    assert f"secretName: {secret_name}" in rendered  # the Deployment follows the generated name
+    assert "grafana_dashboard" in rendered
 
 
 def test_sample_and_aks_overlay_are_accepted_by_the_api_server(kube: KubeCluster, deployed: None) -> None:
@@ -173,9 +222,12 @@ def test_operator_with_only_its_service_account_reconciles_a_modelapp(
     kube.kubectl("apply", "-f", "-", input=json.dumps(sample))
 
     log_file = tmp_path / "operator.log"
+    metrics_port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("MODELAPP_")},
         **settings,
+        "MODELAPP_METRICS_PORT": str(metrics_port),  # not the ConfigMap's fixed port: tests run side by side
+        "MODELAPP_METRICS_BIND": "127.0.0.1",
         "MODELAPP_LOG_FORMAT": "text",
         "KUBECONFIG": str(kubeconfig),
         "MODELAPP_REGISTRY_CA_FILE": str(registry.ca_file),
@@ -196,6 +248,8 @@ def test_operator_with_only_its_service_account_reconciles_a_modelapp(
         )  # fmt: skip
         # Read the child before the ModelApp (and, through the garbage collector, the child) goes away.
         found = kube.kubectl("get", "deployment", "iris", "-n", APP_NS, "-o", "json", check=False)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as answer:
+            metrics = answer.read().decode()
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -209,6 +263,8 @@ def test_operator_with_only_its_service_account_reconciles_a_modelapp(
     assert "Forbidden" not in log_text and "forbidden" not in log_text, log_text[-4000:]
     assert "Traceback" not in log_text, log_text[-4000:]
     assert found.returncode == 0, found.stderr
+    assert 'modelapp_operator_modelapps{condition="Ready",status="True"} 1.0' in metrics
+    assert "modelapp_operator_active 1.0" in metrics
     deployment = json.loads(found.stdout)
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == f"{registry.host}/deploy/iris@{digest}"
 
