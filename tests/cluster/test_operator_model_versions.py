@@ -1,0 +1,141 @@
+"""Immutable model versions with the operator process on the real control plane (kwok nodes) and Azurite:
+every rolled-out version is pinned to a snapshot the pod template names, `modelapp rollback` to v1 after
+v2 overwrote the blob comes back Ready on v1's snapshot (whose bytes are v1's), an automatic rollback
+restores v1's snapshot, and an unsigned model under a signature-requiring ModelApp is never rolled out."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from azure.storage.blob import ContainerClient
+from modelapp_localstack import Azurite, KubeCluster, Registry
+from modelapp_localstack.operator import OperatorProcess, apply_crd
+
+from tests.cluster.helpers import (
+    App,
+    apply,
+    conditions,
+    env_of,
+    get,
+    modelapp,
+    prepare,
+    publish_model,
+    stop_operator,
+    wait_for,
+    wait_for_reason,
+    wait_ready,
+)
+
+pytestmark = pytest.mark.cluster
+
+NAMESPACE_PREFIX = f"mv-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(scope="module")
+def operator(
+    kube: KubeCluster, registry: Registry, azurite: Azurite, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    apply_crd(kube)
+    log_file = tmp_path_factory.mktemp("operator") / "operator.log"
+    env = {"MODELAPP_POLL_INTERVAL_SECONDS": "1", "MODELAPP_RECEIVER_ENABLED": "false"}
+    running = OperatorProcess.start(kube, registry, log_file, env, namespaces=[f"{NAMESPACE_PREFIX}-*"])
+    try:
+        yield running
+    finally:
+        stop_operator(running, registry.password, azurite.account_key)
+
+
+def cli(kube: KubeCluster, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "modelapp_operator.cli", *argv],
+        capture_output=True, text=True, env={**os.environ, "KUBECONFIG": str(kube.kubeconfig)}, timeout=180,
+        check=False,
+    )  # fmt: skip
+
+
+def pin_of(kube: KubeCluster, app: App) -> str | None:
+    deployment = get(kube, "deployment", app) or {}
+    return env_of(deployment).get("MODELAPP_MODEL_PIN") if deployment else None
+
+
+def snapshot_bytes(models: ContainerClient, app: App, snapshot: str) -> bytes:
+    return models.get_blob_client(app.blob_name, snapshot=snapshot).download_blob().readall()
+
+
+def test_rollback_to_v1_after_v2_overwrote_the_blob_restores_v1s_snapshot(
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: OperatorProcess
+) -> None:
+    app = prepare(kube, registry, azurite, models, prefix=NAMESPACE_PREFIX)
+    apply(kube, modelapp(app, azurite))
+    body = wait_ready(kube, app, operator)
+    v1 = body["status"]["model"]
+    assert v1["snapshot"] and v1["version"] == app.model_etag
+    assert pin_of(kube, app) == f"snapshot={v1['snapshot'].replace(':', '%3A')}"
+    v1_bytes = f"model of {app.namespace} v1".encode()
+    _, v2_etag = publish_model(models, app.blob_name, f"model of {app.namespace} v2".encode())
+    wait_for("v2 rolled out", lambda: (get(kube, "modelapp", app) or {}).get("status", {}).get("model", {})
+             .get("version") == v2_etag, operator)  # fmt: skip
+    wait_ready(kube, app, operator)
+
+    rolled = cli(kube, "rollback", app.name, "-n", app.namespace)
+    assert rolled.returncode == 0, rolled.stderr
+    waited = cli(kube, "wait", app.name, "-n", app.namespace, "--timeout", "90")
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    body = wait_ready(kube, app, operator)
+    model = body["status"]["model"]
+    assert (model["version"], model["snapshot"]) == (v1["version"], v1["snapshot"])
+    assert snapshot_bytes(models, app, model["snapshot"]) == v1_bytes
+    assert hashlib.sha256(v1_bytes).hexdigest() == model["sha256"]
+    assert pin_of(kube, app) == f"snapshot={v1['snapshot'].replace(':', '%3A')}"
+    assert conditions(body)["ModelVerified"]["status"] == "True"
+
+
+def test_automatic_rollback_restores_v1s_snapshot(
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: OperatorProcess
+) -> None:
+    rollout = {"maxSurge": 1, "maxUnavailable": 0, "progressDeadlineSeconds": 10}
+    app = prepare(kube, registry, azurite, models, prefix=NAMESPACE_PREFIX)
+    apply(kube, modelapp(app, azurite, rollout=rollout))
+    v1 = wait_ready(kube, app, operator)["status"]["model"]
+    # v2 comes with an image kwok never makes ready: the pair (bad image, v2) misses its deadline.
+    bad_digest = registry.push_random_image(f"apps/{app.namespace}", "candidate")
+    kube.set_never_ready_images([f"{app.repository}@{bad_digest}"])
+    try:
+        publish_model(models, app.blob_name, f"model of {app.namespace} v2".encode())
+        apply(kube, modelapp(app, azurite, rollout=rollout, image={
+            "repository": app.repository, "digest": bad_digest, "pullSecretName": "regcred"}))  # fmt: skip
+
+        def rolled_back() -> dict[str, Any] | None:
+            body = get(kube, "modelapp", app) or {}
+            return body if (conditions(body).get("Degraded") or {}).get("reason") == "RolledBack" else None
+
+        body = wait_for("the automatic rollback", rolled_back, operator, timeout=120)
+    finally:
+        kube.set_never_ready_images([])
+    restored = body["status"]["history"][0]
+    assert restored["rollbackOf"] and restored["modelSnapshot"] == v1["snapshot"]
+    assert pin_of(kube, app) == f"snapshot={v1['snapshot'].replace(':', '%3A')}"
+
+
+def test_unsigned_model_under_a_signature_requiring_modelapp_is_never_rolled_out(
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: OperatorProcess
+) -> None:
+    app = prepare(kube, registry, azurite, models, prefix=NAMESPACE_PREFIX)
+    key = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n"
+    kube.kubectl("create", "configmap", "model-key", "-n", app.namespace, f"--from-literal=publicKey={key}")
+    signature = {"required": True, "publicKey": {"configMapRef": {"name": "model-key"}}}
+    body = modelapp(app, azurite)
+    body["spec"]["model"]["signature"] = signature
+    apply(kube, body)
+    found = wait_for_reason(kube, app, operator, "ModelResolved", "SignatureMissing")
+    assert conditions(found)["ModelVerified"]["reason"] == "SignatureMissing"
+    assert get(kube, "deployment", app) is None  # never rolled out
+    events = kube.kubectl("get", "events", "-n", app.namespace, "-o", "jsonpath={.items[*].reason}").stdout
+    assert "SignatureMissing" in events
