@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from modelapp_operator.clients.blob_storage import (
 from modelapp_operator.clients.registry import ImageResolutionError, RegistryCredentials
 from modelapp_operator.config import ConfigError, WatchConfig
 from modelapp_operator.watch import hub as watch
+from modelapp_operator.watch import polling
 from modelapp_operator.watch.hub import WatchHub
 from modelapp_operator.watch.keys import AppKey, ImageKey, image_key, model_key
 from modelapp_operator.watch.resolvers import track_resolutions
@@ -557,3 +559,72 @@ async def test_registry_lagging_its_event_is_retried_until_it_shows_the_digest(
     images.script = [DIGEST_B] * 10
     assert await hub.notify_image_pushed(REGISTRY, "team/app3", "stable", "sha256:" + "c" * 64) == 0
     await hub.close()
+
+
+async def test_an_unavailable_registry_reaches_every_follower_once_and_recovery_too(
+    parts: tuple[Images, Models, Requests, Clock],
+) -> None:
+    images, models, requests, clock = parts
+    hub = make_hub(images, models, requests, clock)
+    apps = [("ns", "one"), ("ns", "two")]
+    for app in apps:
+        await reconcile_like(hub, app, "team/app1", "stable", f"m{app[1]}.onnx")
+    images.failure = ImageResolutionError("RegistryUnavailable", "cannot reach the registry")
+    await hub.poll_once()
+    await settle(hub)
+    assert sorted(requests.apps) == apps  # both say so, not only the one being reconciled
+    for app in apps:  # their reconciles see the failure (the status says RegistryUnavailable)
+        await reconcile_like(hub, app, "team/app1", "stable", f"m{app[1]}.onnx")
+    requests.apps.clear()
+    clock.now += 10
+    await hub.poll_once()  # still down: nothing new to say
+    await settle(hub)
+    assert requests.apps == []
+    images.failure = None
+    await hub.poll_once()  # back, same digest: the status recovers by itself
+    await settle(hub)
+    assert sorted(requests.apps) == apps
+    await hub.close()
+
+
+@dataclass
+class HangingModels:
+    """A storage account that accepts the request and never answers."""
+
+    async def get_properties(self, location: BlobLocation, credential: BlobCredential) -> BlobProperties:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_hanging_storage_account_does_not_delay_the_registry_polls() -> None:
+    images = Images({(f"{REGISTRY}/team/app1", "stable"): DIGEST_A})
+    hub = WatchHub(images, HangingModels(), on_change=Requests(), coalesce_seconds=0.01)
+    app = ("ns", "app")
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await reconcile_like(hub, app, "team/app1", "stable", "m1.onnx")
+    hub.track(app, image_key(f"{REGISTRY}/team/app1", "stable", None), model_key(location("m1.onnx"), CREDENTIAL))
+    stamps: list[float] = []
+    resolve = images.resolve
+
+    async def stamped(repository: str, tag: str, credentials: RegistryCredentials | None) -> str:
+        stamps.append(asyncio.get_running_loop().time())
+        return await resolve(repository, tag, credentials)
+
+    images.resolve = stamped  # type: ignore[method-assign]
+    task = asyncio.create_task(hub.run_polling(0.05))
+    await asyncio.sleep(0.6)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    assert len(stamps) >= 6 and max(gaps) < 0.15, gaps
+    await hub.close()
+
+
+def test_backoff_grows_with_jitter_and_is_bounded() -> None:
+    assert polling.backoff_delay(2.0, 0) == 2.0
+    assert polling.backoff_delay(2.0, 1, rand=lambda: 0.0) == pytest.approx(1.6)
+    assert polling.backoff_delay(2.0, 1, rand=lambda: 1.0) == pytest.approx(2.4)
+    assert polling.backoff_delay(2.0, 3, rand=lambda: 0.5) == pytest.approx(8.0)
+    assert polling.backoff_delay(2.0, 30, rand=lambda: 1.0) == pytest.approx(2.0 * polling.MAX_BACKOFF_FACTOR * 1.2)

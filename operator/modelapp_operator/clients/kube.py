@@ -40,6 +40,30 @@ class KubeError(Exception):
         self.status = status
 
 
+class ConflictError(KubeError):
+    """409 Conflict: the object changed since it was read (optimistic concurrency); read it again and retry."""
+
+
+def merge_patch(previous: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) that turns `previous` into `new`.
+
+    Keys that no longer apply become null, so the API server removes them (a plain merge
+    patch of `new` would keep, e.g., status.image.tag after the image moved to a digest)."""
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        before = previous.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            nested = merge_patch(before, value)
+            if nested:
+                patch[key] = nested
+        elif key not in previous or before != value:
+            patch[key] = value
+    for key in previous:
+        if key not in new:
+            patch[key] = None
+    return patch
+
+
 class KubeClient(Protocol):
     """The Kubernetes calls reconcile needs."""
 
@@ -49,7 +73,15 @@ class KubeClient(Protocol):
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None: ...
 
-    async def patch_modelapp_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None: ...
+    async def patch_modelapp_status(
+        self,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+        *,
+        previous: Mapping[str, Any] | None = None,
+        resource_version: str | None = None,
+    ) -> None: ...
 
     async def patch_modelapp_annotations(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None: ...
 
@@ -223,13 +255,26 @@ class AiohttpKubeClient:
             return None
         return {key: base64.b64decode(value) for key, value in (secret.get("data") or {}).items()}
 
-    async def patch_modelapp_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+    async def patch_modelapp_status(
+        self,
+        namespace: str,
+        name: str,
+        status: Mapping[str, Any],
+        *,
+        previous: Mapping[str, Any] | None = None,
+        resource_version: str | None = None,
+    ) -> None:
+        """Write the status. previous: the status as read (fields it has and `status` lacks are removed);
+        resource_version: the object's as read, so a write based on a stale read fails with ConflictError."""
         path = resource_path(API_VERSION, KIND, namespace, name) + "/status"
-        code, payload = await self._request(
-            "PATCH", path, body={"status": status}, content_type="application/merge-patch+json"
-        )
+        body: dict[str, Any] = {"status": merge_patch(previous, status) if previous is not None else dict(status)}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        code, payload = await self._request("PATCH", path, body=body, content_type="application/merge-patch+json")
         if code == 404:
             return  # deleted meanwhile: nothing to report on
+        if code == 409:
+            raise ConflictError(code, f"status of ModelApp {namespace}/{name} changed since it was read")
         self._check(code, payload, f"patch status of ModelApp {namespace}/{name}")
 
     async def patch_modelapp_annotations(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None:

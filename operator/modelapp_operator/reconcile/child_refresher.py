@@ -8,6 +8,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from modelapp_operator.clients.kube import ConflictError
 from modelapp_operator.reconcile.reconciler import Dependencies, refresh_status
 from modelapp_operator.redact import redact
 from modelapp_operator.watch.keys import AppKey
@@ -15,6 +16,7 @@ from modelapp_operator.watch.keys import AppKey
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 CHILD_REFRESH_COALESCE_SECONDS = 1.0
+CHILD_REFRESH_CONFLICT_ATTEMPTS = 5
 
 
 class ChildRefresher:
@@ -43,9 +45,15 @@ class ChildRefresher:
             # A new Deployment reports several rollout steps within a second: wait for the
             # newest, so the API server spends its time on reconciles rather than on refreshes.
             await asyncio.sleep(CHILD_REFRESH_COALESCE_SECONDS)
+            conflicts = 0
             while (deployment := self._pending.pop(app, None)) is not None:
                 try:
                     await refresh_status(namespace, name, self._deps, deployment_seen=deployment)
+                except ConflictError:
+                    # The ModelApp changed since it was read: refresh again from a fresh read.
+                    conflicts += 1
+                    if conflicts <= CHILD_REFRESH_CONFLICT_ATTEMPTS:
+                        self._pending.setdefault(app, deployment)
                 except Exception as error:
                     # The next Deployment event (or the ModelApp's own reconcile) catches up.
                     self._logger.warning(

@@ -20,7 +20,7 @@ from typing import Any
 
 from modelapp_operator.api.modelapp_types import BlobLocation, ModelApp, SpecError, parse_modelapp
 from modelapp_operator.clients.blob_storage import ModelPinner, ModelResolutionError, ModelResolver
-from modelapp_operator.clients.kube import KubeClient
+from modelapp_operator.clients.kube import ConflictError, KubeClient
 from modelapp_operator.clients.registry import ImageResolver
 from modelapp_operator.metrics import METRICS
 from modelapp_operator.names import ANNOTATION_RECONCILE_REQUEST, API_VERSION, KIND
@@ -131,7 +131,27 @@ async def reconcile(body: Mapping[str, Any], deps: Dependencies) -> ReconcileRes
             current = await deps.kube.get(API_VERSION, KIND, namespace, name)
             if current is None:
                 return ReconcileResult(status={}, release=None, applied=(), found=False)  # deleted meanwhile
-            return await _reconcile_locked(current, deps)
+            return await _reconcile_retrying(current, deps)
+
+
+# Status writes carry the resourceVersion read; a 409 means another writer (a second replica during a
+# hand-over, kopf's own annotations, a person) changed the ModelApp: plan again from a fresh read.
+STATUS_CONFLICT_ATTEMPTS = 5
+
+
+async def _reconcile_retrying(body: Mapping[str, Any], deps: Dependencies) -> ReconcileResult:
+    for attempt in range(1, STATUS_CONFLICT_ATTEMPTS + 1):
+        try:
+            return await _reconcile_locked(body, deps)
+        except ConflictError:
+            if attempt == STATUS_CONFLICT_ATTEMPTS:
+                raise
+            metadata = body.get("metadata") or {}
+            fresh = await deps.kube.get(API_VERSION, KIND, str(metadata.get("namespace")), str(metadata.get("name")))
+            if fresh is None:
+                return ReconcileResult(status={}, release=None, applied=(), found=False)
+            body = fresh
+    raise AssertionError("unreachable")
 
 
 async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> ReconcileResult:
@@ -209,7 +229,13 @@ async def _prune_snapshots(deps: Dependencies, app: ModelApp, status: Mapping[st
 async def _write_status(deps: Dependencies, body: Mapping[str, Any], update: StatusUpdate) -> None:
     metadata = body.get("metadata") or {}
     if update.changed:
-        await deps.kube.patch_modelapp_status(metadata["namespace"], metadata["name"], update.status)
+        await deps.kube.patch_modelapp_status(
+            metadata["namespace"],
+            metadata["name"],
+            update.status,
+            previous=body.get("status") or {},
+            resource_version=metadata.get("resourceVersion"),
+        )
     # Written (or already so): state gauges, a rollout that reached Ready, change -> Ready latency.
     METRICS.status_observed((str(metadata["namespace"]), str(metadata["name"])), update.status)
     for event in update.events:

@@ -32,7 +32,6 @@ credentials), with single-flight: concurrent calls for one key share one request
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -40,12 +39,12 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from modelapp_operator.clients.blob_storage import BlobProperties, ModelResolutionError, ModelResolver
-from modelapp_operator.clients.errors import ResolutionError
 from modelapp_operator.clients.registry import ImageResolutionError, ImageResolver
 from modelapp_operator.config import DEFAULT_COALESCE_SECONDS, DEFAULT_CONCURRENCY, DEFAULT_ERROR_TTL_SECONDS
 from modelapp_operator.metrics import METRICS
 from modelapp_operator.redact import redact
 from modelapp_operator.watch.keys import AppKey, ImageKey, ModelKey, WatchKey
+from modelapp_operator.watch.polling import HubPolling, describe_error
 from modelapp_operator.watch.resolvers import CachingImageResolver, CachingModelResolver
 from modelapp_operator.watch.single_flight import SingleFlightCache
 from modelapp_serving.model_blob import normalize_account_url, normalize_etag
@@ -58,16 +57,6 @@ V = TypeVar("V")
 
 # After an event: retry until the service shows the announced version (it may lag its own event).
 NOTIFY_RETRY_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
-
-
-@dataclass(frozen=True)
-class PollReport:
-    image_keys: int
-    model_keys: int
-    requests: int  # requests to registries and blob services since the previous poll (all callers)
-    changed_keys: int
-    errors: int
-    seconds: float
 
 
 @dataclass
@@ -84,7 +73,7 @@ class WatchStats:
     tracked_model_keys: int = 0
 
 
-class WatchHub:
+class WatchHub(HubPolling):
     """Shared caches, subscriptions, the poll loop and the notification entry points."""
 
     def __init__(
@@ -106,6 +95,7 @@ class WatchHub:
         self.image_cache: SingleFlightCache[ImageKey, str] = SingleFlightCache(
             version_of=lambda digest: digest,
             on_success=self._fetched,
+            on_failure=self._failed,
             ttl=ttl_seconds,
             error_ttl=error_ttl_seconds,
             cacheable_errors=(ImageResolutionError,),
@@ -114,6 +104,7 @@ class WatchHub:
         self.model_cache: SingleFlightCache[ModelKey, BlobProperties] = SingleFlightCache(
             version_of=lambda properties: normalize_etag(properties.etag),
             on_success=self._fetched,
+            on_failure=self._failed,
             ttl=ttl_seconds,
             error_ttl=error_ttl_seconds,
             cacheable_errors=(ModelResolutionError,),
@@ -130,9 +121,15 @@ class WatchHub:
         self._expecting: dict[tuple[WatchKey, str], asyncio.Task[bool]] = {}
         self._stats = WatchStats()
         self._requests_at_last_poll = 0
+        self._failing: set[WatchKey] = set()  # keys whose newest fetch failed
+        self._changes_at_last_poll = 0
+        self._active: Callable[[], bool] = lambda: True  # False on a standby replica: it neither polls nor acts
 
     def set_on_change(self, on_change: ChangeCallback | None) -> None:
         self._on_change = on_change
+
+    def set_active_check(self, active: Callable[[], bool]) -> None:
+        self._active = active
 
     # subscriptions ------------------------------------------------------------------------
 
@@ -171,6 +168,7 @@ class WatchHub:
                 followers.discard(app)
                 if not followers:
                     del self._followers[key]
+                    self._failing.discard(key)
 
     def tracked(self, app: AppKey) -> Mapping[WatchKey, str | None]:
         return dict(self._apps.get(app, {}))
@@ -196,12 +194,32 @@ class WatchHub:
     def _is_stale(self, app: AppKey) -> bool:
         for key, seen in self._apps.get(app, {}).items():
             current = self._version(key)
-            if current is not None and current != seen:
+            if key in self._failing:
+                if seen is not None:  # it answered before, not now: the status must say so
+                    return True
+            elif current is not None and current != seen:
                 return True
         return False
 
+    def _failed(self, key: WatchKey, error: Exception) -> None:
+        """A fetch failed: followers whose last reconcile saw this key answer must say it no longer does.
+
+        Once their reconcile records the failure (seen None), further failures ask nothing; the
+        next success differs from None, so the status recovers by itself."""
+        self._failing.add(key)
+        if any(job_key == key for job_key, _ in self._expecting):
+            return  # a service lagging its own event is retried there; the next poll reports a lasting failure
+        stale = {app for app in self._followers.get(key, ()) if self._apps[app].get(key) is not None}
+        if not stale:
+            return
+        _log.warning("%s: %s; %d ModelApp(s) to update", key.reference, describe_error(error), len(stale))
+        self._pending |= stale
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(self._coalesce, self._start_flush)
+
     def _fetched(self, key: WatchKey, version: str) -> None:
         """Every successful fetch lands here: followers that saw another version must reconcile."""
+        self._failing.discard(key)
         stale = {app for app in self._followers.get(key, ()) if self._apps[app].get(key) != version}
         if not stale:
             return
@@ -234,10 +252,12 @@ class WatchHub:
             seen = self._apps.get(app)
             if seen is None:
                 return  # untracked meanwhile (deleted)
+            if not self._active():
+                return  # a standby replica: the active one reconciles (self._pending is re-derived by polls)
             before = dict(seen)
             # Optimistic: another event for the same change must not ask again before this reconcile runs.
             for key in seen:
-                seen[key] = self._version(key) or seen[key]
+                seen[key] = None if key in self._failing else self._version(key) or seen[key]
             async with limit:
                 try:
                     await on_change(app)
@@ -341,7 +361,7 @@ class WatchHub:
                     return True
                 await cache.get(key, expect=expect)
             except Exception as error:
-                problem = _describe(error)
+                problem = describe_error(error)
                 continue
             if cache.version(key) == expect:
                 return True
@@ -355,69 +375,6 @@ class WatchHub:
         return False
 
     # polling --------------------------------------------------------------------------------
-
-    async def poll_once(self) -> PollReport:
-        """Re-resolve every followed key once (bounded concurrency); changes reach on_change."""
-        started = self._clock()
-        limit = asyncio.Semaphore(self._concurrency)
-        errors = 0
-        changes_before = self._stats.changes
-        image_keys = [k for k in self._followers if isinstance(k, ImageKey) and k in self.image_cache.states]
-        model_keys = [k for k in self._followers if isinstance(k, ModelKey) and k in self.model_cache.states]
-
-        async def one(fetch: Callable[[], Awaitable[object]], reference: str) -> None:
-            nonlocal errors
-            async with limit:
-                try:
-                    await fetch()
-                except Exception as error:
-                    errors += 1
-                    _log.debug("polling %s failed: %s", reference, _describe(error))
-
-        await asyncio.gather(
-            *(one(functools.partial(self.image_cache.get, k, fresh=True), k.reference) for k in image_keys),
-            *(one(functools.partial(self.model_cache.get, k, fresh=True), k.reference) for k in model_keys),
-        )
-        following = self._followers.__contains__
-        self.image_cache.purge(following)
-        self.model_cache.purge(following)
-        total = self.image_cache.requests + self.model_cache.requests
-        report = PollReport(
-            image_keys=len(image_keys),
-            model_keys=len(model_keys),
-            requests=total - self._requests_at_last_poll,
-            changed_keys=self._stats.changes - changes_before,
-            errors=errors,
-            seconds=self._clock() - started,
-        )
-        self._requests_at_last_poll = total
-        self._stats.polls += 1
-        METRICS.poll_duration.observe(report.seconds)
-        return report
-
-    async def run_polling(self, interval: float) -> None:
-        """Poll every `interval` seconds until cancelled; one log line per poll (the bench reads it)."""
-        next_at = self._clock() + interval
-        while True:
-            await asyncio.sleep(max(0.0, next_at - self._clock()))
-            next_at = max(next_at + interval, self._clock())
-            try:
-                report = await self.poll_once()
-            except Exception as error:  # the loop must outlive any bug in one cycle
-                _log.error("watch poll failed: %s", _describe(error))
-                continue
-            stats = self.stats()
-            _log.info(
-                "watch poll: %d image keys, %d model keys, %d requests since last poll, %d changed, %d errors, "
-                "%d apps tracked, in %.3fs",
-                report.image_keys,
-                report.model_keys,
-                report.requests,
-                report.changed_keys,
-                report.errors,
-                stats.tracked_apps,
-                report.seconds,
-            )
 
     def stats(self) -> WatchStats:
         self._stats.image_requests = self.image_cache.requests
@@ -438,9 +395,3 @@ class WatchHub:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.image_cache.cancel_all()
         await self.model_cache.cancel_all()
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, ResolutionError):
-        return f"{error.reason}: {error.message}"
-    return redact(f"{type(error).__name__}: {error}")[:300]

@@ -2,7 +2,7 @@
 
 Values expire after a TTL (errors the resolver marks as cacheable after a shorter one);
 `invalidate` makes older fetches unable to satisfy new callers; every successful fetch
-reports the key's new version to `on_success` (the hub's change detection).
+reports the key's new version to `on_success` (the hub's change detection), every failure to `on_failure`.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class SingleFlightCache(Generic[K, V]):
         *,
         version_of: Callable[[V], str],
         on_success: Callable[[K, str], None],
+        on_failure: Callable[[K, Exception], None] | None = None,
         ttl: float,
         error_ttl: float,
         cacheable_errors: tuple[type[Exception], ...],
@@ -60,6 +61,7 @@ class SingleFlightCache(Generic[K, V]):
         self.ttl = ttl
         self._version_of = version_of
         self._on_success: Callable[[K, str], None] = on_success
+        self._on_failure: Callable[[K, Exception], None] | None = on_failure
         self._error_ttl = error_ttl
         self._cacheable = cacheable_errors
         self._clock = clock
@@ -141,6 +143,8 @@ class SingleFlightCache(Generic[K, V]):
         if outcome.version is not None and generation >= state.value_generation:
             state.value, state.version, state.value_generation = outcome.value, outcome.version, generation
             self._on_success(key, outcome.version)
+        if outcome.error is not None and generation >= state.value_generation and self._on_failure is not None:
+            self._on_failure(key, outcome.error)
         return outcome
 
     @staticmethod
