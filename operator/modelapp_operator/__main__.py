@@ -12,12 +12,14 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any, cast
 
 import kopf
 import modelapp_operator.handlers  # noqa: F401 - importing registers the kopf handlers
 from modelapp_operator import metrics
 from modelapp_operator.config import ConfigError, OperatorConfig
 from modelapp_operator.names import API_VERSION
+from modelapp_operator.peering import own_identity, own_priority
 from modelapp_operator.redact import RedactingFilter
 
 DESCRIPTION = f"""\
@@ -34,6 +36,7 @@ Environment:
   MODELAPP_REGISTRY_AZURE_IDENTITY_HOSTS registries (globs, e.g. *.azurecr.io) pulled with the operator's
                                     Entra ID identity when a ModelApp has no pull Secret
   MODELAPP_REGISTRY_TIMEOUT_SECONDS timeout of registry and blob calls (default 10)
+  MODELAPP_PEERING                  kopf peering object name: replicas elect one active (default: standalone)
   MODELAPP_LIVENESS_PORT            port of the liveness endpoint (default 8081)
   MODELAPP_METRICS_PORT             port of the Prometheus /metrics endpoint (default 8083; 0 or off: none)
   KUBECONFIG                        kubeconfig to use outside a cluster
@@ -96,8 +99,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"modelapp-operator: cannot serve metrics on port {config.metrics_port}: {error}", file=sys.stderr)
             return 1
         logging.getLogger(__name__).info("metrics on %s:%d/metrics", config.metrics_bind, port)
+    peering = config.peering
+    if peering is not None:
+        # Fix the priority now: kopf and the operator's own PeeringView must use the same one.
+        peering = dataclasses.replace(peering, priority=own_priority(peering))
+        config = dataclasses.replace(config, peering=peering)
     kopf.run(
-        standalone=True,  # one replica (Recreate strategy): no peering objects needed
+        # Standalone: one replica (Recreate). With MODELAPP_PEERING: kopf peering, the oldest replica acts.
+        standalone=peering is None,
+        peering_name=peering.name if peering is not None else None,
+        priority=peering.priority if peering is not None else None,
+        identity=cast(Any, own_identity(peering)) if peering is not None else None,  # kopf.peering.Identity: a str
         clusterwide=not namespaces,
         namespaces=namespaces,
         liveness_endpoint=liveness,

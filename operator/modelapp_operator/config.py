@@ -209,6 +209,51 @@ class ReceiverConfig:
         return cls(enabled=enabled, bind=bind, port=port, token=token, default_registry=default_registry)
 
 
+# --- two replicas, one active (kopf peering) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeeringConfig:
+    """kopf peering: the replica with the highest priority acts, the others stand by (modelapp_operator.peering)."""
+
+    name: str  # the KopfPeering (namespaced operator) / ClusterKopfPeering (cluster-wide) object
+    lifetime_seconds: int = 10  # a replica silent this long is dead: the standby takes over after it
+    priority: int | None = None  # None: from the start time, so the oldest replica acts
+    pod_name: str = ""  # the downward API's metadata.name / metadata.uid (identity, tie-break)
+    pod_uid: str = ""
+    advertise: str | None = None  # host:port where the other replicas reach this one's receiver
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], receiver_port: int) -> PeeringConfig | None:
+        name = _text(env, "MODELAPP_PEERING")
+        if not name:
+            return None
+        if not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", name):
+            raise ConfigError(f"MODELAPP_PEERING: {name!r} is not an object name")
+        lifetime = _number(
+            env, "MODELAPP_PEERING_LIFETIME_SECONDS", 10, minimum=3, maximum=600, parse=int, what="an integer"
+        )
+        raw_priority = _text(env, "MODELAPP_PEERING_PRIORITY")
+        try:
+            priority = int(raw_priority) if raw_priority else None
+        except ValueError:
+            raise ConfigError(f"MODELAPP_PEERING_PRIORITY: {raw_priority!r} is not an integer") from None
+        advertise = _text(env, "MODELAPP_PEERING_ADVERTISE") or None
+        pod_ip = _text(env, "MODELAPP_POD_IP")
+        if advertise is None and pod_ip:
+            advertise = f"[{pod_ip}]:{receiver_port}" if ":" in pod_ip else f"{pod_ip}:{receiver_port}"
+        if advertise is not None and not _HOST.match(advertise):
+            raise ConfigError(f"MODELAPP_PEERING_ADVERTISE: {advertise!r} is not a host:port")
+        return cls(
+            name=name,
+            lifetime_seconds=lifetime,
+            priority=priority,
+            pod_name=_text(env, "MODELAPP_POD_NAME"),
+            pod_uid=_text(env, "MODELAPP_POD_UID"),
+            advertise=advertise,
+        )
+
+
 # --- the operator ----------------------------------------------------------------------------------
 
 
@@ -225,6 +270,7 @@ class OperatorConfig:
     registry_azure_identity_hosts: frozenset[str] = frozenset()
     watch: WatchConfig | None = None  # change detection (coalescing, concurrency); None: defaults
     receiver: ReceiverConfig | None = None  # webhook receiver; None: off
+    peering: PeeringConfig | None = None  # two replicas, one active; None: standalone (one replica)
     metrics_port: int | None = DEFAULT_METRICS_PORT  # Prometheus /metrics; None: off
     metrics_bind: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the pod IP
 
@@ -284,6 +330,7 @@ class OperatorConfig:
                     "(expected a comma-separated list such as *.azurecr.io)"
                 )
 
+        receiver = ReceiverConfig.from_env(env)
         return cls(
             namespaces=namespaces,
             poll_interval_seconds=poll,
@@ -294,7 +341,8 @@ class OperatorConfig:
             liveness_port=liveness_port,
             registry_azure_identity_hosts=azure_hosts,
             watch=WatchConfig.from_env(env),
-            receiver=ReceiverConfig.from_env(env),
+            receiver=receiver,
+            peering=PeeringConfig.from_env(env, receiver.port),
             metrics_port=metrics_port,
             metrics_bind=_text(env, "MODELAPP_METRICS_BIND") or "0.0.0.0",  # noqa: S104
         )

@@ -58,6 +58,10 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, logger: Logger, 
     settings.networking.request_timeout = 60
     settings.networking.connect_timeout = 10
     settings.execution.default_backoff = 30
+    if config.peering is not None:
+        # A replica silent this long is dead: the standby takes over after it (a SIGTERMed one leaves at once).
+        settings.peering.lifetime = config.peering.lifetime_seconds
+        settings.peering.stealth = True
     # Watch only our own Deployments: the handler's `labels=` filter is client-side, so without
     # this kopf lists, parses and queues every Deployment in the cluster.
     settings.watching.label_selectors["apps", "deployments"] = CHILD_SELECTOR

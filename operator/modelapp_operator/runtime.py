@@ -19,6 +19,7 @@ from modelapp_operator.clients.kube import AiohttpKubeClient
 from modelapp_operator.clients.registry import RegistryClient
 from modelapp_operator.config import OperatorConfig, WatchConfig
 from modelapp_operator.metrics import METRICS, triggered_by
+from modelapp_operator.peering import PeeringView
 from modelapp_operator.receiver.server import Receiver
 from modelapp_operator.reconcile.child_refresher import ChildRefresher
 from modelapp_operator.reconcile.reconciler import Dependencies, ReconcileError, reconcile
@@ -82,8 +83,9 @@ def build_hub(config: OperatorConfig) -> WatchHub:
 async def start(config: OperatorConfig, logger: Logger) -> Runtime:
     hub = build_hub(config)
     blobs = hub.models.inner
+    kube = AiohttpKubeClient.connect()
     deps = Dependencies(
-        kube=AiohttpKubeClient.connect(),
+        kube=kube,
         images=hub.images,
         models=hub.models,
         watch=hub,
@@ -95,17 +97,29 @@ async def start(config: OperatorConfig, logger: Logger) -> Runtime:
         await _reconcile_changed(app, deps, logger)
 
     hub.set_on_change(reconcile_changed)
+    peering: PeeringView | None = None
+    if config.peering is not None:
+        # Two replicas, one active: kopf pauses its handlers on the standby; our own loops ask the view.
+        peering = PeeringView(config.peering, config.namespaces, kube.get_path, on_change=METRICS.set_active)
+        hub.set_active_check(lambda: peering is not None and peering.active)
+        runtime.tasks.append(asyncio.create_task(peering.run(), name="modelapp-peering-view"))
     polling = hub.run_polling(config.poll_interval_seconds)
     runtime.tasks.append(asyncio.create_task(polling, name="modelapp-watch-poll", context=triggered_by("poll")))
     if config.receiver is not None and config.receiver.enabled:
-        receiver = Receiver.from_config(hub, config.receiver, stats=lambda: dataclasses.asdict(hub.stats()))
+        receiver = Receiver.from_config(
+            hub,
+            config.receiver,
+            stats=lambda: dataclasses.asdict(hub.stats()),
+            forward_to=peering.forward_target if peering is not None else None,
+        )
         try:
             await receiver.start()
         except BaseException:
             await runtime.stop()  # kopf retries the start-up handler: leave nothing running behind
             raise
         runtime.receiver = receiver
-    METRICS.set_active(True)  # one replica: always; leader election sets it when this replica leads
+    if peering is None:
+        METRICS.set_active(True)  # one replica: always; with peering, the view sets it when this replica acts
     return runtime
 
 

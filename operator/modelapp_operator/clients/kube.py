@@ -202,6 +202,14 @@ class AiohttpKubeClient:
         self._check(status, payload, f"get {kind} {namespace}/{name}")
         return payload  # type: ignore[no-any-return]
 
+    async def get_path(self, path: str) -> dict[str, Any] | None:
+        """GET any API path (e.g. kopf's peering object); None if it does not exist."""
+        status, payload = await self._request("GET", path)
+        if status == 404:
+            return None
+        self._check(status, payload, f"get {path}")
+        return payload  # type: ignore[no-any-return]
+
     async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Server-side apply as the operator's field manager (force: we own these fields)."""
         metadata = obj["metadata"]

@@ -25,6 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
+import aiohttp
 from aiohttp import web
 from modelapp_operator.config import DEFAULT_RECEIVER_PORT, ConfigError, ReceiverConfig, TokenSource
 from modelapp_operator.metrics import METRICS, triggered_by
@@ -40,6 +41,9 @@ from modelapp_operator.receiver.payloads import (
 _log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1024 * 1024
+FORWARDED_HEADER = "X-ModelApp-Forwarded"
+FORWARD_TIMEOUT_SECONDS = 10.0
+_HOP_BY_HOP = frozenset({"host", "content-length", "connection", "transfer-encoding", "keep-alive", "upgrade"})
 
 
 class ChangeSink(Protocol):
@@ -105,8 +109,11 @@ class Receiver:
         default_registry: str | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
         stats: Callable[[], Mapping[str, Any]] | None = None,
+        forward_to: Callable[[], str | None] | None = None,
     ) -> None:
         self._sink = sink
+        # Two replicas: None while this one is active; else the active replica's host:port ("" if unknown).
+        self._forward_to = forward_to
         self._token = token if isinstance(token, TokenSource) else TokenSource(value=token)
         self._bind = bind
         self._port = port
@@ -119,7 +126,12 @@ class Receiver:
 
     @classmethod
     def from_config(
-        cls, sink: ChangeSink, config: ReceiverConfig, *, stats: Callable[[], Mapping[str, Any]] | None = None
+        cls,
+        sink: ChangeSink,
+        config: ReceiverConfig,
+        *,
+        stats: Callable[[], Mapping[str, Any]] | None = None,
+        forward_to: Callable[[], str | None] | None = None,
     ) -> Receiver:
         if config.token is None:
             raise ConfigError("the receiver needs MODELAPP_RECEIVER_TOKEN or MODELAPP_RECEIVER_TOKEN_FILE")
@@ -130,6 +142,7 @@ class Receiver:
             port=config.port,
             default_registry=config.default_registry,
             stats=stats,
+            forward_to=forward_to,
         )
 
     @property
@@ -137,7 +150,9 @@ class Receiver:
         return self._port
 
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[_count_requests, _json_errors], client_max_size=self._max_body)
+        app = web.Application(
+            middlewares=[_count_requests, _json_errors, self._forward_from_standby], client_max_size=self._max_body
+        )
         app.router.add_post("/webhooks/acr", self._acr)
         app.router.add_post("/webhooks/registry", self._registry)
         app.router.add_post("/webhooks/eventgrid", self._eventgrid)
@@ -145,6 +160,37 @@ class Receiver:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/stats", self._stats_handler)
         return app
+
+    @web.middleware
+    async def _forward_from_standby(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """On the standby replica, a webhook goes on to the active one, so it is never lost.
+
+        The Service sends webhooks to either replica (both are Ready: a readiness gate on the
+        standby would keep the PodDisruptionBudget from ever allowing the active one's eviction).
+        With no active replica known, 503 + Retry-After: registries and Event Grid retry."""
+        target = self._forward_to() if self._forward_to is not None else None
+        if target is None or not request.path.startswith("/webhooks/") or request.method != "POST":
+            return await handler(request)
+        if not self._authorized(request):
+            return self._unauthorized()
+        if not target or request.headers.get(FORWARDED_HEADER):
+            return _error(503, "standby", "this replica stands by and knows no active one: retry", {"Retry-After": "2"})
+        body = await request.read()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers[FORWARDED_HEADER] = "1"
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_SECONDS)) as session,
+                session.post(f"http://{target}{request.path_qs}", data=body, headers=headers) as answer,
+            ):
+                payload = await answer.read()
+                _log.debug("receiver: forwarded %s to the active replica %s: %d", request.path, target, answer.status)
+                return web.Response(status=answer.status, body=payload, content_type=answer.content_type)
+        except (aiohttp.ClientError, TimeoutError) as error:
+            _log.warning("receiver: forwarding to the active replica %s failed: %s", target, type(error).__name__)
+            return _error(503, "standby", "the active replica did not answer: retry", {"Retry-After": "2"})
 
     async def start(self) -> None:
         # access_log=None: the default access log prints the query string, which may hold the token.
