@@ -33,6 +33,9 @@ SERVICE_ACCOUNT = f"system:serviceaccount:{OPERATOR_NS}:modelapp-operator"
 
 @pytest.fixture(scope="module")
 def deployed(kube: KubeCluster) -> Iterator[None]:
+    # The CRDs first: the tenant's KopfPeering object needs kopf's CRD established.
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(DEPLOY.parent / "crds"))
+    kube.kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=60s")
     kube.kubectl("apply", "-k", str(DEPLOY))
     # The receiver's token: a Secret the installer creates (docs/operations.md, "Webhooks").
     token = {"apiVersion": "v1", "kind": "Secret",
@@ -60,7 +63,7 @@ def test_operator_pod_is_admitted_under_restricted_and_becomes_available(kube: K
             "get", "pods", "-n", OPERATOR_NS, "-l", "app.kubernetes.io/name=modelapp-operator", "-o", "json"
         ).stdout
     )["items"]
-    assert len(pods) == 1 and pods[0]["spec"]["serviceAccountName"] == "modelapp-operator"
+    assert len(pods) == 2 and pods[0]["spec"]["serviceAccountName"] == "modelapp-operator"  # one acts
     env_from = pods[0]["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"]
     settings = json.loads(kube.kubectl("get", "configmap", env_from, "-n", OPERATOR_NS, "-o", "json").stdout)["data"]
     assert settings["MODELAPP_NAMESPACES"] == APP_NS
@@ -118,6 +121,7 @@ def can_i(kube: KubeCluster, *args: str) -> bool:
 
 
 ALLOWED = [
+    ("patch", "kopfpeerings.kopf.dev", "-n", APP_NS),  # two replicas, one active
     ("get", "secrets", "-n", APP_NS),
     ("watch", "modelapps.modelapp.io", "-n", APP_NS),
     ("patch", "modelapps.modelapp.io", "-n", APP_NS),

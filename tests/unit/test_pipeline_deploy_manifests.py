@@ -40,7 +40,7 @@ def test_base_takes_the_crd_from_the_crds_folder() -> None:
     base = yaml.safe_load((DEPLOY / "base" / "kustomization.yaml").read_text())
     assert "../../crds" in base["resources"]
     crds = yaml.safe_load((REPO_ROOT / "crds" / "kustomization.yaml").read_text())
-    assert crds["resources"] == ["modelapp.yaml"]
+    assert crds["resources"] == ["modelapp.yaml", "kopf-peering.yaml"]
 
 
 def test_top_level_kustomization_is_base_plus_tenant() -> None:
@@ -83,6 +83,7 @@ def test_namespaced_role_grants_exactly_what_the_operator_uses() -> None:
         ("", "configmaps"): {"get"},  # the public key of spec.model.signature
         ("", "events"): {"create", "patch"},
         ("events.k8s.io", "events"): {"create", "patch"},
+        ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},  # two replicas, one active
     }
     binding = one(DEPLOY / "tenant" / "role.yaml", "RoleBinding")
     assert binding["subjects"] == [
@@ -98,10 +99,15 @@ def test_operator_watches_only_the_namespaces_it_has_a_role_in() -> None:
     assert kustomization("base")["namespace"] == "modelapp-system"
 
 
-def test_operator_deployment_is_single_restricted_and_probed() -> None:
+def test_operator_deployment_is_two_replicas_one_active_restricted_and_probed() -> None:
     deployment = one(DEPLOY / "base" / "deployment.yaml", "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    assert spec["replicas"] == 2 and spec["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    pdb = one(DEPLOY / "base" / "pdb.yaml", "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1 and pdb["spec"]["selector"] == spec["selector"]
+    assert "pdb.yaml" in kustomization("base")["resources"]
+    peering = one(DEPLOY / "tenant" / "peering.yaml", "KopfPeering")
+    assert "peering.yaml" in kustomization("tenant")["resources"]
     pod = spec["template"]["spec"]
     assert pod["serviceAccountName"] == "modelapp-operator"
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
@@ -121,8 +127,12 @@ def test_operator_deployment_is_single_restricted_and_probed() -> None:
         "metrics": int(settings["MODELAPP_METRICS_PORT"]),
     }
     # The receiver's token only ever comes from the Secret (never a literal in deploy/).
-    env = {item["name"]: item["value"] for item in container["env"]}
+    env = {item["name"]: item.get("value", item.get("valueFrom")) for item in container["env"]}
     assert env["MODELAPP_RECEIVER_ENABLED"] == "true" and "MODELAPP_RECEIVER_TOKEN" not in settings
+    # kopf peering: every replica names itself and its receiver address from the downward API.
+    assert env["MODELAPP_PEERING"] == peering["metadata"]["name"]
+    assert env["MODELAPP_POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env["MODELAPP_POD_UID"] == {"fieldRef": {"fieldPath": "metadata.uid"}}
     mount = next(m for m in container["volumeMounts"] if m["name"] == "receiver-token")
     assert env["MODELAPP_RECEIVER_TOKEN_FILE"].startswith(mount["mountPath"] + "/") and mount["readOnly"] is True
     volume = next(v for v in pod["volumes"] if v["name"] == "receiver-token")
