@@ -9,7 +9,13 @@ machine's background load hits every server alike; the table shows per-server me
 
 The peers run from their own virtualenvs under bench/out/venvs/ (git-ignored), built on first use from the
 pinned `bench/serving/requirements-*.txt`. Every server process is stopped on exit, Ctrl-C included.
-The table goes to stdout and to bench/out/serving_rps.md.
+The table goes to stdout and to bench/out/serving_rps.md; the figures to bench/out/serving_rps.json and the
+latency distributions (one curve per server, the round with the median req/s) to bench/out/serving_rps.png.
+
+Like for like (--runtimes, default both): for each runtime, ModelApp and KServe serve the same estimator with
+the same runtime: `sklearn` (ModelApp the skops file, KServe the joblib file; both call the estimator's
+predict) and `onnx` (both run the same iris.onnx through onnxruntime with the same session options).
+MLServer (scikit-learn, V2 protocol) is the third peer in both comparisons.
 """
 
 from __future__ import annotations
@@ -46,6 +52,10 @@ if str(APP_SOURCE_ROOT) not in sys.path:
 
 import modelapp_serving  # noqa: E402
 from modelapp_serving import sample_model  # noqa: E402
+
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+from bench.results import pyplot, write_json  # noqa: E402
 
 SERVING_BENCH_DIR = REPO_ROOT / "bench" / "serving"
 OUT_DIR = REPO_ROOT / "bench" / "out"
@@ -151,6 +161,8 @@ class ServerSpec:
     cwd: Path = REPO_ROOT
     versions: dict[str, str] = field(default_factory=dict)
     is_modelapp: bool = False
+    runtime: str = "sklearn"
+    """sklearn or onnx: what runs the model behind the server."""
 
 
 @dataclass
@@ -298,6 +310,8 @@ class LoadResult:
     p90_ms: float
     p99_ms: float
     errors: int
+    distribution_ms: tuple[tuple[float, float], ...] = ()
+    """(percentile, latency ms) pairs, wrk's own latency histogram."""
 
 
 def parse_wrk_summary(stdout: str) -> LoadResult:
@@ -317,6 +331,9 @@ def parse_wrk_summary(stdout: str) -> LoadResult:
                 p90_ms=int(summary["latency_p90_us"]) / 1000,
                 p99_ms=int(summary["latency_p99_us"]) / 1000,
                 errors=errors,
+                distribution_ms=tuple(
+                    (float(p), int(us) / 1000) for p, us in summary.get("latency_percentiles_us", [])
+                ),
             )
     raise RuntimeError(f"no WRK_JSON line in wrk's output:\n{stdout[-2000:]}")
 
@@ -490,19 +507,15 @@ def build_report(
             f"| {summary.spec.model_file} | {summary.requests_per_s:,.0f} | {summary.p50_ms:.2f} "
             f"| {summary.p99_ms:.2f} | {per_round} | {summary.errors} |"
         )
-    peers = [s for s in summaries if not s.spec.is_modelapp]
     lines.append("")
-    if peers:
-        best = max(peers, key=lambda s: s.requests_per_s)
-        for ours in (s for s in summaries if s.spec.is_modelapp):
-            ratio = ours.requests_per_s / best.requests_per_s if best.requests_per_s > 0 else float("inf")
-            met = ratio >= GOAL_RATIO and ours.p99_ms <= best.p99_ms
-            lines.append(
-                f"- {ours.spec.name} / best peer ({best.spec.name}): **{ratio:.2f}x** req/s, p99 "
-                f"{ours.p99_ms:.2f} ms vs {best.p99_ms:.2f} ms. Goal (>= {GOAL_RATIO}x req/s at equal or "
-                f"lower p99): **{'met' if met else 'not met'}**."
-            )
-        lines.append("")
+    for comparison in comparisons(summaries):
+        lines.append(
+            f"- {comparison['modelapp']} / best peer ({comparison['best_peer']}): "
+            f"**{comparison['ratio']:.2f}x** req/s, p99 {comparison['modelapp_p99_ms']:.2f} ms vs "
+            f"{comparison['best_peer_p99_ms']:.2f} ms. Goal (>= {GOAL_RATIO}x req/s at equal or lower p99): "
+            f"**{'met' if comparison['met'] else 'not met'}**."
+        )
+    lines.append("")
     lines.append("Versions:")
     lines.append("")
     shown_already: set[str] = set()
@@ -513,6 +526,106 @@ def build_report(
             lines.append(f"- {summary.spec.name.split()[0]}: {shown}")
     lines.append(f"- load generator: {_wrk_version()}")
     return "\n".join(lines) + "\n"
+
+
+def comparisons(summaries: Sequence[ServerSummary]) -> list[dict[str, Any]]:
+    """Per ModelApp server: against the better peer of its runtime (KServe with that runtime, or MLServer)."""
+    found = []
+    for ours in (s for s in summaries if s.spec.is_modelapp):
+        peers = [
+            s
+            for s in summaries
+            if not s.spec.is_modelapp and (s.spec.runtime == ours.spec.runtime or s.spec.key == "mlserver")
+        ]
+        if not peers:
+            continue
+        best = max(peers, key=lambda s: s.requests_per_s)
+        ratio = ours.requests_per_s / best.requests_per_s if best.requests_per_s > 0 else float("inf")
+        found.append(
+            {
+                "runtime": ours.spec.runtime,
+                "modelapp": ours.spec.name,
+                "best_peer": best.spec.name,
+                "ratio": round(ratio, 3),
+                "modelapp_rps": round(ours.requests_per_s, 1),
+                "best_peer_rps": round(best.requests_per_s, 1),
+                "modelapp_p99_ms": ours.p99_ms,
+                "best_peer_p99_ms": best.p99_ms,
+                "met": ratio >= GOAL_RATIO and ours.p99_ms <= best.p99_ms,
+            }
+        )
+    return found
+
+
+def median_round(summary: ServerSummary) -> LoadResult:
+    ordered = sorted(summary.rounds, key=lambda r: r.requests_per_s)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def write_figures(summaries: Sequence[ServerSummary], command: str, load: LoadSettings, rounds: int) -> None:
+    """bench/out/serving_rps.json (stable keys) and serving_rps.png (latency distribution per server)."""
+    figures = {
+        "load": {
+            "tool": "wrk",
+            "threads": load.threads,
+            "connections": load.connections,
+            "duration_s": load.duration_s,
+            "warmup_s": load.warmup_s,
+            "rounds": rounds,
+        },
+        "goal_ratio": GOAL_RATIO,
+        "servers": [
+            {
+                "key": s.spec.key,
+                "name": s.spec.name,
+                "runtime": s.spec.runtime,
+                "is_modelapp": s.spec.is_modelapp,
+                "processes": s.spec.processes,
+                "protocol": s.spec.protocol,
+                "model_file": s.spec.model_file,
+                "versions": s.spec.versions,
+                "requests_per_s": round(s.requests_per_s, 1),
+                "p50_ms": s.p50_ms,
+                "p99_ms": s.p99_ms,
+                "errors": s.errors,
+                "rounds": [
+                    {
+                        "requests_per_s": round(r.requests_per_s, 1),
+                        "p50_ms": r.p50_ms,
+                        "p90_ms": r.p90_ms,
+                        "p99_ms": r.p99_ms,
+                        "errors": r.errors,
+                        "latency_percentiles_ms": [list(point) for point in r.distribution_ms],
+                    }
+                    for r in s.rounds
+                ],
+            }
+            for s in summaries
+        ],
+        "comparisons": comparisons(summaries),
+    }
+    write_json("serving_rps", figures, command=command)
+    plt = pyplot()
+    runtimes = sorted({s.spec.runtime for s in summaries if s.spec.is_modelapp}) or ["sklearn"]
+    figure, axes_list = plt.subplots(1, len(runtimes), figsize=(6.5 * len(runtimes), 4.8), squeeze=False)
+    for axes, runtime in zip(axes_list[0], runtimes, strict=True):
+        for s in summaries:
+            if s.spec.runtime != runtime and s.spec.key != "mlserver":
+                continue
+            points = median_round(s).distribution_ms
+            if not points:
+                continue
+            label = f"{s.spec.name}: {s.requests_per_s:,.0f} req/s"
+            axes.plot([p / 100 for p, _ in points], [ms for _, ms in points], marker=".", label=label)
+        axes.set_xscale("logit")
+        axes.set_xlabel("percentile of requests")
+        axes.set_ylabel("latency ms (wrk, request sent to response read)")
+        axes.set_title(f"/predict latency distribution, {runtime}")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(OUT_DIR / "serving_rps.png", dpi=110)
+    plt.close(figure)
 
 
 def build_profile_section(name: str, result: LoadResult, output: Path, shares: Sequence[tuple[str, float]]) -> str:
@@ -564,6 +677,7 @@ def modelapp_spec(
     base = f"http://{LOOPBACK}:{port}"
     tuning: dict[str, str] = {}
     unset: tuple[str, ...] = ()
+    runtime = "onnx" if model_format == "onnx" else "sklearn"
     if worker_class is None:
         defaults = modelapp_default_worker_class()
         name, key = "ModelApp", "modelapp"
@@ -587,6 +701,7 @@ def modelapp_spec(
         tuning["MODELAPP_REUSE_PORT"] = "true" if reuse_port else "false"
         if reuse_port:
             name, key, worker_text = f"{name} reuse-port", f"{key}-reuse-port", f"{worker_text}, reuse-port"
+    name, key = f"{name} [{runtime}]", f"{key}-{runtime}"
     cache_dir = RUN_DIR / f"cache-{key}"
     shutil.rmtree(cache_dir, ignore_errors=True)
     cache_dir.mkdir(parents=True)
@@ -626,6 +741,7 @@ def modelapp_spec(
         body=V1_BODY,
         read_prediction=lambda document: document["predictions"][0],
         versions={"modelapp": modelapp_serving.__version__, **distribution_versions(Path(sys.executable), _APP_DISTS)},
+        runtime=runtime,
     )
 
 
@@ -659,21 +775,27 @@ def parse_gunicorn_defaults(stdout: str) -> GunicornDefaults:
 _APP_DISTS = ("flask", "gunicorn", "onnxruntime", "scikit-learn")
 
 
-def kserve_spec(model_files: ModelFiles, workers: int, port: int, venv_bin: Path) -> ServerSpec:
+def kserve_spec(
+    model_files: ModelFiles, workers: int, port: int, venv_bin: Path, runtime: str = "sklearn"
+) -> ServerSpec:
+    """KServe's ModelServer with a `kserve.Model` calling the estimator (sklearn) or onnxruntime (onnx)."""
     base = f"http://{LOOPBACK}:{port}"
+    model_file = model_files.onnx if runtime == "onnx" else model_files.joblib
+    extra_dists = ("onnxruntime",) if runtime == "onnx" else ("scikit-learn",)
     log_config = RUN_DIR / "kserve-logging.json"
     log_config.write_text(json.dumps(KSERVE_QUIET_LOGGING, indent=1))
     return ServerSpec(
-        name="KServe",
-        key="kserve",
+        name=f"KServe [{runtime}]",
+        key=f"kserve-{runtime}",
         protocol=f"V1 JSON `instances` (`POST /v1/models/{MODEL_NAME}:predict`)",
         processes=f"kserve ModelServer, {workers} uvicorn workers",
-        model_file=model_files.joblib.name,
+        model_file=model_file.name,
+        runtime=runtime,
         argv=[
             str(venv_bin / "python"),
             str(KSERVE_SERVER_SCRIPT),
             "--model_file",
-            str(model_files.joblib),
+            str(model_file),
             "--model_name",
             MODEL_NAME,
             "--http_port",
@@ -691,7 +813,7 @@ def kserve_spec(model_files: ModelFiles, workers: int, port: int, venv_bin: Path
         ready_url=f"{base}/v1/models/{MODEL_NAME}",
         body=V1_BODY,
         read_prediction=lambda document: document["predictions"][0],
-        versions=distribution_versions(venv_bin / "python", ("kserve", "fastapi", "uvicorn", "scikit-learn")),
+        versions=distribution_versions(venv_bin / "python", ("kserve", "fastapi", "uvicorn", *extra_dists)),
     )
 
 
@@ -838,7 +960,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "+reuse-port (one SO_REUSEPORT socket per worker), kserve, mlserver (default: %(default)s)",
     )
     parser.add_argument(
-        "--modelapp-format", choices=("onnx", "skops"), default="onnx", help="file ModelApp serves (default onnx)"
+        "--runtimes",
+        default="sklearn,onnx",
+        help="runtimes compared like for like, each on ModelApp and KServe: sklearn (ModelApp skops, KServe\n"
+        "joblib; the estimator's predict on both), onnx (the same iris.onnx through onnxruntime on both)\n"
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--mlserver-parallel-workers",
@@ -860,6 +986,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--servers: {error}")
     if not args.server_entries:
         parser.error("--servers: name at least one server")
+    args.runtime_list = [r.strip() for r in args.runtimes.split(",") if r.strip()]
+    if not args.runtime_list or set(args.runtime_list) - {"sklearn", "onnx"}:
+        parser.error("--runtimes: sklearn, onnx or both")
     if args.connections < args.threads:
         parser.error("--connections must be at least --threads")
     return args
@@ -878,30 +1007,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     model_files = write_model_files(RUN_DIR / "models")
     specs: list[ServerSpec] = []
-    for entry in args.server_entries:
-        if entry.kind == "modelapp":
-            port = free_loopback_port()
-            spec = modelapp_spec(
-                model_files,
-                args.workers,
-                port,
-                args.modelapp_format,
-                entry.worker_class,
-                entry.threads,
-                entry.reuse_port,
-            )
-        elif entry.kind == "kserve":
-            venv_bin = ensure_venv("kserve", SERVING_BENCH_DIR / "requirements-kserve.txt", sys.stderr)
-            spec = kserve_spec(model_files, args.workers, free_loopback_port(), venv_bin)
-        else:
-            venv_bin = ensure_venv("mlserver", SERVING_BENCH_DIR / "requirements-mlserver.txt", sys.stderr)
-            parallel = args.workers if args.mlserver_parallel_workers is None else args.mlserver_parallel_workers
-            ports = (free_loopback_port(), free_loopback_port(), free_loopback_port())
-            spec = mlserver_spec(model_files, parallel, ports, venv_bin)
-        if any(existing.key == spec.key for existing in specs):
-            print(f"--servers: {spec.name} named twice", file=sys.stderr)
-            return 2
-        specs.append(spec)
+    for runtime in args.runtime_list:
+        for entry in args.server_entries:
+            if entry.kind == "modelapp":
+                port = free_loopback_port()
+                spec = modelapp_spec(
+                    model_files,
+                    args.workers,
+                    port,
+                    "onnx" if runtime == "onnx" else "skops",
+                    entry.worker_class,
+                    entry.threads,
+                    entry.reuse_port,
+                )
+            elif entry.kind == "kserve":
+                venv_bin = ensure_venv("kserve", SERVING_BENCH_DIR / "requirements-kserve.txt", sys.stderr)
+                spec = kserve_spec(model_files, args.workers, free_loopback_port(), venv_bin, runtime)
+            else:
+                if any(existing.key == "mlserver" for existing in specs):
+                    continue  # one MLServer (scikit-learn) is the third peer of every runtime
+                venv_bin = ensure_venv("mlserver", SERVING_BENCH_DIR / "requirements-mlserver.txt", sys.stderr)
+                parallel = args.workers if args.mlserver_parallel_workers is None else args.mlserver_parallel_workers
+                ports = (free_loopback_port(), free_loopback_port(), free_loopback_port())
+                spec = mlserver_spec(model_files, parallel, ports, venv_bin)
+            if any(existing.key == spec.key for existing in specs):
+                print(f"--servers: {spec.name} named twice", file=sys.stderr)
+                return 2
+            specs.append(spec)
 
     fleet = ServerFleet(RUN_DIR / "logs")
     results: dict[str, list[LoadResult]] = {spec.key: [] for spec in specs}
@@ -964,6 +1096,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report += build_profile_section(name, result, output, shares)
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(report)
+    write_figures(summaries, command, load, args.rounds)
     print(report)
     print(f"written to {args.report}", file=sys.stderr)
     return 0

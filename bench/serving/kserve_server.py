@@ -1,4 +1,5 @@
-"""KServe peer for the /predict benchmark: kserve's own ModelServer serving a joblib scikit-learn model.
+"""KServe peer for the /predict benchmark: kserve's own ModelServer serving a joblib scikit-learn model, or the
+same estimator's ONNX file through onnxruntime (`--model_file iris.onnx`).
 
 Runs inside the kserve virtualenv that `bench/serving_rps.py` builds from `requirements-kserve.txt`,
 never in the project venv. It mirrors what KServe's sklearn server does (a `kserve.Model` whose
@@ -7,6 +8,11 @@ kserve 0.21 no longer ships `kserve.storage`.
 
     python bench/serving/kserve_server.py --model_file iris.joblib --http_port 8080 --workers 2 \
         --enable_grpc false --enable_latency_logging false
+    python bench/serving/kserve_server.py --model_file iris.onnx ...   # the ONNX peer
+
+The ONNX model is a plain `kserve.Model` around an onnxruntime InferenceSession with the session options
+ModelApp uses (modelapp_serving.model._load_onnx: 1 intra-op thread, 1 inter-op thread, CPU provider), so
+both sides run the same runtime on the same file.
 """
 
 # The kserve venv, not the project venv, has kserve; mypy checks this file without it.
@@ -27,6 +33,7 @@ warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
 import joblib  # type: ignore[import-untyped]  # noqa: E402
 import kserve  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
 import numpy as np  # noqa: E402
+import onnxruntime  # type: ignore[import-untyped,unused-ignore]  # noqa: E402
 from kserve.model_server import parser as kserve_parser  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
 from kserve.protocol.rest import server as rest_server  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
 
@@ -54,6 +61,37 @@ class SKLearnJoblibModel(kserve.Model):  # type: ignore[misc,unused-ignore]
         return {"predictions": self.estimator.predict(instances).tolist()}
 
 
+class OnnxModel(kserve.Model):  # type: ignore[misc,unused-ignore]
+    """V1 `{"instances": [[...], ...]}` in, `{"predictions": [...]}` out, through onnxruntime."""
+
+    def __init__(self, name: str, model_file: Path) -> None:
+        super().__init__(name)
+        self.model_file = model_file
+        self.session: Any = None
+        self.input_name = ""
+        self.output_name = ""
+        self.input_dtype: Any = np.float32
+
+    def load(self) -> bool:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(
+            str(self.model_file), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        model_input = self.session.get_inputs()[0]
+        self.input_name = model_input.name
+        self.input_dtype = np.float64 if model_input.type == "tensor(double)" else np.float32
+        self.output_name = self.session.get_outputs()[0].name
+        self.ready = True
+        return True
+
+    def predict(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
+        instances = np.asarray(payload["instances"], dtype=self.input_dtype)
+        (outputs,) = self.session.run([self.output_name], {self.input_name: instances})
+        return {"predictions": np.asarray(outputs).tolist()}
+
+
 def force_loopback_bind() -> None:
     """kserve hard-codes host 0.0.0.0 in its uvicorn config; the benchmark must stay on loopback.
 
@@ -72,10 +110,11 @@ def force_loopback_bind() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(parents=[kserve_parser])
-    parser.add_argument("--model_file", type=Path, required=True, help="joblib file of the estimator")
+    parser.add_argument("--model_file", type=Path, required=True, help="joblib file of the estimator, or .onnx")
     args, _ = parser.parse_known_args()
     force_loopback_bind()
-    model = SKLearnJoblibModel(args.model_name, args.model_file)
+    model_class = OnnxModel if args.model_file.suffix == ".onnx" else SKLearnJoblibModel
+    model = model_class(args.model_name, args.model_file)
     model.load()
     kserve.ModelServer().start([model])
 
