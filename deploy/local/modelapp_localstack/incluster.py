@@ -156,8 +156,13 @@ def install_operator(
         run_dir / "operator-overlay", image, registry, settings or {}, real_node_namespaces,
         receiver_token or secrets.token_urlsafe(24), receiver_address(service_cidr) if service_cidr else None,
     )
-    # The CRD first: the rest of deploy/ may hold objects of its kind.
-    kube.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(overlay), timeout=120)
+    # The CRDs first (as docs/operations.md says): deploy/ holds objects of their kinds (kopf's peering).
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(REPO_ROOT / "crds"), timeout=120)
+    kube.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+    applied = kube.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(overlay), timeout=120,
+                           check=False)
+    if applied.returncode != 0:
+        raise StackError(f"kubectl apply -k {overlay} failed:\n{applied.stderr.strip()}")
     result = kube.kubectl("rollout", "status", f"deployment/{OPERATOR_DEPLOYMENT}", "-n", OPERATOR_NAMESPACE,
                           f"--timeout={int(timeout)}s", check=False, timeout=timeout + 30)
     operator = InClusterOperator(kube, overlay)
