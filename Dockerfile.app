@@ -1,12 +1,16 @@
 # The ModelApp serving image: gunicorn + Flask, downloads and verifies the pinned model at start-up.
 # Build from the repository root: docker build -f Dockerfile.app -t modelapp-serving .
+# BASE_IMAGE: any Debian-like image with python3 >= 3.11 and its venv module (default python:3.11-slim); the local
+# stack builds on its own Debian base (modelapp_localstack/images.py, `modelapp-stack build`).
 # Runs as a non-root numeric user with a read-only root filesystem; writable paths are volumes:
 #   /var/cache/modelapp (model cache, emptyDir) and /tmp (PROMETHEUS_MULTIPROC_DIR, emptyDir).
 
-FROM python:3.11-slim AS builder
+ARG BASE_IMAGE=python:3.11-slim
+
+FROM ${BASE_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python -m venv /opt/modelapp
+RUN python3 -m venv /opt/modelapp
 WORKDIR /src
 # The project is one distribution with three source roots; setuptools needs all of them to build it.
 COPY pyproject.toml README.md ./
@@ -16,7 +20,8 @@ COPY app/ app/
 RUN /opt/modelapp/bin/pip install ".[app]" \
     && /opt/modelapp/bin/python -m compileall -q /opt/modelapp
 
-FROM python:3.11-slim
+# The same base as the builder, so the venv's interpreter path (/usr/bin/python3 or /usr/local/bin/python3) is valid.
+FROM ${BASE_IMAGE}
 ENV PATH=/opt/modelapp/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -10,7 +10,7 @@ export PATH="/usr/local/go/bin:$PATH"
 step() { printf '\n==> %s\n' "$*" >&2; }
 started=$SECONDS
 
-debian_packages=(buildah docker-registry wrk)
+debian_packages=(buildah docker-registry wrk mmdebstrap)
 missing=()
 for package in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -7,6 +7,10 @@
 #   DOCKERFILE          default Dockerfile.app
 #   BUILD_CONTEXT       default: the repository root
 #   DIGEST_FILE         where the pushed digest is written (default: image-digest.txt)
+#   BASE_IMAGE          optional: the Dockerfile's BASE_IMAGE build argument (default: the Dockerfile's own,
+#                       python:3.11-slim); the local stack passes its Debian base (modelapp_localstack/images.py)
+#   BUILD_OPTIONS       optional extra `buildah bud` options, e.g. --pull=never and read-only --volume mounts
+#                       of the machine's CA bundle and pip configuration (never baked into the image)
 #   ACR_NAME            optional: log in to this ACR with the Azure CLI's identity first (AzureCLI@2 step)
 #   BUILDAH_OPTIONS     optional global buildah options, e.g. a storage root and --storage-driver=vfs
 #   REGISTRY_AUTH_FILE  optional credentials file (buildah's own variable)
@@ -30,8 +34,15 @@ if [[ -n ${ACR_NAME:-} ]]; then
     | "${buildah[@]}" login --username 00000000-0000-0000-0000-000000000000 --password-stdin "${IMAGE_REPOSITORY%%/*}"
 fi
 
+build_options=()
+if [[ -n ${BASE_IMAGE:-} ]]; then
+  build_options+=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
+fi
+read -r -a extra_build_options <<<"${BUILD_OPTIONS:-}"
+build_options+=("${extra_build_options[@]}")
+
 started=$SECONDS
-"${buildah[@]}" bud --isolation=chroot --layers=false --file "$dockerfile" --tag "$image" "$context"
+"${buildah[@]}" bud --isolation=chroot --layers=false "${build_options[@]}" --file "$dockerfile" --tag "$image" "$context"
 push_options=(--digestfile "$digest_file")
 if [[ -n ${REGISTRY_CERT_DIR:-} ]]; then
   push_options+=(--cert-dir "$REGISTRY_CERT_DIR")

@@ -1,5 +1,5 @@
 """The CI pipeline's own steps, taken from azure-pipelines.yml and run against the local stack:
-build-push.sh builds an image with buildah and pushes it to the local registry (instead of ACR),
+build-push.sh builds Dockerfile.app with buildah and pushes it to the local registry (instead of ACR),
 set-image.sh pins the ModelApp to the pushed digest and waits, and the operator rolls the
 Deployment to it. Then `modelapp wait` on a rollout whose pods never become ready."""
 
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 from azure.storage.blob import ContainerClient
-from modelapp_localstack import Azurite, KubeCluster, Registry
+from modelapp_localstack import Azurite, Buildah, KubeCluster, Registry, images
 from modelapp_localstack.operator import OperatorProcess, apply_crd, create_tenant_namespace
 
 from tests.cluster.helpers import stop_operator
@@ -54,7 +54,7 @@ def pipeline_step(name: str) -> Step:
 
 
 def run_step(
-    step: Step, variables: dict[str, str | None], extra_env: dict[str, str]
+    step: Step, variables: dict[str, str | None], extra_env: dict[str, str], timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
     """Run a step as the agent would: its `$(variable)` macros expanded, its env set. A variable
     mapped to None is Azure-only (ACR login, AKS credentials): the env entry is left out locally."""
@@ -67,7 +67,8 @@ def run_step(
             continue
         env[key] = MACRO.sub(lambda m: str(variables[m.group(1)]), value)
     return subprocess.run(
-        ["bash", "-c", step.command], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
+        ["bash", "-c", step.command], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        check=False,
     )
 
 
@@ -162,17 +163,19 @@ def build_push_env(tmp_path: Path, registry: Registry) -> dict[str, str]:
     }
 
 
+@pytest.mark.timeout(2400)  # a cold build of Dockerfile.app installs the app's wheels
 def test_pipeline_builds_pushes_and_pins_the_digest_and_the_operator_rolls_it(
     kube: KubeCluster, registry: Registry, app: App, operator: OperatorProcess, tmp_path: Path
 ) -> None:
-    # No base image can be pulled here: a FROM scratch image stands in for Dockerfile.app.
-    context = tmp_path / "context"
-    context.mkdir()
-    (context / "Dockerfile").write_text("FROM scratch\nCOPY hello.txt /hello.txt\n")
-    (context / "hello.txt").write_text(f"built for {app.namespace}\n")
+    # Exactly the pipeline's Dockerfile.app, built by its own script. The one difference from CI: no base image
+    # can be pulled here, so BASE_IMAGE is the stack's Debian base (modelapp_localstack/images.py), loaded into the
+    # step's buildah storage, and the machine's CA bundle and pip settings reach pip as read-only build volumes.
     build = pipeline_step("build")
-    assert "DOCKERFILE" in build.env and "BUILD_CONTEXT" not in build.env
-    build.env["DOCKERFILE"] = str(context / "Dockerfile")  # the one value this test overrides
+    assert build.env.get("DOCKERFILE") == "Dockerfile.app" and "BUILD_CONTEXT" not in build.env
+    base = images.base_image()
+    images.load_image(Buildah(tmp_path), base)  # storage tmp_path/buildah, as BUILDAH_OPTIONS below
+    volumes = images.pip_build_volumes(tmp_path / "pip")
+    build_options = ["--pull=never", *(f"--volume={source}:{target}:ro" for source, target in volumes)]
     started = time.monotonic()
     result = run_step(
         build,
@@ -182,9 +185,10 @@ def test_pipeline_builds_pushes_and_pins_the_digest_and_the_operator_rolls_it(
             "acrName": None,
             "Build.ArtifactStagingDirectory": str(tmp_path),
         },
-        {**build_push_env(tmp_path, registry), "BUILD_CONTEXT": str(context)},
+        {**build_push_env(tmp_path, registry), "BASE_IMAGE": base.name, "BUILD_OPTIONS": " ".join(build_options)},
+        timeout=1800,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     outputs = dict(OUTPUT_VARIABLE.findall(result.stdout))
     digest = outputs["imageDigest"]
     assert digest == (tmp_path / "image-digest.txt").read_text().strip()

@@ -1,6 +1,7 @@
 """modelapp-stack: build, start and stop ModelApp's local stack.
 
-  modelapp-stack build            build (or find cached) Kubernetes, etcd and kwok binaries
+  modelapp-stack build            build (or find cached) Kubernetes, etcd and kwok binaries and the images
+                                  (Debian base, pause, app, operator)
   modelapp-stack up               start everything, print how to reach it, run until Ctrl-C
   modelapp-stack up --only azurite,registry
 """
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from . import binaries
+from . import binaries, images
 from .procs import StackError, log
 from .stack import Stack
 
@@ -29,7 +30,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "Azurite (Azure Blob Storage) and a TLS docker registry, all on loopback.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("build", help="build or find the cached control-plane binaries")
+    build = commands.add_parser("build", help="build or find the cached control-plane binaries and images")
+    build.add_argument("--no-images", action="store_true",
+                       help="binaries only; skip the base, pause, app and operator images")
     commands.add_parser("versions", help="print the pinned Kubernetes, etcd and kwok versions")
     up = commands.add_parser("up", help="start the stack and keep it running until Ctrl-C")
     up.add_argument("--only", default=",".join(COMPONENTS),
@@ -76,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: {path}")
             binaries.kwok_stage_crd()
             log(f"binaries ready in {time.monotonic() - started:.1f}s")
+            if not args.no_images:
+                started = time.monotonic()
+                for name, image in images.build_all().items():
+                    info = image.info()
+                    print(f"image {name}: {image.name} {image.path} (built in {info.get('build_seconds', '?')}s, "
+                          f"{info.get('image_bytes', 0) / 1e6:.0f} MB unpacked)")
+                log(f"images ready in {time.monotonic() - started:.1f}s")
             return 0
         wanted = [name.strip() for name in args.only.split(",") if name.strip()]
         unknown = sorted(set(wanted) - set(COMPONENTS))

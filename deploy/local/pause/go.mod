@@ -1,0 +1,3 @@
+module modelapp.io/pause
+
+go 1.22
