@@ -75,6 +75,7 @@ def _overlay(
     real_node_namespaces: Sequence[str],
     receiver_token: str,
     receiver_cluster_ip: str | None,
+    api_cluster_ip: str,
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     name, digest = image.split("@", 1)
@@ -92,6 +93,9 @@ def _overlay(
         "metadata": {"name": OPERATOR_DEPLOYMENT, "namespace": OPERATOR_NAMESPACE},
         "spec": {"template": {"spec": {
             "imagePullSecrets": [{"name": PULL_SECRET_NAME}],
+            # The local cluster runs no DNS; kopf reaches the API server by this name in-cluster.
+            "hostAliases": [{"ip": api_cluster_ip, "hostnames": ["kubernetes.default.svc",
+                                                                 "kubernetes.default.svc.cluster.local"]}],
             "containers": [{"name": "operator", "volumeMounts": [
                 {"name": "registry-ca", "mountPath": REGISTRY_CA_MOUNT, "readOnly": True}]}],
             "volumes": [{"name": "registry-ca", "configMap": {"name": "modelapp-registry-ca"}}],
@@ -155,6 +159,7 @@ def install_operator(
     overlay = _overlay(
         run_dir / "operator-overlay", image, registry, settings or {}, real_node_namespaces,
         receiver_token or secrets.token_urlsafe(24), receiver_address(service_cidr) if service_cidr else None,
+        kube.kubectl("get", "service", "kubernetes", "-n", "default", "-o", "jsonpath={.spec.clusterIP}").stdout,
     )
     # The CRDs first (as docs/operations.md says): deploy/ holds objects of their kinds (kopf's peering).
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(REPO_ROOT / "crds"), timeout=120)

@@ -209,6 +209,22 @@ class KubeCluster:
         for process in reversed(self.processes):
             process.stop()
 
+    def process(self, name: str) -> ManagedProcess:
+        return next(p for p in self.processes if p.name == name)
+
+    def api_ready(self) -> bool:
+        result = self.kubectl("get", "--raw", "/readyz", check=False, timeout=5)
+        return result.returncode == 0 and result.stdout.strip() == "ok"
+
+    def restart_apiserver(self, *, kill: bool = False, down_seconds: float = 0.0) -> None:
+        """Restart kube-apiserver (SIGTERM, or SIGKILL with kill=True): same port and certificates;
+        etcd keeps running, so every object survives. Returns once /readyz answers again."""
+        apiserver = self.process("kube-apiserver")
+        apiserver.kill() if kill else apiserver.stop()
+        time.sleep(down_seconds)
+        apiserver.start()
+        apiserver.wait_ready(self.api_ready, 90, "/readyz after a restart")
+
 
 def _write_kubeconfig(path: Path, server: str, ca: Path, cert: Path, key: Path, user: str) -> None:
     config = {
@@ -308,6 +324,8 @@ def start_cluster(
                 # real node's network the API server's address is what pods reach it at.
                 f"--endpoint-reconciler-type={'none' if host == '127.0.0.1' else 'lease'}",
                 "--enable-priority-and-fairness=false",
+                # Nodes are reached at their InternalIP (the real node has no DNS name the host resolves).
+                "--kubelet-preferred-address-types=InternalIP",
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--v=0",
