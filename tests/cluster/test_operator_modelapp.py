@@ -102,7 +102,9 @@ def test_create_renders_children_by_digest_and_becomes_ready(
         "Degraded": "False",
         "ImageResolved": "True",
         "ModelResolved": "True",
+        "ModelVerified": "True",
     }
+    assert status["model"]["snapshot"] and conditions(body)["ModelVerified"]["reason"] == "Sha256FromMetadata"
     assert "connectionString" not in json.dumps(status) and azurite.account_key not in json.dumps(status)
 
     table = kube.kubectl("get", "ma", app.name, "-n", app.namespace).stdout
