@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from azure.storage.blob import ContainerClient
@@ -52,11 +54,13 @@ def operator(
         stop_operator(running, registry.password, azurite.account_key)
 
 
-def cli(kube: KubeCluster, *argv: str) -> subprocess.CompletedProcess[str]:
+def cli(kube: KubeCluster, *argv: str, connection_string: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KUBECONFIG": str(kube.kubeconfig)}
+    if connection_string is not None:  # the storage credentials rollback checks the pinned version with
+        env["AZURE_STORAGE_CONNECTION_STRING"] = connection_string
     return subprocess.run(
         [sys.executable, "-m", "modelapp_operator.cli", *argv],
-        capture_output=True, text=True, env={**os.environ, "KUBECONFIG": str(kube.kubeconfig)}, timeout=180,
-        check=False,
+        capture_output=True, text=True, env=env, timeout=180, check=False,
     )  # fmt: skip
 
 
@@ -84,7 +88,7 @@ def test_rollback_to_v1_after_v2_overwrote_the_blob_restores_v1s_snapshot(
              .get("version") == v2_etag, operator)  # fmt: skip
     wait_ready(kube, app, operator)
 
-    rolled = cli(kube, "rollback", app.name, "-n", app.namespace)
+    rolled = cli(kube, "rollback", app.name, "-n", app.namespace, connection_string=azurite.connection_string)
     assert rolled.returncode == 0, rolled.stderr
     waited = cli(kube, "wait", app.name, "-n", app.namespace, "--timeout", "90")
     assert waited.returncode == 0, waited.stdout + waited.stderr
@@ -95,6 +99,40 @@ def test_rollback_to_v1_after_v2_overwrote_the_blob_restores_v1s_snapshot(
     assert hashlib.sha256(v1_bytes).hexdigest() == model["sha256"]
     assert pin_of(kube, app) == f"snapshot={v1['snapshot'].replace(':', '%3A')}"
     assert conditions(body)["ModelVerified"]["status"] == "True"
+
+
+def test_rollback_to_a_pair_whose_snapshot_was_deleted_fails_before_changing_anything(
+    kube: KubeCluster, registry: Registry, azurite: Azurite, models: ContainerClient, operator: OperatorProcess
+) -> None:
+    app = prepare(kube, registry, azurite, models, prefix=NAMESPACE_PREFIX)
+    apply(kube, modelapp(app, azurite))
+    v1 = wait_ready(kube, app, operator)["status"]["model"]
+    _, v2_etag = publish_model(models, app.blob_name, f"model of {app.namespace} v2".encode())
+    wait_for("v2 rolled out", lambda: (get(kube, "modelapp", app) or {}).get("status", {}).get("model", {})
+             .get("version") == v2_etag, operator)  # fmt: skip
+    before = wait_ready(kube, app, operator)
+    models.get_blob_client(app.blob_name, snapshot=v1["snapshot"]).delete_blob()
+
+    # Storage unreachable: a distinct exit code, nothing changed.
+    with socket.socket() as probe:
+        probe.bind((urlsplit(azurite.blob_endpoint).hostname or "", 0))
+        closed_port = probe.getsockname()[1]
+    parts = urlsplit(azurite.blob_endpoint)
+    unreachable = azurite.connection_string.replace(
+        azurite.blob_endpoint, parts._replace(netloc=f"{parts.hostname}:{closed_port}").geturl()
+    )
+    refused = cli(kube, "rollback", app.name, "-n", app.namespace, connection_string=unreachable)
+    assert refused.returncode == 9, refused.stdout + refused.stderr
+    assert "cannot be reached" in refused.stderr and "nothing changed" in refused.stderr
+
+    rolled = cli(kube, "rollback", app.name, "-n", app.namespace, connection_string=azurite.connection_string)
+    assert rolled.returncode == 8, rolled.stdout + rolled.stderr
+    assert f"snapshot {v1['snapshot']}" in rolled.stderr and "no longer exists" in rolled.stderr, rolled.stderr
+    assert "nothing changed" in rolled.stderr
+    after = get(kube, "modelapp", app) or {}
+    assert after["spec"] == before["spec"]
+    assert after["metadata"]["generation"] == before["metadata"]["generation"]
+    assert after["status"]["model"]["version"] == v2_etag
 
 
 def test_automatic_rollback_restores_v1s_snapshot(

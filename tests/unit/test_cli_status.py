@@ -13,6 +13,8 @@ from modelapp_operator.cli.status import (
     build_set_image_patch,
     build_set_model_patch,
     choose_rollback_target,
+    pin_problem,
+    pin_to_check,
     render_status,
     status_summary,
     wait_verdict,
@@ -303,3 +305,43 @@ def test_status_of_an_unreconciled_app() -> None:
     fresh = {"metadata": {"name": "iris", "namespace": "ml", "generation": 1}, "spec": {}}
     text = render_status(fresh, NOW)
     assert "the operator has not reconciled" in text and "(none)" in text
+
+
+URL = "http://127.0.0.1:10000/devstoreaccount1/models/iris.onnx"
+SNAP = "2026-01-01T11:00:00.1234567Z"
+
+
+def test_rollback_checks_the_snapshot_the_entry_pinned() -> None:
+    entry = {"revision": 1, "modelUrl": URL, "modelVersion": V1, "modelSnapshot": SNAP}
+    check = pin_to_check(entry)
+    assert check is not None
+    assert (check.url, check.version, check.pin.snapshot, check.pin.version_id) == (URL, V1, SNAP, None)
+    assert pin_problem(check, V1) is None
+    assert pin_problem(check, V1.strip('"')) is None  # ETags compare without quotes
+    gone = pin_problem(check, None)
+    assert gone is not None and f"snapshot {SNAP}" in gone and "no longer exists" in gone
+
+
+def test_rollback_checks_the_version_id_before_a_snapshot() -> None:
+    entry = {
+        "modelUrl": URL,
+        "modelVersion": V1,
+        "modelVersionId": "2026-01-01T11:00:00.0000000Z",
+        "modelSnapshot": SNAP,
+    }
+    check = pin_to_check(entry)
+    assert check is not None and check.pin.version_id and check.pin.snapshot is None
+    gone = pin_problem(check, None)
+    assert gone is not None and "version 2026-01-01T11:00:00.0000000Z" in gone
+
+
+def test_an_unpinned_entry_needs_the_blob_still_at_its_etag() -> None:
+    check = pin_to_check({"modelUrl": URL, "modelVersion": V1})
+    assert check is not None and not check.pin.pinned
+    assert pin_problem(check, V1) is None
+    overwritten = pin_problem(check, V2)
+    assert overwritten is not None and "overwritten" in overwritten and V2 in overwritten
+
+
+def test_an_entry_without_a_model_url_has_nothing_to_check() -> None:
+    assert pin_to_check({"revision": 1, "modelVersion": V1}) is None

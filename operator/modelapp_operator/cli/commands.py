@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -33,6 +33,8 @@ from modelapp_operator.cli.status import (
     build_set_model_patch,
     check_digest,
     choose_rollback_target,
+    pin_problem,
+    pin_to_check,
     render_status,
     short,
     status_summary,
@@ -47,6 +49,8 @@ EXIT_FORBIDDEN = 4
 EXIT_UNREACHABLE = 5
 EXIT_ROLLOUT_FAILED = 6
 EXIT_TIMEOUT = 7
+EXIT_MODEL_GONE = 8
+EXIT_STORAGE_UNREACHABLE = 9
 EXIT_INTERRUPTED = 130
 
 
@@ -136,19 +140,20 @@ def _patch(client: KubeClient, namespace: str, name: str, patch: dict[str, Any])
         raise _api_error(error, f"ModelApp {namespace}/{name}") from None
 
 
+def _connection_string(args: argparse.Namespace, envs: tuple[str, ...]) -> str | None:
+    """--connection-string, else the first of $AZURE_STORAGE_CONNECTION_STRING and `envs` that is set."""
+    given: str | None = args.connection_string
+    return given or next(
+        (os.environ[name] for name in ("AZURE_STORAGE_CONNECTION_STRING", *envs) if os.environ.get(name)), None
+    )
+
+
 def cmd_publish_model(args: argparse.Namespace) -> int:
     # Imported here: the Kubernetes commands should not pay for the storage SDK.
     from modelapp_serving.config import ConfigError  # noqa: PLC0415
     from modelapp_serving.publish import CONNECTION_STRING_ENVS, PublishError, publish_model  # noqa: PLC0415
 
-    connection_string = args.connection_string or next(
-        (
-            os.environ[name]
-            for name in ("AZURE_STORAGE_CONNECTION_STRING", *CONNECTION_STRING_ENVS)
-            if os.environ.get(name)
-        ),
-        None,
-    )
+    connection_string = _connection_string(args, CONNECTION_STRING_ENVS)
     if connection_string is None and args.account_url is None:
         raise CliError(
             EXIT_USAGE,
@@ -306,6 +311,28 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return code
 
 
+def _check_restorable(args: argparse.Namespace, what: str, entry: Mapping[str, Any]) -> None:
+    """Fail before any change when the entry's model version no longer exists in storage."""
+    from modelapp_operator.cli.storage import StorageCheckError, pinned_etag  # noqa: PLC0415
+    from modelapp_serving.publish import CONNECTION_STRING_ENVS  # noqa: PLC0415
+
+    check = pin_to_check(entry)
+    if check is None:
+        return
+    revision = entry.get("revision")
+    try:
+        found = pinned_etag(check, _connection_string(args, CONNECTION_STRING_ENVS))
+    except StorageCheckError as error:
+        raise CliError(
+            EXIT_STORAGE_UNREACHABLE,
+            f"{what}: nothing changed: cannot check that revision {revision}'s model still exists: {error} "
+            "(give --connection-string or storage credentials, or --no-model-check to roll back unchecked)",
+        ) from None
+    problem = pin_problem(check, found)
+    if problem is not None:
+        raise CliError(EXIT_MODEL_GONE, f"{what}: cannot roll back to revision {revision}: {problem}; nothing changed")
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
     client, namespace = _client(args)
     body = _get(client, namespace, args.name)
@@ -313,6 +340,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         entry = choose_rollback_target(body, args.to_revision)
     except RollbackError as error:
         raise CliError(EXIT_ERROR, f"modelapp {namespace}/{args.name}: cannot roll back: {error}") from None
+    if args.check_model:
+        _check_restorable(args, f"modelapp {namespace}/{args.name}", entry)
     patch = build_rollback_patch(entry)
     updated = _patch(client, namespace, args.name, patch)
     generation = (updated.get("metadata") or {}).get("generation")

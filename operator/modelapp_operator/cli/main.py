@@ -18,9 +18,11 @@ from modelapp_operator.cli.commands import (
     EXIT_ERROR,
     EXIT_FORBIDDEN,
     EXIT_INTERRUPTED,
+    EXIT_MODEL_GONE,
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_ROLLOUT_FAILED,
+    EXIT_STORAGE_UNREACHABLE,
     EXIT_TIMEOUT,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
@@ -45,6 +47,8 @@ exit codes:
   {EXIT_UNREACHABLE}    no usable kubeconfig, or the API server cannot be reached
   {EXIT_ROLLOUT_FAILED}    wait: the rollout failed (Degraded, e.g. RolledBack or ProgressDeadlineExceeded; InvalidSpec)
   {EXIT_TIMEOUT}    wait: not Ready with the wanted pair before --timeout
+  {EXIT_MODEL_GONE}    rollback: the target pair's model version (snapshot, version ID) no longer exists
+  {EXIT_STORAGE_UNREACHABLE}    rollback: storage cannot be reached or read to check that model version
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
 """
 
@@ -206,11 +210,24 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = add(
         "rollback",
         "Pin a ModelApp to an earlier Ready image/model pair from its status.history.",
-        "examples:\n  modelapp rollback iris -n ml                 # the newest earlier Ready pair\n"
+        "Before changing anything, checks in storage that the pair's model snapshot or version still exists "
+        "(the credentials publish-model uses).\n\nexamples:\n"
+        "  modelapp rollback iris -n ml                 # the newest earlier Ready pair\n"
         "  modelapp rollback iris -n ml --to-revision 3",
     )
     rollback.add_argument("name", help="ModelApp name")
     rollback.add_argument("--to-revision", type=int, metavar="N", help="history revision to go back to")
+    rollback.add_argument(
+        "--connection-string",
+        help="storage connection string to check the pair's model version (default: "
+        "$AZURE_STORAGE_CONNECTION_STRING, else DefaultAzureCredential on the blob's account)",
+    )
+    rollback.add_argument(
+        "--no-model-check",
+        dest="check_model",
+        action="store_false",
+        help="do not check in storage that the pair's snapshot or version still exists",
+    )
     rollback.set_defaults(handler=cmd_rollback)
     return parser
 

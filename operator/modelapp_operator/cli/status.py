@@ -1,6 +1,6 @@
 """Pure functions behind the `modelapp` CLI: patches, the wait verdict, rollback targets, tables.
 
-No I/O here (imports: the names module and the model-blob contract only): each takes ModelApp
+No I/O here (imports: the names module, plan.release and the model-blob contract only): each takes ModelApp
 bodies (dicts as the API returns them) and returns data or text.
 """
 
@@ -13,7 +13,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from modelapp_operator.names import ConditionType, Outcome, Reason
-from modelapp_serving.model_blob import normalize_etag
+from modelapp_operator.plan.release import pin_from
+from modelapp_serving.model_blob import PinnedVersion, normalize_etag
 
 DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
 SHA256_HEX = re.compile(r"^[a-f0-9]{64}$")
@@ -223,6 +224,43 @@ def choose_rollback_target(body: Mapping[str, Any], to_revision: int | None) -> 
         if not same:
             return entry
     raise RollbackError("no earlier Ready pair in status.history (use --to-revision to pick one)")
+
+
+@dataclass(frozen=True)
+class PinCheck:
+    """What must still exist in storage for a history entry to be restored: its blob version."""
+
+    url: str  # the blob URL, no query
+    version: str  # the ETag the entry ran
+    pin: PinnedVersion  # its version ID or snapshot (unpinned: only the ETag, read-only identity)
+
+    def describe(self) -> str:
+        return f"{self.url} {self.pin.describe() or 'ETag ' + self.version}"
+
+
+def pin_to_check(entry: Mapping[str, Any]) -> PinCheck | None:
+    """The model version a rollback to `entry` needs (None: the entry names no blob to check)."""
+    url, version = entry.get("modelUrl"), entry.get("modelVersion")
+    if not isinstance(url, str) or not url or not isinstance(version, str) or not version:
+        return None
+    return PinCheck(url=url, version=version, pin=pin_from(entry, "model"))
+
+
+def pin_problem(check: PinCheck, found_etag: str | None) -> str | None:
+    """Why the entry cannot be restored (None: it can), given the ETag storage reports for the pinned
+    version (None: not found). A snapshot or version keeps its ETag; an unpinned entry needs the blob
+    itself still at that ETag."""
+    if found_etag is None:
+        what = check.pin.describe() if check.pin.pinned else "the blob"
+        return f"{what} of {check.url} no longer exists (deleted): the model bytes of that pair are gone"
+    if normalize_etag(found_etag) != normalize_etag(check.version):
+        if check.pin.pinned:
+            return f"{check.pin.describe()} of {check.url} has ETag {found_etag}, not {check.version}"
+        return (
+            f"{check.url} was overwritten (ETag {found_etag}, not {check.version}) and that pair was not pinned "
+            "to a snapshot or version: its model bytes are gone"
+        )
+    return None
 
 
 def build_rollback_patch(entry: Mapping[str, Any]) -> dict[str, Any]:
