@@ -130,6 +130,7 @@ ALLOWED = [
     ("patch", "deployments.apps", "-n", APP_NS),
     ("watch", "deployments.apps", "-n", APP_NS),
     ("create", "services", "-n", APP_NS),
+    ("list", "pods", "-n", APP_NS),  # a stalled rollout's pods: the app's refusal reason
     ("create", "events", "-n", APP_NS),
     ("create", "events.events.k8s.io", "-n", APP_NS),
     ("list", "customresourcedefinitions.apiextensions.k8s.io"),
@@ -145,6 +146,8 @@ DENIED = [
     ("delete", "modelapps.modelapp.io", "-n", APP_NS),
     ("update", "modelapps.modelapp.io", "-n", APP_NS),
     ("create", "pods", "-n", APP_NS),
+    ("watch", "pods", "-n", APP_NS),  # listed only while a rollout stalls, never watched
+    ("get", "pods", "-n", "default"),
     ("create", "pods/exec", "-n", APP_NS),
     ("create", "deployments.apps", "-n", "default"),
     ("get", "modelapps.modelapp.io", "-n", "default"),

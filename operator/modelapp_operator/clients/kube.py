@@ -73,6 +73,8 @@ class KubeClient(Protocol):
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None: ...
 
+    async def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]: ...
+
     async def patch_modelapp_status(
         self,
         namespace: str,
@@ -90,6 +92,7 @@ class KubeClient(Protocol):
 
 _PLURALS = {
     "Deployment": "deployments",
+    "Pod": "pods",
     "Service": "services",
     "Secret": "secrets",
     "ConfigMap": "configmaps",
@@ -201,6 +204,15 @@ class AiohttpKubeClient:
             return None
         self._check(status, payload, f"get {kind} {namespace}/{name}")
         return payload  # type: ignore[no-any-return]
+
+    async def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """The namespace's pods matching a label selector (one list call, no watch)."""
+        status, payload = await self._request(
+            "GET", resource_path("v1", "Pod", namespace), params={"labelSelector": label_selector}
+        )
+        self._check(status, payload, f"list pods {namespace} {label_selector}")
+        items = payload.get("items") if isinstance(payload, dict) else None
+        return [item for item in items or [] if isinstance(item, dict)]
 
     async def get_path(self, path: str) -> dict[str, Any] | None:
         """GET any API path (e.g. kopf's peering object); None if it does not exist."""

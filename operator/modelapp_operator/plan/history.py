@@ -7,6 +7,7 @@ pair in status.failedPairs) and records a new entry when the pair changes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -257,6 +258,17 @@ def plan_rollout(
     )
 
 
+def with_refusal(rollout: RolloutPlan, refusal: str) -> RolloutPlan:
+    """The rollout with the failed entry of its rollback recording why its pods refused the model."""
+    if rollout.rollback is None:
+        return rollout
+    revision = rollout.rollback.failed.get("revision")
+    history = [
+        {**entry, "refusal": refusal} if entry.get("revision") == revision else entry for entry in rollout.history
+    ]
+    return dataclasses.replace(rollout, history=history)
+
+
 def rolled_back_condition(history: Sequence[Mapping[str, Any]], progress_deadline_seconds: int) -> Condition | None:
     """Degraded=True RolledBack while the newest rollback has not been followed by another Ready pair."""
     by_revision = {entry.get("revision"): entry for entry in history}
@@ -265,9 +277,11 @@ def rolled_back_condition(history: Sequence[Mapping[str, Any]], progress_deadlin
         if rollback_of is not None:
             failed = by_revision.get(rollback_of)
             what = _describe_entry(failed) if failed is not None else f"revision {rollback_of}"
+            refused = (failed or {}).get("refusal")
             message = (
                 f"rollout of {what} was not ready within {progress_deadline_seconds}s "
-                f"({Reason.PROGRESS_DEADLINE_EXCEEDED}); "
+                f"({Reason.PROGRESS_DEADLINE_EXCEEDED}"
+                f"{f'; {Reason.MODEL_REFUSED}: {refused}' if refused else ''}); "
                 f"rolled back to {_describe_entry(entry)}. The failed pair is not tried again until the "
                 "image digest or the model version changes."
             )

@@ -26,8 +26,21 @@ from modelapp_operator.plan.children import (
     needs_apply,
     template_release_changed,
 )
-from modelapp_operator.plan.history import judge_history, plan_rollout, rolled_back_condition
-from modelapp_operator.plan.release import Release, ResolvedImage, ResolvedModel, describe_pair, release_from_status
+from modelapp_operator.plan.history import (
+    deployed_pair,
+    judge_history,
+    plan_rollout,
+    rolled_back_condition,
+    with_refusal,
+)
+from modelapp_operator.plan.release import (
+    Release,
+    ResolvedImage,
+    ResolvedModel,
+    describe_pair,
+    release_from_status,
+    release_pair,
+)
 from modelapp_operator.plan.status import (
     Condition,
     Event,
@@ -159,6 +172,13 @@ def plan_reconcile(inputs: ReconcileInputs, now: datetime) -> ReconcilePlan:
     deployment = inputs.deployment if blocked is None else None
     rollout = plan_rollout(app.spec, inputs.image, inputs.model, app.status, deployment, now)
     release = rollout.release
+    # The refusal was read from the pods of the Deployment as read: it is about the pair that
+    # Deployment runs. A rollback away from that pair records it on the failed history entry.
+    refusal = inputs.refusal
+    if rollout.rollback is not None and refusal is not None:
+        rollout = with_refusal(rollout, refusal)
+    if release is None or deployed_pair(inputs.deployment) != release_pair(release):
+        refusal = None
     apply: list[dict[str, Any]] = []
     events: list[Event] = []
     if blocked is None:
@@ -186,7 +206,7 @@ def plan_reconcile(inputs: ReconcileInputs, now: datetime) -> ReconcilePlan:
         history=rollout.history if blocked is None else None,
         failed_pairs=rollout.failed_pairs if blocked is None else None,
         rolled_back=rolled_back_condition(rollout.history, app.spec.rollout.progress_deadline_seconds),
-        verified=verified_condition(release, inputs.model_resolution.condition, inputs.refusal),
+        verified=verified_condition(release, inputs.model_resolution.condition, refusal),
     )
     return ReconcilePlan(
         previous=app.status,
@@ -249,9 +269,16 @@ class RefreshPlan:
 
 
 def plan_refresh(
-    app: ModelApp, previous: Mapping[str, Any], deployment: Mapping[str, Any] | None, now: datetime
+    app: ModelApp,
+    previous: Mapping[str, Any],
+    deployment: Mapping[str, Any] | None,
+    now: datetime,
+    refusal: str | None = None,
 ) -> RefreshPlan | None:
-    """The status from the live Deployment, without resolving anything; None: not ours to refresh."""
+    """The status from the live Deployment, without resolving anything; None: not ours to refresh.
+
+    refusal: why a pod of the Deployment's current pair refused its model (plan.refusal), shown as
+    ModelVerified=False ModelRefused until the rollout completes or the pair changes."""
     if deployment is not None and not is_owned_by(deployment, app):
         return None
     history, failed_pairs, failed = judge_history(app.spec, previous, deployment, now)
@@ -267,6 +294,7 @@ def plan_refresh(
         history=history,
         failed_pairs=failed_pairs,
         rolled_back=rolled_back_condition(history, app.spec.rollout.progress_deadline_seconds),
+        verified=_refreshed_verified(previous, refusal),
     )
     reconciled = previous.get("observedGeneration") == app.metadata.generation
     release = obs.release
@@ -277,6 +305,16 @@ def plan_refresh(
         and needs_apply(deployment, build_deployment(app, release))
     )
     return RefreshPlan(update=_status_update(previous, obs, now), drifted=drifted)
+
+
+def _refreshed_verified(previous: Mapping[str, Any], refusal: str | None) -> Condition | None:
+    """ModelVerified on a refresh: refused while a pod refuses; back to what the reconcile verified
+    once none does; else unchanged (None)."""
+    if refusal is not None:
+        return Condition(ConditionType.MODEL_VERIFIED, "False", Reason.MODEL_REFUSED, refusal)
+    if (condition(previous, ConditionType.MODEL_VERIFIED) or {}).get("reason") != Reason.MODEL_REFUSED:
+        return None
+    return verified_condition(release_from_status(previous), _recorded(previous, ConditionType.MODEL_RESOLVED))
 
 
 def _recorded(previous: Mapping[str, Any], type_: str) -> Condition:

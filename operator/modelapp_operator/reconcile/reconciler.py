@@ -20,7 +20,7 @@ from typing import Any
 
 from modelapp_operator.api.modelapp_types import BlobLocation, ModelApp, SpecError, parse_modelapp
 from modelapp_operator.clients.blob_storage import ModelPinner, ModelResolutionError, ModelResolver
-from modelapp_operator.clients.kube import ConflictError, KubeClient
+from modelapp_operator.clients.kube import ConflictError, KubeClient, KubeError
 from modelapp_operator.clients.registry import ImageResolver
 from modelapp_operator.metrics import METRICS
 from modelapp_operator.names import ANNOTATION_RECONCILE_REQUEST, API_VERSION, KIND
@@ -35,6 +35,7 @@ from modelapp_operator.plan.reconcile_plan import (
     plan_refresh,
     refresh_applies,
 )
+from modelapp_operator.plan.refusal import needs_pod_check, pod_selector, refusal_from_pods
 from modelapp_operator.plan.release import Release
 from modelapp_operator.plan.status import Event, now_utc
 from modelapp_operator.reconcile.resolve import model_credential, resolve_image, resolve_model
@@ -175,9 +176,11 @@ async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> Reco
         deps.kube.get("apps/v1", "Deployment", app.namespace, app.name),
         deps.kube.get("v1", "Service", app.namespace, app.name),
     )
+    refusal = await _refusal(deps, app, deployment)
     # Plan.
     plan = plan_reconcile(
-        ReconcileInputs(app, image, image_resolution, model, model_resolution, deployment, service), deps.clock()
+        ReconcileInputs(app, image, image_resolution, model, model_resolution, deployment, service, refusal),
+        deps.clock(),
     )
     # Apply, then write.
     applied_deployment = await _apply(deps, body, plan)
@@ -190,6 +193,22 @@ async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> Reco
     return ReconcileResult(
         status=update.status, release=plan.release, applied=plan.applied_kinds, rolled_back=plan.rolled_back
     )
+
+
+async def _refusal(deps: Dependencies, app: ModelApp, deployment: Mapping[str, Any] | None) -> str | None:
+    """Why the pods of the Deployment's pair refuse its model; pods are listed only while its
+    rollout is not complete. A failed list is logged and ignored (the rollout verdict does not need it)."""
+    if deployment is None or not needs_pod_check(deployment, app.spec.replicas):
+        return None
+    selector = pod_selector(deployment)
+    if selector is None:
+        return None
+    try:
+        pods = await deps.kube.list_pods(app.namespace, selector)
+    except KubeError as error:
+        _log.warning("%s/%s: cannot list pods to read a model refusal: %s", app.namespace, app.name, error)
+        return None
+    return refusal_from_pods(deployment, pods)
 
 
 async def _apply(deps: Dependencies, body: Mapping[str, Any], plan: ReconcilePlan) -> Mapping[str, Any] | None:
@@ -291,7 +310,7 @@ async def refresh_status(
             if deployment_seen is not None
             else await deps.kube.get("apps/v1", "Deployment", namespace, name)
         )
-        plan = plan_refresh(app, previous, deployment, deps.clock())
+        plan = plan_refresh(app, previous, deployment, deps.clock(), await _refusal(deps, app, deployment))
         if plan is None:
             return None
         if plan.rollback_from is not None:
