@@ -72,3 +72,27 @@ async def test_close_cancels_pending_refreshes(monkeypatch: pytest.MonkeyPatch) 
     await asyncio.sleep(0)
     await refresher.close()
     assert refresh.calls == []
+
+
+async def test_a_stalled_rollout_is_refreshed_again_from_a_fresh_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A pod refusing its model changes nothing in the Deployment: no event follows, so the refresher
+    # looks again (plan.refusal.next_recheck_delay decides) with the Deployment read anew (None).
+    progressing = {"history": [{"revision": 2, "outcome": "Progressing"}], "conditions": []}
+    calls: list[Mapping[str, Any] | None] = []
+
+    async def refresh(
+        namespace: str, name: str, deps: Any, deployment_seen: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        calls.append(deployment_seen)
+        return progressing if len(calls) < 3 else {"history": [{"revision": 2, "outcome": "Ready"}]}
+
+    monkeypatch.setattr(handlers, "refresh_status", refresh)
+    monkeypatch.setattr(handlers, "CHILD_REFRESH_COALESCE_SECONDS", 0.01)
+    monkeypatch.setattr(
+        handlers, "next_recheck_delay", lambda status, previous: 0.02 if status is progressing else None
+    )
+    refresher = handlers.ChildRefresher(deps=None, logger=logging.getLogger("test"))  # type: ignore[arg-type]
+    refresher.submit(("ml", "a"), _deployment(1))
+    await asyncio.sleep(0.3)
+    assert calls == [_deployment(1), None, None]  # the third refresh saw it Ready: no more rechecks
+    await refresher.close()

@@ -10,7 +10,15 @@ from modelapp_operator.names import ANNOTATION_IMAGE_DIGEST, ANNOTATION_MODEL_VE
 from modelapp_operator.plan.children import build_deployment
 from modelapp_operator.plan.history import Rollback, RolloutPlan, rolled_back_condition, with_refusal
 from modelapp_operator.plan.reconcile_plan import plan_reconcile, plan_refresh
-from modelapp_operator.plan.refusal import REFUSAL_MAX_CHARS, needs_pod_check, pod_selector, refusal_from_pods
+from modelapp_operator.plan.refusal import (
+    RECHECK_FIRST_SECONDS,
+    RECHECK_MAX_SECONDS,
+    REFUSAL_MAX_CHARS,
+    needs_pod_check,
+    next_recheck_delay,
+    pod_selector,
+    refusal_from_pods,
+)
 from modelapp_operator.plan.release import Release
 
 from tests.unit.test_operator_reconcile_plan import IMAGE, MODEL, NOW, body, inputs, live
@@ -103,3 +111,14 @@ def test_a_rollback_records_the_refusal_on_the_failed_entry_and_in_degraded() ->
     assert "refusal" not in history[1]  # a new history, the input unchanged
     condition = rolled_back_condition(recorded, 45)
     assert condition is not None and f"{Reason.MODEL_REFUSED}: pod iris-c: {REFUSED}" in condition.message
+
+
+def test_a_progressing_rollout_without_a_refusal_is_looked_at_again_with_backoff() -> None:
+    progressing = {"history": [{"revision": 2, "outcome": "Progressing"}], "conditions": []}
+    assert next_recheck_delay(progressing, None) == RECHECK_FIRST_SECONDS
+    assert next_recheck_delay(progressing, RECHECK_FIRST_SECONDS) == 2 * RECHECK_FIRST_SECONDS
+    assert next_recheck_delay(progressing, RECHECK_MAX_SECONDS) == RECHECK_MAX_SECONDS
+    refused = {**progressing, "conditions": [{"type": "ModelVerified", "status": "False", "reason": "ModelRefused"}]}
+    assert next_recheck_delay(refused, None) is None  # already shown: Deployment events take over
+    assert next_recheck_delay({"history": [{"revision": 2, "outcome": "Ready"}]}, 5.0) is None  # steady state
+    assert next_recheck_delay(None, 5.0) is None

@@ -11,11 +11,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from modelapp_operator.names import ANNOTATION_IMAGE_DIGEST, ANNOTATION_MODEL_VERSION
+from modelapp_operator.names import ANNOTATION_IMAGE_DIGEST, ANNOTATION_MODEL_VERSION, ConditionType, Outcome, Reason
 from modelapp_operator.plan.children import CONTAINER_NAME
 from modelapp_operator.plan.status import rollout_state
 
 REFUSAL_MAX_CHARS = 512
+# A pod that refuses its model changes nothing in the Deployment's status (it was never ready), so
+# no Deployment event follows: a rollout still Progressing with no refusal found is looked at again,
+# first after RECHECK_FIRST_SECONDS, doubling up to RECHECK_MAX_SECONDS (its deadline ends it anyway).
+RECHECK_FIRST_SECONDS = 5.0
+RECHECK_MAX_SECONDS = 60.0
 
 
 def needs_pod_check(deployment: Mapping[str, Any] | None, desired_replicas: int) -> bool:
@@ -66,3 +71,19 @@ def refusal_from_pods(deployment: Mapping[str, Any], pods: Iterable[Mapping[str,
                 text = f"pod {name}: {' '.join(message.split())}"
                 return text if len(text) <= REFUSAL_MAX_CHARS else text[: REFUSAL_MAX_CHARS - 3] + "..."
     return None
+
+
+def next_recheck_delay(status: Mapping[str, Any] | None, previous_delay: float | None) -> float | None:
+    """After a status refresh: seconds until the pods are looked at again, or None (the newest history
+    entry is not Progressing, or a refusal is already shown)."""
+    if not status:
+        return None
+    history = status.get("history") or []
+    if not history or not isinstance(history[0], Mapping) or history[0].get("outcome") != Outcome.PROGRESSING:
+        return None
+    for item in status.get("conditions") or []:
+        if item.get("type") == ConditionType.MODEL_VERIFIED and item.get("reason") == Reason.MODEL_REFUSED:
+            return None
+    if previous_delay is None:
+        return RECHECK_FIRST_SECONDS
+    return min(previous_delay * 2, RECHECK_MAX_SECONDS)

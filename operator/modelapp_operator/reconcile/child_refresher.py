@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from modelapp_operator.clients.kube import ConflictError
+from modelapp_operator.plan.refusal import next_recheck_delay
 from modelapp_operator.reconcile.reconciler import Dependencies, refresh_status
 from modelapp_operator.redact import redact
 from modelapp_operator.watch.keys import AppKey
@@ -31,10 +32,12 @@ class ChildRefresher:
     def __init__(self, deps: Dependencies, logger: Logger) -> None:
         self._deps = deps
         self._logger = logger
-        self._pending: dict[AppKey, Mapping[str, Any]] = {}
+        # None: read the Deployment again (a recheck of a stalled rollout's pods).
+        self._pending: dict[AppKey, Mapping[str, Any] | None] = {}
         self._tasks: dict[AppKey, asyncio.Task[None]] = {}
+        self._rechecks: dict[AppKey, tuple[float, asyncio.TimerHandle]] = {}
 
-    def submit(self, app: AppKey, deployment: Mapping[str, Any]) -> None:
+    def submit(self, app: AppKey, deployment: Mapping[str, Any] | None) -> None:
         self._pending[app] = deployment
         if app not in self._tasks:
             self._tasks[app] = asyncio.create_task(self._drain(app), name=f"refresh {app[0]}/{app[1]}")
@@ -46,9 +49,11 @@ class ChildRefresher:
             # newest, so the API server spends its time on reconciles rather than on refreshes.
             await asyncio.sleep(CHILD_REFRESH_COALESCE_SECONDS)
             conflicts = 0
-            while (deployment := self._pending.pop(app, None)) is not None:
+            status: dict[str, Any] | None = None
+            while app in self._pending:
+                deployment = self._pending.pop(app)
                 try:
-                    await refresh_status(namespace, name, self._deps, deployment_seen=deployment)
+                    status = await refresh_status(namespace, name, self._deps, deployment_seen=deployment)
                 except ConflictError:
                     # The ModelApp changed since it was read: refresh again from a fresh read.
                     conflicts += 1
@@ -59,10 +64,27 @@ class ChildRefresher:
                     self._logger.warning(
                         "status refresh of ModelApp %s/%s failed: %s", namespace, name, redact(str(error))
                     )
+            self._schedule_recheck(app, status)
         finally:
             del self._tasks[app]
 
+    def _schedule_recheck(self, app: AppKey, status: Mapping[str, Any] | None) -> None:
+        previous = self._rechecks.pop(app, None)
+        if previous is not None:
+            previous[1].cancel()
+        delay = next_recheck_delay(status, previous[0] if previous is not None else None)
+        if delay is not None:
+            handle = asyncio.get_running_loop().call_later(delay, self._recheck, app)
+            self._rechecks[app] = (delay, handle)
+
+    def _recheck(self, app: AppKey) -> None:
+        if app not in self._pending:
+            self.submit(app, None)
+
     async def close(self) -> None:
+        for _, handle in self._rechecks.values():
+            handle.cancel()
+        self._rechecks.clear()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
