@@ -46,9 +46,12 @@ class ModelInfo:
     etag: str
     sha256: str
     format: str
+    pin: str = ""
+    """The immutable version downloaded, as MODELAPP_MODEL_PIN names it (`snapshot=...`, `versionid=...`)."""
 
     def as_json(self) -> dict[str, str]:
-        return {"url": self.url, "etag": self.etag, "sha256": self.sha256, "format": self.format}
+        pinned = {"pin": self.pin} if self.pin else {}
+        return {"url": self.url, "etag": self.etag, "sha256": self.sha256, "format": self.format, **pinned}
 
 
 class ModelState:
@@ -94,7 +97,9 @@ def model_info_from_config(config: ServingConfig) -> ModelInfo | None:
     if config.model is None:
         return None
     spec = config.model
-    return ModelInfo(url=redact_url(spec.url), etag=spec.etag, sha256=spec.sha256, format=spec.format.value)
+    return ModelInfo(
+        url=redact_url(spec.url), etag=spec.etag, sha256=spec.sha256, format=spec.format.value, pin=spec.pin.query
+    )
 
 
 def load_until_ready(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -22,6 +23,7 @@ from modelapp_serving.download import (
     fetch_verified_model,
 )
 from modelapp_serving.model import ModelLoadError, load_model_file
+from modelapp_serving.model_blob import PinnedVersion
 from modelapp_serving.sample_model import train_iris_classifier, write_sample_models
 from modelapp_serving.state import ModelState, load_until_ready, model_info_from_config
 
@@ -248,3 +250,11 @@ def test_garbage_onnx_is_a_load_error(tmp_path: Path) -> None:
     path.write_bytes(b"not a model")
     with pytest.raises(ModelLoadError, match="cannot load the onnx model"):
         load_model_file(path, ModelFormat.ONNX, allow_pickle=False)
+
+
+def test_version_names_the_pinned_snapshot_it_downloaded(tmp_path: Path) -> None:
+    spec = dataclasses.replace(spec_for(b"model"), pin=PinnedVersion(snapshot="2026-01-01T00:00:00.1234567Z"))
+    info = model_info_from_config(config_for(spec, tmp_path))
+    assert info is not None and info.as_json()["pin"] == "snapshot=2026-01-01T00%3A00%3A00.1234567Z"
+    unpinned = model_info_from_config(config_for(spec_for(b"model"), tmp_path))
+    assert unpinned is not None and "pin" not in unpinned.as_json()
