@@ -606,7 +606,7 @@ def write_figures(summaries: Sequence[ServerSummary], command: str, load: LoadSe
     }
     write_json("serving_rps", figures, command=command)
     plt = pyplot()
-    runtimes = sorted({s.spec.runtime for s in summaries if s.spec.is_modelapp}) or ["sklearn"]
+    runtimes = sorted({s.spec.runtime for s in summaries if s.spec.is_modelapp}, reverse=True) or ["sklearn"]
     figure, axes_list = plt.subplots(1, len(runtimes), figsize=(6.5 * len(runtimes), 4.8), squeeze=False)
     for axes, runtime in zip(axes_list[0], runtimes, strict=True):
         for s in summaries:
@@ -615,8 +615,9 @@ def write_figures(summaries: Sequence[ServerSummary], command: str, load: LoadSe
             points = median_round(s).distribution_ms
             if not points:
                 continue
-            label = f"{s.spec.name}: {s.requests_per_s:,.0f} req/s"
-            axes.plot([p / 100 for p, _ in points], [ms for _, ms in points], marker=".", label=label)
+            label = f"{s.spec.name}: {s.requests_per_s:,.0f} req/s, p99 {s.p99_ms:.2f} ms"
+            color = "tab:blue" if s.spec.is_modelapp else "tab:green" if s.spec.key == "mlserver" else "tab:orange"
+            axes.plot([p / 100 for p, _ in points], [ms for _, ms in points], marker=".", color=color, label=label)
         axes.set_xscale("logit")
         axes.set_xlabel("percentile of requests")
         axes.set_ylabel("latency ms (wrk, request sent to response read)")
@@ -914,7 +915,7 @@ class ServerEntry:
 
 
 def parse_server_entry(entry: str) -> ServerEntry:
-    """`kserve`, `mlserver`, `modelapp` (the app's defaults), or `modelapp:sync|:gthread:THREADS[+reuse-port]`."""
+    """`kserve`, `mlserver`, `modelapp` (the app's defaults), or `modelapp:sync|:asgi|:gthread:THREADS[+reuse-port]`."""
     text, plus, option = entry.strip().lower().partition("+")
     if plus and option != "reuse-port":
         raise ValueError(f"{entry!r}: the only option is +reuse-port")
@@ -932,14 +933,16 @@ def parse_server_entry(entry: str) -> ServerEntry:
             )
         return ServerEntry(kind)
     worker_class = parts[1]
-    if worker_class == "sync" and len(parts) == 2:
-        return ServerEntry(kind, "sync", reuse_port=reuse_port)
+    if worker_class in ("sync", "asgi") and len(parts) == 2:
+        return ServerEntry(kind, worker_class, reuse_port=reuse_port)
     if worker_class == "gthread":
         threads = parts[2] if len(parts) == 3 else "1"
         if not threads.isdigit() or int(threads) < 1:
             raise ValueError(f"{entry!r}: gthread needs a positive thread count, e.g. modelapp:gthread:4")
         return ServerEntry(kind, "gthread", int(threads), reuse_port)
-    raise ValueError(f"{entry!r}: use modelapp, modelapp:sync or modelapp:gthread:THREADS, then +reuse-port")
+    raise ValueError(
+        f"{entry!r}: use modelapp, modelapp:sync, modelapp:asgi or modelapp:gthread:THREADS, then +reuse-port"
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -956,7 +959,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--servers",
         default=DEFAULT_SERVERS,
         help="comma-separated servers, run in this order each round: modelapp (the app's default worker\n"
-        "settings), modelapp:sync or modelapp:gthread:THREADS, each with reuse-port off unless\n"
+        "settings), modelapp:sync, modelapp:asgi or modelapp:gthread:THREADS, each with reuse-port off unless\n"
         "+reuse-port (one SO_REUSEPORT socket per worker), kserve, mlserver (default: %(default)s)",
     )
     parser.add_argument(

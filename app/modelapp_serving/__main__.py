@@ -21,8 +21,8 @@ model (set by the ModelApp operator):
 serving:
   MODELAPP_PORT                     default 8080
   MODELAPP_WORKERS                  default one per CPU (cgroup quota), at least 2
-  MODELAPP_WORKER_CLASS             gthread (default) or sync
-  MODELAPP_THREADS                  threads per gthread worker, default 4
+  MODELAPP_WORKER_CLASS             asgi (default: uvicorn workers, /predict on the event loop), gthread or sync
+  MODELAPP_THREADS                  threads per gthread worker (MODELAPP_WORKER_CLASS=gthread), default 4
   MODELAPP_REUSE_PORT               true (default): one SO_REUSEPORT socket per worker
   MODELAPP_MAX_REQUEST_BYTES        /predict body limit, default 1048576 (413 above)
   MODELAPP_ACCESS_LOG               true to log every request (off by default)

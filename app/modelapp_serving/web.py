@@ -12,9 +12,10 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from a2wsgi import WSGIMiddleware
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger(__name__)
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 EXTENSION_KEY = "modelapp"
 JSON_MIMETYPE = "application/json"
@@ -233,7 +237,7 @@ class MetricsMiddleware:
         self._request_counters: dict[tuple[str, str, str], Any] = {}
         self._latency_histograms: dict[str, Any] = {}
 
-    def _count(self, endpoint: str, method: str, status_code: str, seconds: float) -> None:
+    def count(self, endpoint: str, method: str, status_code: str, seconds: float) -> None:
         key = (endpoint, method, status_code)
         counter = self._request_counters.get(key)
         if counter is None:
@@ -261,4 +265,116 @@ class MetricsMiddleware:
         try:
             return self._wrapped(environ, recording_start_response)
         finally:
-            self._count(endpoint, environ.get("REQUEST_METHOD", ""), status_code, self._clock() - started)
+            self.count(endpoint, environ.get("REQUEST_METHOD", ""), status_code, self._clock() - started)
+
+
+def create_asgi_app(config: ServingConfig | None = None, *, model: LoadedModel | None = None) -> AsgiPredictApp:
+    """The same app for an ASGI server (gunicorn with uvicorn workers, MODELAPP_WORKER_CLASS=asgi).
+
+    `POST /predict` is answered on the event loop by `AsgiPredictApp`; everything else (and every /predict
+    the fast path does not answer itself) goes to the Flask app through a2wsgi, so error responses,
+    /readyz, /metrics and /version are exactly the WSGI app's."""
+    flask_app = create_app(config, model=model)
+    serving = get_serving(flask_app)
+    metrics = flask_app.wsgi_app
+    assert isinstance(metrics, MetricsMiddleware)
+    return AsgiPredictApp(flask_app, serving.state, serving.config.max_request_bytes, metrics)
+
+
+class AsgiPredictApp:
+    """ASGI: a well-formed `POST /predict` answered without threads or Flask; the rest through a2wsgi.
+
+    The WSGI fast path under gunicorn's gthread workers spent about three quarters of each request in the
+    server (writing the response, waking the poll loop through a pipe, handing the connection between
+    threads; bench/serving_rps.py --py-spy). One event loop per worker with httptools' parser does that
+    work without thread hand-overs; the model is CPU-bound and tiny per request, so it runs on the loop.
+    """
+
+    def __init__(self, flask_app: Flask, state: ModelState, max_request_bytes: int, metrics: MetricsMiddleware) -> None:
+        # a2wsgi types scopes and messages as TypedDicts; this class passes them on as it got them.
+        self._fallback: Callable[[Any, Any, Any], Awaitable[None]] = WSGIMiddleware(flask_app)  # type: ignore[arg-type]
+        self._state = state
+        self._max_request_bytes = max_request_bytes
+        self._metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        model = self._state.model
+        if scope["type"] != "http" or model is None or scope["path"] != "/predict" or scope["method"] != "POST":
+            await self._fallback(scope, receive, send)
+            return
+        started = time.perf_counter()
+        content_type, length_text, chunked = b"", b"", False
+        for key, value in scope["headers"]:
+            if key == b"content-type":
+                content_type = value
+            elif key == b"content-length":
+                length_text = value
+            elif key == b"transfer-encoding":
+                chunked = True
+        # The same mimetype rule as werkzeug's Request.mimetype (the part before ";", stripped, lowercase).
+        mimetype = content_type.partition(b";")[0].strip(b" \t").lower()
+        if (
+            chunked
+            or (mimetype != b"application/json" and not mimetype.endswith(b"+json"))
+            or not (length_text.isascii() and length_text.isdigit())
+            or not 0 < int(length_text) <= self._max_request_bytes
+        ):
+            await self._fallback(scope, receive, send)
+            return
+        length = int(length_text)
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body", False) or len(body) > length:
+                break
+        try:
+            if len(body) != length:
+                raise BadInput("the body is not as long as its Content-Length")
+            payload = predictions_body(model.predict(parse_features(body, model)))
+            status = 200
+        except BadInput:
+            # Flask parses it again and gives the 400 with its usual message (the metrics count it there).
+            await self._fallback(scope, _replay(body), send)
+            return
+        except Exception:
+            log.exception("unhandled error on POST /predict")
+            payload, status = error_body("internal error", 500), 500
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+        self._metrics.count("/predict", "POST", str(status), time.perf_counter() - started)
+
+
+def _replay(body: bytes) -> Receive:
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    """Nothing to start or stop: the model loads in the background as under WSGI."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

@@ -86,6 +86,18 @@ class OnnxModel(kserve.Model):  # type: ignore[misc,unused-ignore]
         self.ready = True
         return True
 
+    # kserve pickles the models into its spawned workers; an InferenceSession cannot be pickled: each
+    # worker opens its own session from the file (as each ModelApp worker does).
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["session"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.ready:
+            self.load()
+
     def predict(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
         instances = np.asarray(payload["instances"], dtype=self.input_dtype)
         (outputs,) = self.session.run([self.output_name], {self.input_name: instances})

@@ -29,11 +29,11 @@ def _reload_with_the_real_env_afterwards(monkeypatch: pytest.MonkeyPatch) -> Ite
     importlib.reload(gunicorn_conf)
 
 
-def test_defaults_are_gthread_x4_one_worker_per_cpu_and_reuse_port(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_defaults_are_asgi_one_worker_per_cpu_and_reuse_port(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(6)))
     conf = load_conf(monkeypatch)
-    assert conf.worker_class == "gthread"
-    assert conf.threads == 4
+    assert conf.worker_class == "uvicorn_worker.UvicornWorker"
+    assert conf.wsgi_app == "modelapp_serving.web:create_asgi_app()"
     assert conf.reuse_port is True
     assert conf.workers == max(2, conf._cores())  # 6 CPUs, or fewer under a cgroup quota
 
@@ -48,6 +48,7 @@ def test_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch, MODELAPP_WORKERS="3", MODELAPP_THREADS="8", MODELAPP_WORKER_CLASS="sync", MODELAPP_REUSE_PORT="off"
     )
     assert (conf.workers, conf.threads, conf.worker_class, conf.reuse_port) == (3, 8, "sync", False)
+    assert conf.wsgi_app == "modelapp_serving.web:create_app()"
 
 
 def test_bad_reuse_port_value_stops_start_up_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
