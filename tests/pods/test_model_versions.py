@@ -1,0 +1,132 @@
+"""Model versions with real containers: v1 Ready; a v2 whose bytes do not match the sha256 its metadata
+vouches for is refused by the pods (never Ready), the refusal reaches the ModelApp's status, the operator
+rolls back by itself, and pods created afterwards (a scale-up) download v1's snapshot and become Ready."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from azure.storage.blob import BlobServiceClient
+from modelapp_localstack import Azurite, KubeCluster
+from modelapp_localstack.incluster import TENANT_NAMESPACE, InClusterOperator
+
+from tests.pods.conftest import Image
+from tests.pods.test_real_pods import (
+    MODELS_CONTAINER,
+    PROGRESS_DEADLINE_SECONDS,
+    _conditions,
+    _get,
+    _get_json,
+    _modelapp,
+    _publish,
+    _ready_with,
+    _service_address,
+    _wait,
+)
+
+pytestmark = pytest.mark.pods
+
+
+def _pods(kube: KubeCluster, name: str) -> list[dict[str, Any]]:
+    selector = f"app.kubernetes.io/instance={name}"
+    listed = kube.kubectl("get", "pods", "-n", TENANT_NAMESPACE, "-l", selector, "-o", "json").stdout
+    items: list[dict[str, Any]] = json.loads(listed)["items"]
+    return items
+
+
+def _env(pod: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in pod["spec"]["containers"][0].get("env") or []}
+
+
+def test_a_refused_model_is_shown_rolled_back_and_scaled_up_pods_load_v1(
+    kube: KubeCluster,
+    azurite: Azurite,
+    app_image: Image,
+    incluster_operator: InClusterOperator,
+    model_files: dict[str, Path],
+) -> None:
+    name = f"mv-{uuid.uuid4().hex[:5]}"
+    blob = f"{name}/model.onnx"
+    v1_etag = _publish(azurite, model_files["v1"], blob)
+    kube.kubectl("apply", "-f", "-", input=json.dumps(_modelapp(name, app_image, azurite, blob)))
+    v1 = _ready_with(kube, name, incluster_operator, version=v1_etag)["status"]["model"]
+    assert v1["snapshot"], v1
+    v1_pin = f"snapshot={v1['snapshot'].replace(':', '%3A')}"
+
+    # v2: other bytes under metadata that vouches for v1's sha256. The operator reads only metadata and
+    # rolls it out; every pod downloads v2's snapshot, finds another sha256 and refuses it.
+    client = BlobServiceClient.from_connection_string(azurite.connection_string).get_blob_client(MODELS_CONTAINER, blob)
+    metadata = client.get_blob_properties().metadata
+    v2_etag = str(client.upload_blob(model_files["v2"].read_bytes(), overwrite=True, metadata=metadata)["etag"])
+    started = time.monotonic()
+
+    def refused() -> dict[str, Any] | None:
+        body = _get(kube, "modelapp", name)
+        status = body.get("status") or {}
+        verified = _conditions(body).get("ModelVerified") or {}
+        rolling_v2 = (status.get("model") or {}).get("version") == v2_etag
+        return body if rolling_v2 and verified.get("reason") == "ModelRefused" else None
+
+    shown = _wait(
+        "the pods' refusal in the ModelApp's status",
+        refused,
+        incluster_operator,
+        timeout=PROGRESS_DEADLINE_SECONDS + 60,
+    )
+    refusal = _conditions(shown)["ModelVerified"]["message"]
+    print(f"refusal shown after {time.monotonic() - started:.0f}s: {refusal}")
+    assert "refusing it" in refusal and v1["sha256"] in refusal, refusal
+
+    def rolled_back() -> dict[str, Any] | None:
+        body = _get(kube, "modelapp", name)
+        degraded = _conditions(body).get("Degraded") or {}
+        return body if degraded.get("reason") == "RolledBack" else None
+
+    body = _wait("the automatic rollback", rolled_back, incluster_operator, timeout=PROGRESS_DEADLINE_SECONDS + 120)
+    print(f"rolled back after {time.monotonic() - started:.0f}s")
+    history = body["status"]["history"]
+    failed = next(entry for entry in history if entry["revision"] == history[0]["rollbackOf"])
+    assert failed["outcome"] == "Failed" and failed["modelVersion"].strip('"') == v2_etag.strip('"'), failed
+    assert "refusing it" in failed.get("refusal", ""), failed
+    assert "refusing it" in _conditions(body)["Degraded"]["message"]
+    restored = _ready_with(kube, name, incluster_operator, version=v1_etag, timeout=180)
+    assert restored["status"]["model"]["snapshot"] == v1["snapshot"]
+    assert _conditions(restored)["ModelVerified"]["status"] == "True"
+
+    # Scale up: the new pod of the restored pair downloads v1's snapshot (the blob itself holds v2 now).
+    before = {pod["metadata"]["name"] for pod in _pods(kube, name)}
+    kube.kubectl("patch", "modelapp", name, "-n", TENANT_NAMESPACE, "--type=merge", "-p", '{"spec":{"replicas":3}}')
+
+    def scaled() -> dict[str, Any] | None:
+        body = _get(kube, "modelapp", name)
+        status = body.get("status") or {}
+        ready = _conditions(body).get("Ready", {}).get("status") == "True"
+        observed = status.get("observedGeneration") == body["metadata"]["generation"]
+        return body if ready and observed and status.get("readyReplicas") == 3 else None
+
+    _wait("3 ready replicas on v1", scaled, incluster_operator, timeout=180)
+    pods = [pod for pod in _pods(kube, name) if pod["metadata"].get("deletionTimestamp") is None]
+    new = [pod for pod in pods if pod["metadata"]["name"] not in before]
+    assert len(pods) == 3 and new, [pod["metadata"]["name"] for pod in pods]
+    for pod in pods:
+        assert pod["status"]["containerStatuses"][0]["ready"], pod["status"]
+        assert _env(pod)["MODELAPP_MODEL_PIN"] == v1_pin
+    for pod in new:
+        port = pod["spec"]["containers"][0]["ports"][0]["containerPort"]
+        version = _get_json((pod["status"]["podIP"], port), "/version")
+        assert version["ready"] is True
+        assert (version["model"]["etag"], version["model"]["sha256"]) == (v1_etag, v1["sha256"]), version
+        assert version["model"]["pin"] == v1_pin, version
+    address = _service_address(kube, name)
+    for _ in range(12):
+        version = _get_json(address, "/version")
+        assert (version["model"]["etag"], version["model"]["sha256"], version["model"]["pin"]) == (
+            v1_etag,
+            v1["sha256"],
+            v1_pin,
+        ), version
