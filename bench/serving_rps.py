@@ -564,7 +564,7 @@ def median_round(summary: ServerSummary) -> LoadResult:
 
 def write_figures(summaries: Sequence[ServerSummary], command: str, load: LoadSettings, rounds: int) -> None:
     """bench/out/serving_rps.json (stable keys) and serving_rps.png (latency distribution per server)."""
-    figures = {
+    figures: dict[str, Any] = {
         "load": {
             "tool": "wrk",
             "threads": load.threads,
@@ -605,19 +605,31 @@ def write_figures(summaries: Sequence[ServerSummary], command: str, load: LoadSe
         "comparisons": comparisons(summaries),
     }
     write_json("serving_rps", figures, command=command)
+    plot_distributions(figures["servers"])
+
+
+def plot_distributions(servers: Sequence[dict[str, Any]]) -> None:
+    """bench/out/serving_rps.png from the JSON's servers: per runtime, each server's round with the median req/s."""
     plt = pyplot()
-    runtimes = sorted({s.spec.runtime for s in summaries if s.spec.is_modelapp}, reverse=True) or ["sklearn"]
+    runtimes = sorted({s["runtime"] for s in servers if s["is_modelapp"]}, reverse=True) or ["sklearn"]
     figure, axes_list = plt.subplots(1, len(runtimes), figsize=(6.5 * len(runtimes), 4.8), squeeze=False)
+    ours_colors = ("tab:blue", "tab:purple", "tab:cyan", "tab:brown")
     for axes, runtime in zip(axes_list[0], runtimes, strict=True):
-        for s in summaries:
-            if s.spec.runtime != runtime and s.spec.key != "mlserver":
+        ours = 0
+        for s in servers:
+            if s["runtime"] != runtime and s["key"] != "mlserver":
                 continue
-            points = median_round(s).distribution_ms
+            rounds = sorted(s["rounds"], key=lambda r: r["requests_per_s"])
+            points = rounds[(len(rounds) - 1) // 2]["latency_percentiles_ms"] if rounds else []
             if not points:
                 continue
-            label = f"{s.spec.name}: {s.requests_per_s:,.0f} req/s, p99 {s.p99_ms:.2f} ms"
-            color = "tab:blue" if s.spec.is_modelapp else "tab:green" if s.spec.key == "mlserver" else "tab:orange"
+            label = f"{s['name']}: {s['requests_per_s']:,.0f} req/s, p99 {s['p99_ms']:.2f} ms"
+            if s["is_modelapp"]:
+                color, ours = ours_colors[ours % len(ours_colors)], ours + 1
+            else:
+                color = "tab:green" if s["key"] == "mlserver" else "tab:orange"
             axes.plot([p / 100 for p, _ in points], [ms for _, ms in points], marker=".", color=color, label=label)
+        axes.set_yscale("log")
         axes.set_xscale("logit")
         axes.set_xlabel("percentile of requests")
         axes.set_ylabel("latency ms (wrk, request sent to response read)")
@@ -982,6 +994,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "print where its time goes (py-spy from bench/serving/requirements-tools.txt)",
     )
     parser.add_argument("--report", type=Path, default=REPORT_PATH, help="markdown output file")
+    parser.add_argument("--replot", action="store_true", help="only redraw serving_rps.png from serving_rps.json")
     args = parser.parse_args(argv)
     try:
         args.server_entries = [parse_server_entry(entry) for entry in args.servers.split(",") if entry.strip()]
@@ -999,6 +1012,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        plot_distributions(json.loads((OUT_DIR / "serving_rps.json").read_text())["servers"])
+        return 0
     if shutil.which("wrk") is None:
         print("wrk not found: apt-get install wrk", file=sys.stderr)
         return 2
