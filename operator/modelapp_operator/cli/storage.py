@@ -16,7 +16,7 @@ from azure.core.exceptions import (
     ResourceNotFoundError,
     ServiceRequestError,
 )
-from azure.storage.blob import BlobClient
+from azure.storage.blob import BlobClient, ExponentialRetry
 from modelapp_operator.cli.status import PinCheck
 from modelapp_serving.model_blob import parse_blob_url
 
@@ -35,7 +35,9 @@ def pinned_etag(check: PinCheck, connection_string: str | None, *, timeout: floa
     options: dict[str, Any] = {
         "snapshot": check.pin.snapshot,
         "version_id": check.pin.version_id,
-        "retry_total": 2,
+        # A person waits at the prompt: one retry after about a second (the storage SDK's default
+        # backoff starts at 15 s: ~40 s before an unreachable endpoint is reported).
+        "retry_policy": ExponentialRetry(initial_backoff=1, increment_base=2, retry_total=1, random_jitter_range=1),
         "connection_timeout": timeout,
         "read_timeout": timeout,
     }
@@ -59,6 +61,7 @@ def pinned_etag(check: PinCheck, connection_string: str | None, *, timeout: floa
             raise StorageCheckError(f"storage refused the read of {location.url} (HTTP 403)") from None
         raise StorageCheckError(f"{location.url}: HTTP {error.status_code}: {_first_line(error)}") from None
     except ServiceRequestError as error:
-        raise StorageCheckError(f"storage at {location.account_url} cannot be reached: {_first_line(error)}") from None
+        endpoint = f"{client.scheme}://{client.primary_hostname}"  # the connection string's, if one was given
+        raise StorageCheckError(f"storage at {endpoint} cannot be reached: {_first_line(error)}") from None
     except AzureError as error:
         raise StorageCheckError(f"{location.url}: {_first_line(error)}") from None
