@@ -48,8 +48,10 @@ class InClusterOperator:
         return items
 
     def logs(self, tail: int = 60) -> str:
-        result = self.kube.kubectl("logs", "-n", OPERATOR_NAMESPACE, f"deployment/{OPERATOR_DEPLOYMENT}",
-                                   f"--tail={tail}", "--all-containers", check=False)
+        # Every replica's log (the active one and the standby), each line prefixed with its pod.
+        result = self.kube.kubectl("logs", "-n", OPERATOR_NAMESPACE, "-l",
+                                   f"app.kubernetes.io/name={OPERATOR_DEPLOYMENT}", f"--tail={tail}",
+                                   "--all-containers", "--prefix", check=False)
         return result.stdout + result.stderr
 
     def uninstall(self) -> None:
