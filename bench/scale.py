@@ -377,7 +377,9 @@ def run_floor(args: argparse.Namespace) -> SideResult:
             after = apiserver_requests(prepared.api)
             result.api_requests = {k: v for k, v in sorted((after - before).items()) if v}
         finally:
-            client.wait(timeout=120)
+            if client.poll() is None:
+                client.terminate()  # not done within --timeout: the figures say so
+            client.wait(timeout=60)
     finally:
         prepared.stack.stop()
     return result
