@@ -65,6 +65,11 @@ def env_of(deployment: dict[str, Any]) -> dict[str, Any]:
     return {item["name"]: item.get("value", item.get("valueFrom")) for item in container["env"]}
 
 
+def test_a_replaced_pod_keeps_serving_until_its_endpoint_is_gone() -> None:
+    container = build_deployment(make_app(), make_release())["spec"]["template"]["spec"]["containers"][0]
+    assert container["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+
+
 def test_deployment_runs_image_by_digest_with_contract_env() -> None:
     deployment = build_deployment(make_app(), make_release())
     pod = deployment["spec"]["template"]

@@ -34,6 +34,9 @@ CACHE_DIR = "/var/cache/modelapp"
 RUN_AS_USER = 10001
 
 
+PRE_STOP_SECONDS = 5
+
+
 def selector_labels(app: ModelApp) -> dict[str, str]:
     return {LABEL_NAME: APP_NAME, LABEL_INSTANCE: app.name}
 
@@ -138,6 +141,10 @@ def pod_template(app: ModelApp, release: Release) -> dict[str, Any]:
                     "timeoutSeconds": 2,
                     "failureThreshold": 3,
                 },
+                # A pod being replaced keeps serving until kube-proxy has stopped sending it traffic:
+                # without this, gunicorn closes its socket on SIGTERM while the endpoint is still
+                # programmed, and requests in that window are refused (measured: 14 of 862 under load).
+                "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SECONDS}}},
                 "securityContext": container_security_context(),
                 # The app writes why it refused a model to /dev/termination-log before it exits;
                 # the operator shows it in the ModelVerified condition.
