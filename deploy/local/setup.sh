@@ -10,7 +10,8 @@ export PATH="/usr/local/go/bin:$PATH"
 step() { printf '\n==> %s\n' "$*" >&2; }
 started=$SECONDS
 
-debian_packages=(buildah docker-registry wrk mmdebstrap)
+# The real node: containerd, runc, CNI plugins, iptables and conntrack (kube-proxy), iproute2 and util-linux (netns).
+debian_packages=(buildah docker-registry wrk mmdebstrap containerd runc containernetworking-plugins iptables conntrack iproute2 util-linux prometheus)
 missing=()
 for package in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -40,6 +40,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     up.add_argument("--run-dir", type=Path, help="folder for certs, data and logs (default: a new .run/stack-*)")
     up.add_argument("--keep", action="store_true", help="keep the run folder after stopping")
     up.add_argument("--nodes", type=int, default=2, help="number of kwok fake nodes (default: 2)")
+    up.add_argument("--real-node", action="store_true",
+                    help="also run a real node (containerd, kubelet, kube-proxy) in a network namespace of the "
+                    "stack's own; services then bind the host side of that network instead of loopback")
     up.add_argument("--notify-url", help="URL the registry posts its push notifications to")
     up.add_argument("--notify-token", help="bearer token the registry sends with notifications")
     up.add_argument("--env-file", type=Path, help="also write the connection settings to this file")
@@ -50,6 +53,8 @@ def _env_lines(stack: Stack) -> list[str]:
     lines: list[str] = []
     if stack.kube:
         lines += [f"KUBECONFIG={stack.kube.kubeconfig}", f"MODELAPP_STACK_KUBECTL={stack.kube.binary} kubectl"]
+    if stack.network:
+        lines += [f"MODELAPP_STACK_NODE_NETNS={stack.network.namespace}", f"MODELAPP_STACK_RUN_DIR={stack.run_dir}"]
     if stack.azurite:
         lines.append(f"MODELAPP_STACK_AZURE_STORAGE_CONNECTION_STRING={stack.azurite.connection_string}")
     if stack.registry:
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"modelapp-stack: unknown component(s) {unknown}; choose from {COMPONENTS}", file=sys.stderr)
             return 2
         signal.signal(signal.SIGTERM, _terminate)
-        stack = Stack.create(args.run_dir, keep_run_dir=args.keep)
+        stack = Stack.create(args.run_dir, keep_run_dir=args.keep, real_nodes=1 if args.real_node else 0)
         try:
             started = time.monotonic()
             if "azurite" in wanted:
