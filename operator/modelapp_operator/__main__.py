@@ -100,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         logging.getLogger(__name__).info("metrics on %s:%d/metrics", config.metrics_bind, port)
     peering = config.peering
+    if peering is not None and any(set(ns) & set("*?!") for ns in namespaces):
+        # The standby's view reads the KopfPeering of each namespace by name: globs have none.
+        print("modelapp-operator: MODELAPP_PEERING needs namespace names, not globs", file=sys.stderr)
+        return 2
     if peering is not None:
         # Fix the priority now: kopf and the operator's own PeeringView must use the same one.
         peering = dataclasses.replace(peering, priority=own_priority(peering))

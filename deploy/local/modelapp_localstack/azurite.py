@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .binaries import REPO_ROOT
 from .procs import ManagedProcess, StackError, free_port, log, port_open
@@ -30,6 +31,21 @@ class Azurite:
 
     def stop(self) -> None:
         self.process.stop()
+
+    def _port_open(self) -> bool:
+        parts = urlsplit(self.blob_endpoint)
+        return port_open(parts.port or 80, parts.hostname or "127.0.0.1")
+
+    def restart(self) -> None:
+        """Stop and start again: same port, same data (a persistent --location)."""
+        self.process.restart(self._port_open, 30)
+
+    def stop_for(self, seconds: float) -> None:
+        """An outage: down for `seconds` (port closed), then back with the same port and data."""
+        self.process.stop()
+        time.sleep(seconds)
+        self.process.start()
+        self.process.wait_ready(self._port_open, 30, "blob port after an outage")
 
 
 def start_azurite(run_dir: Path, *, in_memory: bool = False, host: str = "127.0.0.1") -> Azurite:

@@ -154,6 +154,11 @@ class OperatorProcess:
             self._signal_group(signal.SIGKILL)
             self.process.wait(timeout=10)
 
+    def kill(self) -> None:
+        """SIGKILL (a crash: no clean-up, no peering goodbye); returns once it is gone."""
+        self._signal_group(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
     def _signal_group(self, signum: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signum)

@@ -96,6 +96,22 @@ class ManagedProcess:
             time.sleep(0.1)
         raise StackError(f"{self.name}: no {what} after {timeout:.0f}s (log {self.log_path}):\n{self.log_tail()}")
 
+    def kill(self) -> None:
+        """SIGKILL its process group (a crash, not a shutdown)."""
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(timeout=10)
+
+    def restart(self, check: Callable[[], bool] | None = None, timeout: float = 60, *, kill: bool = False) -> None:
+        """Stop it (SIGTERM, or SIGKILL with kill=True) and start it again with the same arguments (so the
+        same port and the same data); `check`: wait until it answers again."""
+        self.kill() if kill else self.stop()
+        self.start()
+        if check is not None:
+            self.wait_ready(check, timeout, "ready after restart")
+
     def stop(self, grace: float = 5.0) -> None:
         if self.popen is None or self.popen.poll() is not None:
             return

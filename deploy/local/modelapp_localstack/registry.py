@@ -174,6 +174,21 @@ class Registry:
     def stop(self) -> None:
         self.process.stop()
 
+    def _answers(self) -> bool:
+        status, _, _ = self._request("GET", "/v2/")
+        return status == 200
+
+    def restart(self) -> None:
+        """Stop and start again: same port, same config, same stored images."""
+        self.process.restart(self._answers, 30)
+
+    def stop_for(self, seconds: float) -> None:
+        """An outage: down for `seconds` (port closed), then back with the same port and data."""
+        self.process.stop()
+        time.sleep(seconds)
+        self.process.start()
+        self.process.wait_ready(self._answers, 30, "/v2/ after an outage")
+
 
 def start_registry(
     run_dir: Path,
