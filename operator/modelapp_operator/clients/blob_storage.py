@@ -208,7 +208,12 @@ class AzureBlobResolver:
             "connection_timeout": self._timeout,
             "read_timeout": self._timeout,
             "retry_total": 1,
-            "retry_backoff_factor": 0.5,
+            # The storage SDK's own ExponentialRetry (it ignores retry_backoff_factor) waits 15 s +/- 3 s
+            # before its retry: an unreachable account took 16-21 s to fail and held up the status.
+            # Its wait is initial_backoff + increment_base ** retry: 0.5 s +/- 0.2 s before the one retry.
+            "initial_backoff": 0.5,
+            "increment_base": 0,
+            "random_jitter_range": 0.2,
         }
         if pin is not None and not container_only:
             options.update(snapshot=pin.snapshot, version_id=pin.version_id)
