@@ -108,8 +108,15 @@ def pod_breakdown(stack: Stack, digest: str) -> list[dict[str, float]]:
         logs = stack.kube.kubectl("logs", "-n", TENANT_NAMESPACE, pod["metadata"]["name"], check=False).stdout
         model = MODEL_READY.search(logs)
         download, load = (float(model.group(1)), float(model.group(2))) if model else (0.0, 0.0)
-        found.append({"create_to_ready": total, "image_pull": pull, "download_verify": download, "model_load": load,
-                      "other": max(0.0, total - pull - download - load)})
+        found.append(
+            {
+                "create_to_ready": total,
+                "image_pull": pull,
+                "download_verify": download,
+                "model_load": load,
+                "other": max(0.0, total - pull - download - load),
+            }
+        )
     return found
 
 
@@ -123,30 +130,60 @@ def run(changes: int, out: Path) -> dict[str, Any]:
         azurite = stack.start_azurite()
         buildah = stack.buildah()
         app = images.build_project_image(buildah, "app", registry, repository=REPOSITORY, tag=TAG)
-        operator = images.build_project_image(buildah, "operator", registry, repository="modelapp/operator",
-                                              tag="bench")
-        install_operator(kube, registry, operator, stack.run_dir, receiver_token=token,
-                         service_cidr=stack.network.service_cidr,
-                         settings={"MODELAPP_POLL_INTERVAL_SECONDS": "300"})
-        kube.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
-                                                           "items": tenant_secrets(TENANT_NAMESPACE, registry,
-                                                                                   azurite)}))
+        operator = images.build_project_image(
+            buildah, "operator", registry, repository="modelapp/operator", tag="bench"
+        )
+        install_operator(
+            kube,
+            registry,
+            operator,
+            stack.run_dir,
+            receiver_token=token,
+            service_cidr=stack.network.service_cidr,
+            settings={"MODELAPP_POLL_INTERVAL_SECONDS": "300"},
+        )
+        kube.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps(
+                {"apiVersion": "v1", "kind": "List", "items": tenant_secrets(TENANT_NAMESPACE, registry, azurite)}
+            ),
+        )
         model = train_model(stack.run_dir / "model", 1)
-        publish_model(model, ("models", f"{NAME}/model.onnx"), connection_string=azurite.connection_string,
-                      overwrite=True, progress=False)
-        kube.kubectl("apply", "-f", "-", input=json.dumps({
-            "apiVersion": "modelapp.io/v1alpha1", "kind": "ModelApp",
-            "metadata": {"name": NAME, "namespace": TENANT_NAMESPACE},
-            "spec": {
-                "image": {"repository": app.split("@")[0], "tag": TAG, "pullSecretName": "regcred"},
-                "model": {"blob": {"accountUrl": azurite.blob_endpoint, "container": "models",
-                                   "name": f"{NAME}/model.onnx"},
-                          "credentials": {"secretRef": {"name": "storage"}}},
-                "replicas": 2,
-                "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "1Gi"}},
-                "rollout": {"maxSurge": 1, "maxUnavailable": 0, "progressDeadlineSeconds": 300},
-            },
-        }))
+        publish_model(
+            model,
+            ("models", f"{NAME}/model.onnx"),
+            connection_string=azurite.connection_string,
+            overwrite=True,
+            progress=False,
+        )
+        kube.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps(
+                {
+                    "apiVersion": "modelapp.io/v1alpha1",
+                    "kind": "ModelApp",
+                    "metadata": {"name": NAME, "namespace": TENANT_NAMESPACE},
+                    "spec": {
+                        "image": {"repository": app.split("@")[0], "tag": TAG, "pullSecretName": "regcred"},
+                        "model": {
+                            "blob": {
+                                "accountUrl": azurite.blob_endpoint,
+                                "container": "models",
+                                "name": f"{NAME}/model.onnx",
+                            },
+                            "credentials": {"secretRef": {"name": "storage"}},
+                        },
+                        "replicas": 2,
+                        "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "1Gi"}},
+                        "rollout": {"maxSurge": 1, "maxUnavailable": 0, "progressDeadlineSeconds": 300},
+                    },
+                }
+            ),
+        )
         digest = app.split("@")[1]
         deadline = time.monotonic() + 300
         while not _ready_on(stack, digest):
@@ -177,8 +214,13 @@ def run(changes: int, out: Path) -> dict[str, Any]:
         result = {
             "changes": changes,
             "replicas": 2,
-            "push_to_served_seconds": {"p50": percentile(served, 0.5), "p99": percentile(served, 0.99),
-                                       "min": min(served), "max": max(served), "all": served},
+            "push_to_served_seconds": {
+                "p50": percentile(served, 0.5),
+                "p99": percentile(served, 0.99),
+                "min": min(served),
+                "max": max(served),
+                "all": served,
+            },
             "push_to_ready_seconds": {"p50": percentile(ready, 0.5), "p99": percentile(ready, 0.99), "all": ready},
             "pod_start_seconds_median": {stage: statistics.median(p[stage] for p in pods) for stage in stages},
             "pods_measured": len(pods),
