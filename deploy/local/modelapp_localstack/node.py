@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import yaml
 
 from .cleanup import CGROUP_ROOT, Ledger
@@ -203,27 +204,7 @@ def _containerd_config(folder: Path, socket: Path, cni_conf_dir: Path, sandbox_i
         ],
         "plugins": {"io.containerd.grpc.v1.cri": cri},
     }
-    return _toml(config)
-
-
-def _toml(table: dict[str, Any], prefix: str = "") -> str:
-    """Just enough TOML for containerd's config (tables, strings, bools, ints, string lists)."""
-    def value(item: Any) -> str:
-        if isinstance(item, bool):
-            return "true" if item else "false"
-        if isinstance(item, int):
-            return str(item)
-        if isinstance(item, list):
-            return "[" + ", ".join(value(element) for element in item) + "]"
-        return json.dumps(str(item))
-
-    scalars = [f"{key} = {value(item)}" for key, item in table.items() if not isinstance(item, dict)]
-    out = "\n".join(scalars) + ("\n" if scalars else "")
-    for key, item in table.items():
-        if isinstance(item, dict):
-            name = f"{prefix}.{json.dumps(key)}" if prefix else json.dumps(key)
-            out += f"\n[{name}]\n" + _toml(item, name)
-    return out
+    return tomli_w.dumps(config)
 
 
 def _cni_config(network: NodeNetwork, state: Path) -> dict[str, Any]:
