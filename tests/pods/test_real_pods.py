@@ -177,10 +177,13 @@ def test_a_model_that_fails_verification_is_rolled_back_and_no_request_fails(
         client.upload_blob(model_files["v2"].read_bytes(), overwrite=True, metadata=metadata)
 
         def rolled_back() -> dict[str, Any] | None:
+            # The restored pair's history entry says RolledBack only until it is Ready again (then
+            # RolloutComplete); Degraded keeps saying RolledBack, and the refused pair stays Failed.
             body = _get(kube, "modelapp", name)
             history = (body.get("status") or {}).get("history") or []
-            return body if any("rolledBack" in json.dumps(entry) or "RolledBack" in json.dumps(entry)
-                               for entry in history) else None
+            degraded = _conditions(body).get("Degraded", {})
+            failed = any(entry.get("outcome") == "Failed" for entry in history)
+            return body if degraded.get("reason") == "RolledBack" and failed else None
 
         # The deadline runs from the last progress; a crash-looping pod and a busy machine add minutes to it.
         _wait("the automatic rollback", rolled_back, incluster_operator, timeout=PROGRESS_DEADLINE_SECONDS + 330)
