@@ -114,6 +114,25 @@ def _publish(azurite: Azurite, model: Path, blob: str) -> str:
     return published.etag
 
 
+def _running_on_v1(
+    kube: KubeCluster, azurite: Azurite, image: Image, operator: InClusterOperator, model: Path, prefix: str
+) -> tuple[str, str, dict[str, Any]]:
+    """A new ModelApp `<prefix>-<random>` on its own blob holding `model`, once Ready on it:
+    (name, blob, the ModelApp)."""
+    name = f"{prefix}-{uuid.uuid4().hex[:5]}"
+    blob = f"{name}/model.onnx"
+    etag = _publish(azurite, model, blob)
+    kube.kubectl("apply", "-f", "-", input=json.dumps(_modelapp(name, image, azurite, blob)))
+    return name, blob, _ready_with(kube, name, operator, version=etag)
+
+
+def _overwrite_keeping_metadata(azurite: Azurite, blob: str, content: bytes) -> str:
+    """Other bytes under the blob's current metadata (which vouches for the old sha256); the new ETag."""
+    client = BlobServiceClient.from_connection_string(azurite.connection_string).get_blob_client(MODELS_CONTAINER, blob)
+    metadata = client.get_blob_properties().metadata
+    return str(client.upload_blob(content, overwrite=True, metadata=metadata)["etag"])
+
+
 def _expected(model: Path) -> list[Any]:
     """What the model itself answers for SAMPLE_ROWS (onnxruntime, the app's runtime)."""
     import numpy as np
@@ -132,11 +151,8 @@ def test_pods_serve_the_pinned_pair_through_the_service(
     kube: KubeCluster, azurite: Azurite, app_image: Image, incluster_operator: InClusterOperator,
     model_files: dict[str, Path],
 ) -> None:
-    name = f"serve-{uuid.uuid4().hex[:5]}"
-    blob = f"{name}/model.onnx"
-    etag = _publish(azurite, model_files["v1"], blob)
-    kube.kubectl("apply", "-f", "-", input=json.dumps(_modelapp(name, app_image, azurite, blob)))
-    body = _ready_with(kube, name, incluster_operator)
+    name, _, body = _running_on_v1(kube, azurite, app_image, incluster_operator, model_files["v1"], "serve")
+    etag = body["status"]["model"]["version"]
     assert body["status"]["image"]["digest"] == app_image.digest
 
     pods = json.loads(kube.kubectl("get", "pods", "-n", TENANT_NAMESPACE, "-l",
@@ -161,20 +177,13 @@ def test_a_model_that_fails_verification_is_rolled_back_and_no_request_fails(
     kube: KubeCluster, azurite: Azurite, app_image: Image, incluster_operator: InClusterOperator,
     model_files: dict[str, Path],
 ) -> None:
-    name = f"bad-{uuid.uuid4().hex[:5]}"
-    blob = f"{name}/model.onnx"
-    _publish(azurite, model_files["v1"], blob)
-    kube.kubectl("apply", "-f", "-", input=json.dumps(_modelapp(name, app_image, azurite, blob)))
-    first = _ready_with(kube, name, incluster_operator)
+    name, blob, first = _running_on_v1(kube, azurite, app_image, incluster_operator, model_files["v1"], "bad")
     address = _service_address(kube, name)
     load = ServiceLoad(*address).start()
     try:
         time.sleep(3)
         # Other bytes under metadata that vouches for v1's sha256: the pods must refuse them.
-        client = BlobServiceClient.from_connection_string(azurite.connection_string).get_blob_client(
-            MODELS_CONTAINER, blob)
-        metadata = client.get_blob_properties().metadata
-        client.upload_blob(model_files["v2"].read_bytes(), overwrite=True, metadata=metadata)
+        _overwrite_keeping_metadata(azurite, blob, model_files["v2"].read_bytes())
 
         def rolled_back() -> dict[str, Any] | None:
             # The restored pair's history entry says RolledBack only until it is Ready again (then
@@ -202,11 +211,7 @@ def test_a_good_model_change_moves_answers_to_v2_and_no_request_fails(
     kube: KubeCluster, azurite: Azurite, app_image: Image, incluster_operator: InClusterOperator,
     model_files: dict[str, Path],
 ) -> None:
-    name = f"good-{uuid.uuid4().hex[:5]}"
-    blob = f"{name}/model.onnx"
-    _publish(azurite, model_files["v1"], blob)
-    kube.kubectl("apply", "-f", "-", input=json.dumps(_modelapp(name, app_image, azurite, blob)))
-    _ready_with(kube, name, incluster_operator)
+    name, blob, _ = _running_on_v1(kube, azurite, app_image, incluster_operator, model_files["v1"], "good")
     address = _service_address(kube, name)
     load = ServiceLoad(*address).start()
     try:

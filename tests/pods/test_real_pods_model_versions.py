@@ -6,25 +6,22 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from azure.storage.blob import BlobServiceClient
 from modelapp_localstack import Azurite, KubeCluster
 from modelapp_localstack.incluster import TENANT_NAMESPACE, InClusterOperator
 
 from tests.pods.conftest import Image
 from tests.pods.test_real_pods import (
-    MODELS_CONTAINER,
     PROGRESS_DEADLINE_SECONDS,
     _conditions,
     _get,
     _get_json,
-    _modelapp,
-    _publish,
+    _overwrite_keeping_metadata,
     _ready_with,
+    _running_on_v1,
     _service_address,
     _wait,
 )
@@ -50,19 +47,15 @@ def test_a_refused_model_is_shown_rolled_back_and_scaled_up_pods_load_v1(
     incluster_operator: InClusterOperator,
     model_files: dict[str, Path],
 ) -> None:
-    name = f"mv-{uuid.uuid4().hex[:5]}"
-    blob = f"{name}/model.onnx"
-    v1_etag = _publish(azurite, model_files["v1"], blob)
-    kube.kubectl("apply", "-f", "-", input=json.dumps(_modelapp(name, app_image, azurite, blob)))
-    v1 = _ready_with(kube, name, incluster_operator, version=v1_etag)["status"]["model"]
+    name, blob, body = _running_on_v1(kube, azurite, app_image, incluster_operator, model_files["v1"], "mv")
+    v1 = body["status"]["model"]
+    v1_etag = v1["version"]
     assert v1["snapshot"], v1
     v1_pin = f"snapshot={v1['snapshot'].replace(':', '%3A')}"
 
     # v2: other bytes under metadata that vouches for v1's sha256. The operator reads only metadata and
     # rolls it out; every pod downloads v2's snapshot, finds another sha256 and refuses it.
-    client = BlobServiceClient.from_connection_string(azurite.connection_string).get_blob_client(MODELS_CONTAINER, blob)
-    metadata = client.get_blob_properties().metadata
-    v2_etag = str(client.upload_blob(model_files["v2"].read_bytes(), overwrite=True, metadata=metadata)["etag"])
+    v2_etag = _overwrite_keeping_metadata(azurite, blob, model_files["v2"].read_bytes())
     started = time.monotonic()
 
     def refused() -> dict[str, Any] | None:

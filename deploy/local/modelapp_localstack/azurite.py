@@ -42,10 +42,7 @@ class Azurite:
 
     def stop_for(self, seconds: float) -> None:
         """An outage: down for `seconds` (port closed), then back with the same port and data."""
-        self.process.stop()
-        time.sleep(seconds)
-        self.process.start()
-        self.process.wait_ready(self._port_open, 30, "blob port after an outage")
+        self.process.restart(self._port_open, 30, down_seconds=seconds, what="blob port after an outage")
 
 
 def start_azurite(run_dir: Path, *, in_memory: bool = False, host: str = "127.0.0.1") -> Azurite:

@@ -219,14 +219,13 @@ class KubeCluster:
     def restart_apiserver(self, *, kill: bool = False, down_seconds: float = 0.0) -> None:
         """Restart kube-apiserver (SIGTERM, or SIGKILL with kill=True): same port and certificates;
         etcd keeps running, so every object survives. Returns once /readyz answers again."""
-        apiserver = self.process("kube-apiserver")
-        apiserver.kill() if kill else apiserver.stop()
-        time.sleep(down_seconds)
-        apiserver.start()
-        apiserver.wait_ready(self.api_ready, 90, "/readyz after a restart")
+        self.process("kube-apiserver").restart(
+            self.api_ready, 90, kill=kill, down_seconds=down_seconds, what="/readyz after a restart"
+        )
 
 
-def _write_kubeconfig(path: Path, server: str, ca: Path, cert: Path, key: Path, user: str) -> None:
+def write_kubeconfig(path: Path, server: str, ca: Path, cert: Path, key: Path, user: str) -> Path:
+    """A kubeconfig with one cluster and one client-certificate user (the admin, a node, kube-proxy)."""
     config = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -237,6 +236,7 @@ def _write_kubeconfig(path: Path, server: str, ca: Path, cert: Path, key: Path, 
     }
     path.write_text(yaml.safe_dump(config))
     path.chmod(0o600)
+    return path
 
 
 def start_cluster(
@@ -266,7 +266,7 @@ def start_cluster(
     etcd_port, etcd_peer_port, api_port = free_port(), free_port(), free_port()
     server = f"https://{host}:{api_port}"
     kubeconfig = run_dir / "kubeconfig"
-    _write_kubeconfig(kubeconfig, server, ca.cert_path, admin.cert, admin.key, "modelapp-admin")
+    write_kubeconfig(kubeconfig, server, ca.cert_path, admin.cert, admin.key, "modelapp-admin")
     cluster = KubeCluster(run_dir=run_dir, server=server, kubeconfig=kubeconfig, ca_file=ca.cert_path, binary=kube,
                           ca=ca)
     logs = run_dir / "logs"

@@ -36,6 +36,7 @@ import tomli_w
 import yaml
 
 from .cleanup import CGROUP_ROOT, Ledger
+from .kube import write_kubeconfig
 from .pki import CertificateAuthority
 from .procs import ManagedProcess, StackError, log
 
@@ -246,19 +247,6 @@ def _prepare_cgroup_root(relative: str, ledger: Ledger) -> None:
                     (folder / name).write_text((hierarchy / name).read_text())
 
 
-def _kubeconfig(path: Path, server: str, ca: Path, cert: Path, key: Path, user: str) -> Path:
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "local", "cluster": {"server": server, "certificate-authority": str(ca)}}],
-        "users": [{"name": user, "user": {"client-certificate": str(cert), "client-key": str(key)}}],
-        "contexts": [{"name": "local", "context": {"cluster": "local", "user": user}}],
-        "current-context": "local",
-    }))
-    path.chmod(0o600)
-    return path
-
-
 def start_real_node(
     *,
     name: str,
@@ -314,9 +302,9 @@ def start_real_node(
         kubelet_cert = ca.issue(f"{name}-kubelet", f"system:node:{name}", organizations=("system:nodes",),
                                 client=True)
         proxy_cert = ca.issue(f"{name}-proxy", "system:kube-proxy", client=True)
-        kubelet_kubeconfig = _kubeconfig(folder / "kubelet.kubeconfig", server, ca.cert_path,
+        kubelet_kubeconfig = write_kubeconfig(folder / "kubelet.kubeconfig", server, ca.cert_path,
                                          kubelet_cert.cert, kubelet_cert.key, f"system:node:{name}")
-        proxy_kubeconfig = _kubeconfig(folder / "kube-proxy.kubeconfig", server, ca.cert_path,
+        proxy_kubeconfig = write_kubeconfig(folder / "kube-proxy.kubeconfig", server, ca.cert_path,
                                        proxy_cert.cert, proxy_cert.key, "system:kube-proxy")
         kubelet_config = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",

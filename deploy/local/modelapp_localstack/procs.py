@@ -104,13 +104,22 @@ class ManagedProcess:
             os.killpg(self.popen.pid, signal.SIGKILL)
         self.popen.wait(timeout=10)
 
-    def restart(self, check: Callable[[], bool] | None = None, timeout: float = 60, *, kill: bool = False) -> None:
-        """Stop it (SIGTERM, or SIGKILL with kill=True) and start it again with the same arguments (so the
-        same port and the same data); `check`: wait until it answers again."""
+    def restart(
+        self,
+        check: Callable[[], bool] | None = None,
+        timeout: float = 60,
+        *,
+        kill: bool = False,
+        down_seconds: float = 0.0,
+        what: str = "ready after restart",
+    ) -> None:
+        """Stop it (SIGTERM, or SIGKILL with kill=True), stay down for `down_seconds` (an outage), and start it
+        again with the same arguments (so the same port and the same data); `check`: wait until it answers."""
         self.kill() if kill else self.stop()
+        time.sleep(down_seconds)
         self.start()
         if check is not None:
-            self.wait_ready(check, timeout, "ready after restart")
+            self.wait_ready(check, timeout, what)
 
     def stop(self, grace: float = 5.0) -> None:
         if self.popen is None or self.popen.poll() is not None:

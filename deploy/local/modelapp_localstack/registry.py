@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import bcrypt
 import yaml
@@ -94,35 +95,44 @@ class Registry:
             raise StackError(f"blob upload failed: {status} {body[:200]!r}")
         return digest
 
-    def push_random_image(self, repository: str, tag: str) -> str:
-        """Push a small, unique, real OCI image (one layer with one file); return its digest."""
+    def _push_unique_layer(self, repository: str, path: str) -> tuple[dict[str, Any], str]:
+        """Push a gzipped layer holding one file of random content at `path`; return its manifest
+        descriptor and its diff ID (the uncompressed tar's digest, for the image config)."""
         payload = secrets.token_hex(16).encode()
         tar_bytes = io.BytesIO()
         with tarfile.open(fileobj=tar_bytes, mode="w") as archive:
-            info = tarfile.TarInfo("payload.txt")
+            info = tarfile.TarInfo(path)
             info.size = len(payload)
             archive.addfile(info, io.BytesIO(payload))
         layer = gzip.compress(tar_bytes.getvalue(), mtime=0)
-        diff_id = "sha256:" + hashlib.sha256(tar_bytes.getvalue()).hexdigest()
+        descriptor = {"mediaType": OCI_LAYER, "digest": self._push_blob(repository, layer), "size": len(layer)}
+        return descriptor, "sha256:" + hashlib.sha256(tar_bytes.getvalue()).hexdigest()
+
+    def _put_manifest(self, repository: str, tag: str, manifest: dict[str, Any]) -> str:
+        """PUT `manifest` as `tag`; return the digest the registry gives it."""
+        data = json.dumps(manifest).encode()
+        status, headers, body = self._request(
+            "PUT", f"/v2/{repository}/manifests/{tag}", data, {"Content-Type": manifest["mediaType"]}
+        )
+        if status != 201:
+            raise StackError(f"manifest push failed: {status} {body[:300]!r}")
+        return headers.get("Docker-Content-Digest") or "sha256:" + hashlib.sha256(data).hexdigest()
+
+    def push_random_image(self, repository: str, tag: str) -> str:
+        """Push a small, unique, real OCI image (one layer with one file); return its digest."""
+        layer, diff_id = self._push_unique_layer(repository, "payload.txt")
         config = json.dumps({
             "architecture": "amd64", "os": "linux",
             "config": {"Cmd": ["/payload.txt"]},
             "rootfs": {"type": "layers", "diff_ids": [diff_id]},
         }).encode()
-        layer_digest = self._push_blob(repository, layer)
         config_digest = self._push_blob(repository, config)
-        manifest = json.dumps({
+        return self._put_manifest(repository, tag, {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
             "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
-            "layers": [{"mediaType": OCI_LAYER, "digest": layer_digest, "size": len(layer)}],
-        }).encode()
-        status, headers, body = self._request(
-            "PUT", f"/v2/{repository}/manifests/{tag}", manifest, {"Content-Type": OCI_MANIFEST}
-        )
-        if status != 201:
-            raise StackError(f"manifest push failed: {status} {body[:300]!r}")
-        return headers.get("Docker-Content-Digest") or "sha256:" + hashlib.sha256(manifest).hexdigest()
+            "layers": [layer],
+        })
 
     def push_variant(self, repository: str, source_tag: str, tag: str) -> str:
         """Push `source_tag`'s image plus one small unique layer as `tag`; return the new digest.
@@ -138,29 +148,15 @@ class Registry:
         if status != 200:
             raise StackError(f"cannot read the config of {repository}:{source_tag}: HTTP {status}")
         config = json.loads(config_body)
-        payload = secrets.token_hex(16).encode()
-        tar_bytes = io.BytesIO()
-        with tarfile.open(fileobj=tar_bytes, mode="w") as archive:
-            info = tarfile.TarInfo("etc/modelapp-build-id")
-            info.size = len(payload)
-            archive.addfile(info, io.BytesIO(payload))
-        layer = gzip.compress(tar_bytes.getvalue(), mtime=0)
-        config["rootfs"]["diff_ids"].append("sha256:" + hashlib.sha256(tar_bytes.getvalue()).hexdigest())
+        layer, diff_id = self._push_unique_layer(repository, "etc/modelapp-build-id")
+        config["rootfs"]["diff_ids"].append(diff_id)
         config.pop("history", None)
         new_config = json.dumps(config).encode()
-        layer_digest = self._push_blob(repository, layer)
         config_digest = self._push_blob(repository, new_config)
         manifest["config"] = {**manifest["config"], "digest": config_digest, "size": len(new_config)}
-        manifest["layers"] = [*manifest["layers"], {"mediaType": OCI_LAYER, "digest": layer_digest,
-                                                    "size": len(layer)}]
+        manifest["layers"] = [*manifest["layers"], layer]
         manifest.setdefault("mediaType", OCI_MANIFEST)
-        data = json.dumps(manifest).encode()
-        status, headers, body = self._request(
-            "PUT", f"/v2/{repository}/manifests/{tag}", data, {"Content-Type": manifest["mediaType"]}
-        )
-        if status != 201:
-            raise StackError(f"manifest push failed: {status} {body[:300]!r}")
-        return headers.get("Docker-Content-Digest") or "sha256:" + hashlib.sha256(data).hexdigest()
+        return self._put_manifest(repository, tag, manifest)
 
     def resolve(self, repository: str, tag: str) -> str:
         """Tag to digest, as a client would: HEAD the manifest with the Accept headers."""
@@ -184,10 +180,7 @@ class Registry:
 
     def stop_for(self, seconds: float) -> None:
         """An outage: down for `seconds` (port closed), then back with the same port and data."""
-        self.process.stop()
-        time.sleep(seconds)
-        self.process.start()
-        self.process.wait_ready(self._answers, 30, "/v2/ after an outage")
+        self.process.restart(self._answers, 30, down_seconds=seconds, what="/v2/ after an outage")
 
 
 def start_registry(
