@@ -275,7 +275,6 @@ class OperatorMetrics:
         self.active.set(1 if active else 0)
 
 
-
 def triggered_by(trigger: Trigger) -> contextvars.Context:
     """A context for a task whose upstream requests count as `trigger` (asyncio.create_task(..., context=))."""
     context = contextvars.copy_context()

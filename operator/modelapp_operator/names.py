@@ -41,7 +41,7 @@ ANNOTATION_MODEL_SHA256: Final = f"{GROUP}/model-sha256"
 ANNOTATION_MODEL_PIN: Final = f"{GROUP}/model-pin"  # versionid=... or snapshot=... (absent: ETag only)
 # On each child: a hash of what we applied, so an unchanged child is not applied again.
 ANNOTATION_APPLIED_HASH: Final = f"{GROUP}/applied-hash"
-# On the ModelApp, written by request_reconcile(); any change of it makes kopf call the update handler.
+# On the ModelApp, written by request_reconcile(); any change of it queues a reconcile (reconcile/queue.py).
 ANNOTATION_RECONCILE_REQUEST: Final = f"{GROUP}/reconcile-requested-at"
 # kopf keeps its bookkeeping in annotations under this prefix. Not `modelapp.io` itself:
 # kopf leaves annotations under its own prefix out of the diff it compares, and

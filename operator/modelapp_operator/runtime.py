@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +22,10 @@ from modelapp_operator.config import OperatorConfig, WatchConfig
 from modelapp_operator.metrics import METRICS, triggered_by
 from modelapp_operator.peering import PeeringView
 from modelapp_operator.receiver.server import Receiver
+from modelapp_operator.reconcile.caches import ChildCache, IndexLookup
 from modelapp_operator.reconcile.child_refresher import ChildRefresher
-from modelapp_operator.reconcile.reconciler import Dependencies, ReconcileError, reconcile
+from modelapp_operator.reconcile.queue import ReconcileQueue
+from modelapp_operator.reconcile.reconciler import Dependencies, ReconcileError, ReconcileResult, reconcile
 from modelapp_operator.watch.hub import WatchHub
 from modelapp_operator.watch.keys import AppKey
 
@@ -33,12 +36,21 @@ Logger = logging.Logger | logging.LoggerAdapter[Any]
 class Runtime:
     deps: Dependencies
     child_refresher: ChildRefresher
+    queue: ReconcileQueue
     receiver: Receiver | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def forget(self, app: AppKey) -> None:
+        """The ModelApp is gone: stop following its tag and blob, drop what is kept for it."""
+        self.queue.forget(app)
+        if self.deps.watch is not None:
+            self.deps.watch.untrack(app)
+        self.deps.forget(*app)
 
     async def stop(self) -> None:
         if self.receiver is not None:
             await self.receiver.stop()
+        await self.queue.close()
         await self.child_refresher.close()
         for task in self.tasks:
             task.cancel()
@@ -80,18 +92,39 @@ def build_hub(config: OperatorConfig) -> WatchHub:
     )
 
 
-async def start(config: OperatorConfig, logger: Logger) -> Runtime:
+ChildIndex = Mapping[AppKey, Collection[Mapping[str, Any]]]  # a kopf.Index: one copy per key here
+
+
+def index_lookup(deployments: ChildIndex, services: ChildIndex) -> IndexLookup:
+    """Reads a child from kopf's indexes (handlers.py): one copy per (namespace, name)."""
+    indexes = {"Deployment": deployments, "Service": services}
+
+    def lookup(kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
+        store = indexes[kind].get((namespace, name))
+        return next(iter(store), None) if store else None
+
+    return lookup
+
+
+async def start(config: OperatorConfig, logger: Logger, children: IndexLookup | None = None) -> Runtime:
     hub = build_hub(config)
     blobs = hub.models.inner
-    kube = AiohttpKubeClient.connect()
+    kube = AiohttpKubeClient.connect(secret_ttl_seconds=config.secret_cache_seconds)
     deps = Dependencies(
         kube=kube,
         images=hub.images,
         models=hub.models,
         watch=hub,
         pins=blobs if isinstance(blobs, AzureBlobResolver) else None,
+        children=ChildCache(children),
     )
-    runtime = Runtime(deps=deps, child_refresher=ChildRefresher(deps, logger))
+
+    async def reconcile_queued(app: AppKey) -> ReconcileResult:
+        return await reconcile({"metadata": {"namespace": app[0], "name": app[1]}}, deps)
+
+    runtime = Runtime(
+        deps=deps, child_refresher=ChildRefresher(deps, logger), queue=ReconcileQueue(reconcile_queued, logger)
+    )
 
     async def reconcile_changed(app: AppKey) -> None:
         await _reconcile_changed(app, deps, logger)
@@ -126,9 +159,9 @@ async def start(config: OperatorConfig, logger: Logger) -> Runtime:
 async def _reconcile_changed(app: AppKey, deps: Dependencies, logger: Logger) -> None:
     """A followed tag or blob changed: reconcile that ModelApp now.
 
-    Called directly rather than through a reconcile-request annotation: kopf would hold
-    such a request while the object waits out a retry backoff, and reconcile already
-    serializes with kopf's handlers through the per-object lock and reads the object again."""
+    Called directly rather than through the queue, so the change's trigger (poll, webhook) stays
+    with the reconcile for the metrics; reconcile serializes with the queue's through the
+    per-object lock and reads the newest copy of the object."""
     namespace, name = app
     try:
         result = await reconcile({"metadata": {"namespace": namespace, "name": name}}, deps)

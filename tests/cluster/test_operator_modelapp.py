@@ -135,18 +135,9 @@ def test_template_change_rolls_once_and_relabel_rolls_nothing(
     assert deployment is not None and env_of(deployment)["LOG_LEVEL"] == "debug"
     deployment_generation = deployment["metadata"]["generation"]
 
-    # A label on the ModelApp: the operator handles it (kopf records the new state) but rolls nothing.
+    # A label on the ModelApp: not a spec change (no new generation), so nothing rolls and the status stays.
     kube.kubectl("label", "modelapp", app.name, "-n", app.namespace, "team=search")
-
-    def handled() -> bool:
-        current = get(kube, "modelapp", app) or {}
-        recorded = (current.get("metadata", {}).get("annotations") or {}).get(
-            "operator.modelapp.io/last-handled-configuration", ""
-        )
-        return "search" in recorded
-
-    wait_for("the operator to handle the label change", handled, operator)
-    time.sleep(2)
+    time.sleep(3)
     deployment = get(kube, "deployment", app)
     assert deployment is not None and deployment["metadata"]["generation"] == deployment_generation
     assert len(replicasets(kube, app)) == 2
@@ -319,7 +310,7 @@ def test_restarted_operator_resumes_without_touching_children(
     models: ContainerClient,
     tmp_path: Path,
 ) -> None:
-    """A restart runs the resume handler: same desired objects, so nothing is applied and nothing rolls."""
+    """A restart reconciles every ModelApp once: same desired objects, so nothing is applied and nothing rolls."""
     prefix = f"{NAMESPACE_PREFIX}r"  # not matched by the module's operator
     app = prepare(kube, registry, azurite, models, prefix=prefix)
     first = start_operator(kube, registry, tmp_path / "first.log", f"{prefix}-*")
@@ -335,8 +326,8 @@ def test_restarted_operator_resumes_without_touching_children(
     second = start_operator(kube, registry, tmp_path / "second.log", f"{prefix}-*")
     try:
         wait_for(
-            "the resume handler",
-            lambda: "Handler 'reconcile-resume' succeeded" in second.log_text(),
+            "the reconcile at start-up",
+            lambda: f"{app.namespace}/{app.name}: reconciled: nothing to apply" in second.log_text(),
             second,
         )
         deployment_after = get(kube, "deployment", app)

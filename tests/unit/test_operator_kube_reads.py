@@ -84,3 +84,16 @@ def test_a_deployment_copy_older_than_our_last_apply_is_recognised() -> None:
     assert not deps.predates_apply("ns", "other", {"metadata": {"generation": 1}})
     deps.forget("ns", "app")
     assert not deps.predates_apply("ns", "app", {"metadata": {"generation": 2}})
+
+
+async def test_an_existing_secret_is_reused_for_its_ttl() -> None:
+    client = CountingClient()
+    client._secret_ttl = 60.0
+    client.gate.set()
+    try:
+        first = await client.read_secret("ns", "s")
+        assert await client.read_secret("ns", "s") == first and client.reads == 1
+        client._secrets[("ns", "s")] = (0.0, first or {})  # expired
+        assert await client.read_secret("ns", "s") == {"key": b"ns/s#2"} and client.reads == 2
+    finally:
+        await client.close()

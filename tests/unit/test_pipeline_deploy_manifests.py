@@ -79,7 +79,7 @@ def test_namespaced_role_grants_exactly_what_the_operator_uses() -> None:
         ("modelapp.io", "modelapps/status"): {"get", "patch"},
         ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
         ("", "pods"): {"list"},  # a stalled rollout's pods: the app's refusal (termination message)
-        ("", "services"): {"get", "create", "patch"},
+        ("", "services"): {"get", "list", "watch", "create", "patch"},  # the watch feeds the operator's copy
         ("", "secrets"): {"get"},
         ("", "configmaps"): {"get"},  # the public key of spec.model.signature
         ("", "events"): {"create", "patch"},

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import ssl
+import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -67,7 +68,9 @@ def merge_patch(previous: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str
 class KubeClient(Protocol):
     """The Kubernetes calls reconcile needs."""
 
-    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
+    async def get(
+        self, api_version: str, kind: str, namespace: str, name: str, *, from_cache: bool = False
+    ) -> dict[str, Any] | None: ...
 
     async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]: ...
 
@@ -83,7 +86,7 @@ class KubeClient(Protocol):
         *,
         previous: Mapping[str, Any] | None = None,
         resource_version: str | None = None,
-    ) -> None: ...
+    ) -> dict[str, Any] | None: ...
 
     async def patch_modelapp_annotations(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None: ...
 
@@ -117,6 +120,7 @@ class AiohttpKubeClient:
         ssl_context: ssl.SSLContext | None,
         headers: Callable[[], Mapping[str, str]],
         timeout_seconds: float = 30.0,
+        secret_ttl_seconds: float = 0.0,
     ) -> None:
         self._server = server.rstrip("/")
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
@@ -134,9 +138,14 @@ class AiohttpKubeClient:
         )
         # Reads of one Secret that overlap share one GET (many ModelApps of a namespace use the same Secrets).
         self._secret_reads: dict[tuple[str, str], asyncio.Future[dict[str, bytes] | None]] = {}
+        # And an existing Secret read is reused this long (a missing one never is: creating it must work at once).
+        self._secret_ttl = secret_ttl_seconds
+        self._secrets: dict[tuple[str, str], tuple[float, dict[str, bytes]]] = {}
 
     @classmethod
-    def from_connection_info(cls, info: kopf.ConnectionInfo, *, token_file: Path | None = None) -> AiohttpKubeClient:
+    def from_connection_info(
+        cls, info: kopf.ConnectionInfo, *, token_file: Path | None = None, secret_ttl_seconds: float = 0.0
+    ) -> AiohttpKubeClient:
         static_headers = dict(info.as_http_headers())
 
         def headers() -> Mapping[str, str]:
@@ -146,10 +155,10 @@ class AiohttpKubeClient:
             return static_headers
 
         context = info.as_ssl_context() if info.server.startswith("https:") else None
-        return cls(info.server, ssl_context=context, headers=headers)
+        return cls(info.server, ssl_context=context, headers=headers, secret_ttl_seconds=secret_ttl_seconds)
 
     @classmethod
-    def connect(cls) -> AiohttpKubeClient:
+    def connect(cls, *, secret_ttl_seconds: float = 0.0) -> AiohttpKubeClient:
         """In a pod: the service account; elsewhere: the kubeconfig. Raises kopf.LoginError if neither."""
         settings = kopf.OperatorSettings()
         if (_SERVICE_ACCOUNT_DIR / "token").exists():
@@ -159,11 +168,13 @@ class AiohttpKubeClient:
                 server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
                 info = _replace_server(info, server)
             if info is not None:
-                return cls.from_connection_info(info, token_file=_SERVICE_ACCOUNT_DIR / "token")
+                return cls.from_connection_info(
+                    info, token_file=_SERVICE_ACCOUNT_DIR / "token", secret_ttl_seconds=secret_ttl_seconds
+                )
         info = kopf.login_with_kubeconfig(settings=settings)
         if info is None:
             raise kopf.LoginError("no service account token and no kubeconfig (set KUBECONFIG)")
-        return cls.from_connection_info(info)
+        return cls.from_connection_info(info, secret_ttl_seconds=secret_ttl_seconds)
 
     async def close(self) -> None:
         await self._session.close()
@@ -198,8 +209,14 @@ class AiohttpKubeClient:
             message = payload.get("message", "") if isinstance(payload, dict) else str(payload)[:500]
             raise KubeError(status, f"{what}: {message}")
 
-    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        status, payload = await self._request("GET", resource_path(api_version, kind, namespace, name))
+    async def get(
+        self, api_version: str, kind: str, namespace: str, name: str, *, from_cache: bool = False
+    ) -> dict[str, Any] | None:
+        """The object, or None. from_cache: served from the API server's watch cache (resourceVersion=0:
+        no etcd read, possibly as old as a watch event), for reads that a watch would answer as well."""
+        params = {"resourceVersion": "0"} if from_cache else None
+        path = resource_path(api_version, kind, namespace, name)
+        status, payload = await self._request("GET", path, params=params)
         if status == 404:
             return None
         self._check(status, payload, f"get {kind} {namespace}/{name}")
@@ -240,9 +257,12 @@ class AiohttpKubeClient:
         """The Secret's decoded data, or None if it does not exist.
 
         Single-flight: a read that starts while another read of the same Secret is in
-        flight gets that read's answer (no cache beyond it, so an updated Secret is seen
-        by the next read)."""
+        flight gets that read's answer; an existing Secret's answer is then reused for
+        the client's secret_ttl_seconds (0: not at all, the next read sees an update)."""
         key = (namespace, name)
+        cached = self._secrets.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
         pending = self._secret_reads.get(key)
         if pending is not None:
             try:
@@ -264,6 +284,10 @@ class AiohttpKubeClient:
             raise
         else:
             future.set_result(data)
+            if data is not None and self._secret_ttl > 0:
+                self._secrets[key] = (time.monotonic() + self._secret_ttl, data)
+            else:
+                self._secrets.pop(key, None)
             return data
         finally:
             if self._secret_reads.get(key) is future:
@@ -283,8 +307,10 @@ class AiohttpKubeClient:
         *,
         previous: Mapping[str, Any] | None = None,
         resource_version: str | None = None,
-    ) -> None:
-        """Write the status. previous: the status as read (fields it has and `status` lacks are removed);
+    ) -> dict[str, Any] | None:
+        """Write the status; returns the ModelApp as written (None: it was deleted meanwhile).
+
+        previous: the status as read (fields it has and `status` lacks are removed);
         resource_version: the object's as read, so a write based on a stale read fails with ConflictError."""
         path = resource_path(API_VERSION, KIND, namespace, name) + "/status"
         body: dict[str, Any] = {"status": merge_patch(previous, status) if previous is not None else dict(status)}
@@ -292,10 +318,11 @@ class AiohttpKubeClient:
             body["metadata"] = {"resourceVersion": resource_version}
         code, payload = await self._request("PATCH", path, body=body, content_type="application/merge-patch+json")
         if code == 404:
-            return  # deleted meanwhile: nothing to report on
+            return None  # deleted meanwhile: nothing to report on
         if code == 409:
             raise ConflictError(code, f"status of ModelApp {namespace}/{name} changed since it was read")
         self._check(code, payload, f"patch status of ModelApp {namespace}/{name}")
+        return payload if isinstance(payload, dict) else None
 
     async def patch_modelapp_annotations(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None:
         path = resource_path(API_VERSION, KIND, namespace, name)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 from modelapp_operator.clients.kube import ConflictError
 from modelapp_operator.plan.refusal import next_recheck_delay
+from modelapp_operator.reconcile.queue import stop_all
 from modelapp_operator.reconcile.reconciler import Dependencies, refresh_status
 from modelapp_operator.redact import redact
 from modelapp_operator.watch.keys import AppKey
@@ -82,13 +82,6 @@ class ChildRefresher:
             self.submit(app, None)
 
     async def close(self) -> None:
-        for _, handle in self._rechecks.values():
-            handle.cancel()
+        await stop_all((handle for _, handle in self._rechecks.values()), self._tasks.values())
         self._rechecks.clear()
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         self._pending.clear()

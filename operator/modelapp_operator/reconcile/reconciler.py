@@ -38,6 +38,7 @@ from modelapp_operator.plan.reconcile_plan import (
 from modelapp_operator.plan.refusal import needs_pod_check, pod_selector, refusal_from_pods
 from modelapp_operator.plan.release import Release
 from modelapp_operator.plan.status import Event, now_utc
+from modelapp_operator.reconcile.caches import ChildCache, ModelAppCache
 from modelapp_operator.reconcile.resolve import model_credential, resolve_image, resolve_model
 from modelapp_operator.redact import redact
 from modelapp_operator.watch.hub import WatchHub
@@ -76,6 +77,9 @@ class Dependencies:
     watch: WatchHub | None = None
     # Immutable model versions (snapshots); None: models are pinned by ETag only.
     pins: ModelPinner | None = None
+    # The watch streams' newest copies, read instead of GETs (empty: every read is a GET).
+    modelapps: ModelAppCache = field(default_factory=ModelAppCache)
+    children: ChildCache = field(default_factory=ChildCache)
     # One lock per ModelApp: reconcile and refresh_status must not interleave their status writes.
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     # metadata.generation of the child Deployment as our last apply left it: a watch event
@@ -107,7 +111,32 @@ class Dependencies:
     def forget(self, namespace: str, name: str) -> None:
         """The ModelApp is gone: drop its per-object state."""
         self._applied_generations.pop((namespace, name), None)
+        self.modelapps.forget((namespace, name))
+        self.children.forget(namespace, name)
         METRICS.forget((namespace, name))
+
+    async def read_modelapp(self, namespace: str, name: str, *, fresh: bool = False) -> Mapping[str, Any] | None:
+        """The newest copy of the ModelApp: the watch's, or a GET when there is none or `fresh` is asked."""
+        key = (namespace, name)
+        cached = None if fresh else self.modelapps.get(key)
+        if cached is not None:
+            return cached
+        body = await self.kube.get(API_VERSION, KIND, namespace, name)
+        if body is None:
+            self.modelapps.forget(key)
+            return None
+        self.modelapps.observe(key, body)
+        return self.modelapps.get(key)
+
+    async def read_child(self, api_version: str, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
+        """The child as the watch saw it. The watch sees only objects labelled as ours: a name it does
+        not know is asked of the API server's cache, so an unlabelled object of someone else's under
+        that name is found (a name conflict), never applied over."""
+        if self.children.enabled:
+            watched = self.children.get(kind, namespace, name)
+            if watched is not None:
+                return watched
+        return await self.kube.get(api_version, kind, namespace, name, from_cache=self.children.enabled)
 
 
 @dataclass(frozen=True)
@@ -123,7 +152,8 @@ async def reconcile(body: Mapping[str, Any], deps: Dependencies) -> ReconcileRes
     """Resolve, render, apply what differs, write status. Idempotent; safe to call at any time.
 
     Only body's metadata.namespace and metadata.name are used: the ModelApp is read again
-    under the per-object lock, so a poller may call reconcile({"metadata": {...}}, deps).
+    under the per-object lock (the watch's newest copy), so a poller may call
+    reconcile({"metadata": {...}}, deps).
 
     Raises PermanentReconcileError for an invalid spec and TemporaryReconcileError when
     something must be retried, in both cases after the status says why."""
@@ -133,9 +163,10 @@ async def reconcile(body: Mapping[str, Any], deps: Dependencies) -> ReconcileRes
         async with deps.lock(namespace, name), deps.in_flight:
             tracked.started()
             # Read it again under the lock: the caller's copy may predate our own last status write.
-            current = await deps.kube.get(API_VERSION, KIND, namespace, name)
-            if current is None:
-                return ReconcileResult(status={}, release=None, applied=(), found=False)  # deleted meanwhile
+            current = await deps.read_modelapp(namespace, name)
+            if current is None or (current.get("metadata") or {}).get("deletionTimestamp"):
+                # Deleted meanwhile, or being deleted: its children go with it (owner references).
+                return ReconcileResult(status={}, release=None, applied=(), found=current is not None)
             return await _reconcile_retrying(current, deps)
 
 
@@ -152,7 +183,7 @@ async def _reconcile_retrying(body: Mapping[str, Any], deps: Dependencies) -> Re
             if attempt == STATUS_CONFLICT_ATTEMPTS:
                 raise
             metadata = body.get("metadata") or {}
-            fresh = await deps.kube.get(API_VERSION, KIND, str(metadata.get("namespace")), str(metadata.get("name")))
+            fresh = await deps.read_modelapp(str(metadata.get("namespace")), str(metadata.get("name")), fresh=True)
             if fresh is None:
                 return ReconcileResult(status={}, release=None, applied=(), found=False)
             body = fresh
@@ -173,8 +204,8 @@ async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> Reco
             resolve_image(app, deps.kube, deps.images), resolve_model(app, deps.kube, deps.models, deps.pins)
         )
     deployment, service = await asyncio.gather(
-        deps.kube.get("apps/v1", "Deployment", app.namespace, app.name),
-        deps.kube.get("v1", "Service", app.namespace, app.name),
+        deps.read_child("apps/v1", "Deployment", app.namespace, app.name),
+        deps.read_child("v1", "Service", app.namespace, app.name),
     )
     refusal = await _refusal(deps, app, deployment)
     # Plan.
@@ -218,6 +249,7 @@ async def _apply(deps: Dependencies, body: Mapping[str, Any], plan: ReconcilePla
     applied_deployment: Mapping[str, Any] | None = None
     for obj in plan.apply:
         answer = await deps.kube.apply(obj)
+        deps.children.applied(obj["kind"], namespace, name, answer)
         if obj["kind"] == "Deployment":
             applied_deployment = answer
             deps.record_applied(namespace, name, answer)
@@ -257,13 +289,17 @@ async def _prune_snapshots(deps: Dependencies, app: ModelApp, status: Mapping[st
 async def _write_status(deps: Dependencies, body: Mapping[str, Any], update: StatusUpdate) -> None:
     metadata = body.get("metadata") or {}
     if update.changed:
-        await deps.kube.patch_modelapp_status(
-            metadata["namespace"],
-            metadata["name"],
-            update.status,
-            previous=body.get("status") or {},
-            resource_version=metadata.get("resourceVersion"),
-        )
+        key = (str(metadata["namespace"]), str(metadata["name"]))
+        try:
+            written = await deps.kube.patch_modelapp_status(
+                *key, update.status, previous=body.get("status") or {}, resource_version=metadata.get("resourceVersion")
+            )
+        except ConflictError:
+            deps.modelapps.forget(key)  # planned from a stale copy: the next read GETs
+            raise
+        if written is not None:
+            # The next reconcile plans from what we wrote, not from a watch copy that predates it.
+            deps.modelapps.observe(key, written)
     # Written (or already so): state gauges, a rollout that reached Ready, change -> Ready latency.
     METRICS.status_observed((str(metadata["namespace"]), str(metadata["name"])), update.status)
     for event in update.events:
@@ -295,7 +331,7 @@ async def refresh_status(
     async with deps.lock(namespace, name), deps.refresh_in_flight:
         if deployment_seen is not None and deps.predates_apply(namespace, name, deployment_seen):
             return None  # a reconcile applied a newer template while we waited for the lock
-        body = await deps.kube.get(API_VERSION, KIND, namespace, name)
+        body = await deps.read_modelapp(namespace, name)
         if body is None:
             return None
         try:
@@ -308,7 +344,7 @@ async def refresh_status(
         deployment = (
             deployment_seen
             if deployment_seen is not None
-            else await deps.kube.get("apps/v1", "Deployment", namespace, name)
+            else await deps.read_child("apps/v1", "Deployment", namespace, name)
         )
         plan = plan_refresh(app, previous, deployment, deps.clock(), await _refusal(deps, app, deployment))
         if plan is None:
@@ -337,7 +373,7 @@ async def refresh_status(
 async def request_reconcile(kube: KubeClient, namespace: str, name: str, *, now: datetime | None = None) -> None:
     """Ask for a reconcile of one ModelApp (e.g. its tag moved or its blob changed).
 
-    It stamps an annotation; kopf sees the change and runs the update handler in
-    its per-object queue, so requests never race with a running reconcile."""
+    It stamps an annotation; the ModelApp watch sees it and queues a reconcile
+    (reconcile/queue.py), so requests never race with a running reconcile."""
     stamp = (now or now_utc()).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     await kube.patch_modelapp_annotations(namespace, name, {ANNOTATION_RECONCILE_REQUEST: stamp})

@@ -1,0 +1,171 @@
+"""The reconcile work queue: which ModelApps need a reconcile, one at a time each, retried with backoff.
+
+kopf's create/update/resume handlers cost more than the reconcile they call at scale: on every
+event of every ModelApp (most of them the MODIFIED events our own status writes cause) kopf
+detected causes and deep-copied the body for its diff base, and after each handled change it
+PATCHed its `last-handled-configuration` annotation (py-spy and the API server's request counts in
+bench/scale.py, 1,000 ModelApps: about three times the reconcile's own CPU, and one extra write per
+ModelApp). The ModelApp watch now feeds this queue instead: `wants_reconcile` (pure) tells the
+events that ask for a reconcile from the ones our own writes cause, the queue keeps at most one
+pending request and one running reconcile per ModelApp, and retries on our own backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from modelapp_operator.names import ANNOTATION_RECONCILE_REQUEST
+from modelapp_operator.reconcile.caches import generation_of
+from modelapp_operator.reconcile.reconciler import PermanentReconcileError, ReconcileResult, TemporaryReconcileError
+from modelapp_operator.redact import redact
+from modelapp_operator.watch.keys import AppKey
+
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+
+# A bug or an API hiccup (not one of our own errors): retried after this, doubling up to the cap.
+UNEXPECTED_ERROR_DELAY = 30.0
+UNEXPECTED_ERROR_MAX_DELAY = 300.0
+
+
+@dataclass(frozen=True)
+class Handled:
+    """What a ModelApp looked like when it was last queued: what a later event is compared with."""
+
+    generation: int
+    reconcile_request: str | None
+
+
+def handled_state(body: Mapping[str, Any]) -> Handled:
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    return Handled(generation_of(body), annotations.get(ANNOTATION_RECONCILE_REQUEST))
+
+
+def wants_reconcile(body: Mapping[str, Any], last: Handled | None) -> bool:
+    """Whether this watch event asks for a reconcile: the first sight of the ModelApp (created, or
+    listed at start-up), a spec change (metadata.generation), or a reconcile request (its annotation).
+    Status writes, labels and other annotations do not: they change nothing we render."""
+    return last is None or handled_state(body) != last
+
+
+def reconcile_requested(body: Mapping[str, Any], last: Handled | None) -> bool:
+    """Whether the event carries a new reconcile request (resolve the tag and blob afresh, not from cache)."""
+    return last is not None and handled_state(body).reconcile_request != last.reconcile_request
+
+
+Reconcile = Callable[[AppKey], Awaitable[ReconcileResult]]
+
+
+class ReconcileQueue:
+    """At most one running reconcile and one pending request per ModelApp; retries on backoff.
+
+    A new request for a ModelApp that waits out a retry runs at once (a person who fixed the spec
+    or the Secret should not wait out the old delay); requests that arrive while its reconcile
+    runs make one more run after it."""
+
+    def __init__(self, reconcile: Reconcile, logger: Logger) -> None:
+        self._reconcile = reconcile
+        self._logger = logger
+        self._pending: set[AppKey] = set()
+        self._tasks: dict[AppKey, asyncio.Task[None]] = {}
+        self._retries: dict[AppKey, asyncio.TimerHandle] = {}
+        self._unexpected_delays: dict[AppKey, float] = {}
+        self._last: dict[AppKey, Handled] = {}
+
+    def observe(self, key: AppKey, body: Mapping[str, Any]) -> bool:
+        """A watch event of the ModelApp: queue a reconcile if it asks for one. Returns whether it did."""
+        last = self._last.get(key)
+        if not wants_reconcile(body, last):
+            return False
+        self._last[key] = handled_state(body)
+        self.submit(key)
+        return True
+
+    def requested(self, key: AppKey, body: Mapping[str, Any]) -> bool:
+        """Whether this event of a ModelApp seen before carries a new reconcile request."""
+        return reconcile_requested(body, self._last.get(key))
+
+    def submit(self, key: AppKey) -> None:
+        retry = self._retries.pop(key, None)
+        if retry is not None:
+            retry.cancel()
+        self._pending.add(key)
+        if key not in self._tasks:
+            self._tasks[key] = asyncio.create_task(self._drain(key), name=f"reconcile {key[0]}/{key[1]}")
+
+    def forget(self, key: AppKey) -> None:
+        """The ModelApp is gone: drop its retry and what it was last seen as."""
+        retry = self._retries.pop(key, None)
+        if retry is not None:
+            retry.cancel()
+        self._pending.discard(key)
+        self._last.pop(key, None)
+        self._unexpected_delays.pop(key, None)
+
+    @property
+    def waiting_retries(self) -> int:
+        return len(self._retries)
+
+    async def _drain(self, key: AppKey) -> None:
+        try:
+            while key in self._pending:
+                self._pending.discard(key)
+                delay = await self._run(key)
+                if delay is not None and key not in self._pending:
+                    self._retries[key] = asyncio.get_running_loop().call_later(delay, self.submit, key)
+        finally:
+            del self._tasks[key]
+
+    async def _run(self, key: AppKey) -> float | None:
+        """One reconcile; returns the delay before retrying it, or None."""
+        namespace, name = key
+        try:
+            result = await self._reconcile(key)
+        except PermanentReconcileError as error:
+            self._logger.warning("%s/%s: %s (waiting for the ModelApp to change)", namespace, name, error)
+        except TemporaryReconcileError as error:
+            self._logger.info("%s/%s: %s (retrying in %gs)", namespace, name, error, error.delay)
+            self._unexpected_delays.pop(key, None)
+            return error.delay
+        except Exception as error:
+            # A bug or an API hiccup: log it (redacted) and retry with backoff; never let it stop the queue.
+            delay = self._unexpected_delays.get(key, UNEXPECTED_ERROR_DELAY / 2) * 2
+            self._unexpected_delays[key] = min(delay, UNEXPECTED_ERROR_MAX_DELAY)
+            self._logger.error(
+                "%s/%s: reconcile failed: %s: %s (retrying in %gs)",
+                namespace,
+                name,
+                type(error).__name__,
+                redact(str(error)),
+                self._unexpected_delays[key],
+            )
+            return self._unexpected_delays[key]
+        else:
+            self._unexpected_delays.pop(key, None)
+            if not result.found:
+                self.forget(key)
+            else:
+                applied = ", ".join(result.applied) or "nothing to apply"
+                self._logger.info("%s/%s: reconciled: %s", namespace, name, applied)
+        return None
+
+    async def close(self) -> None:
+        await stop_all(self._retries.values(), self._tasks.values())
+        self._retries.clear()
+        self._pending.clear()
+
+
+async def stop_all(timers: Iterable[asyncio.TimerHandle], tasks: Iterable[asyncio.Task[None]]) -> None:
+    """Cancel the timers and the tasks, and wait for the tasks to end."""
+    for timer in timers:
+        timer.cancel()
+    running = list(tasks)
+    for task in running:
+        task.cancel()
+    for task in running:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,157 @@
+"""The reconcile queue and the watch caches: which events reconcile, one run at a time, backoff, newest copies."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from modelapp_operator.names import ANNOTATION_RECONCILE_REQUEST
+from modelapp_operator.reconcile.caches import ChildCache, ModelAppCache, is_older, without_managed_fields
+from modelapp_operator.reconcile.queue import ReconcileQueue, handled_state, wants_reconcile
+from modelapp_operator.reconcile.reconciler import (
+    PermanentReconcileError,
+    ReconcileResult,
+    TemporaryReconcileError,
+)
+from modelapp_operator.watch.keys import AppKey
+
+pytestmark = pytest.mark.unit
+
+KEY = ("ns", "app")
+
+
+def body(generation: int = 1, rv: str = "10", request: str | None = None, **status: Any) -> dict[str, Any]:
+    annotations = {ANNOTATION_RECONCILE_REQUEST: request} if request else {}
+    metadata = {"namespace": "ns", "name": "app", "generation": generation, "resourceVersion": rv}
+    return {"metadata": {**metadata, "annotations": annotations}, "status": status}
+
+
+def test_first_sight_spec_changes_and_requests_reconcile_status_writes_do_not() -> None:
+    first = body()
+    assert wants_reconcile(first, None)
+    seen = handled_state(first)
+    assert not wants_reconcile(body(rv="11", phase="Ready"), seen)  # our own status write
+    assert not wants_reconcile({**body(rv="12"), "metadata": {**body()["metadata"], "labels": {"a": "b"}}}, seen)
+    assert wants_reconcile(body(generation=2, rv="13"), seen)
+    assert wants_reconcile(body(rv="14", request="2026-11-28T10:00:00Z"), seen)
+
+
+class Recorder:
+    def __init__(self, outcomes: list[BaseException | None]) -> None:
+        self.outcomes = outcomes
+        self.calls = 0
+        self.running = 0
+        self.most_at_once = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def __call__(self, key: AppKey) -> ReconcileResult:
+        self.calls += 1
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            await self.gate.wait()
+            outcome = self.outcomes.pop(0) if self.outcomes else None
+            if outcome is not None:
+                raise outcome
+            return ReconcileResult(status={}, release=None, applied=())
+        finally:
+            self.running -= 1
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_requests_during_a_run_make_exactly_one_more_run() -> None:
+    recorder = Recorder([])
+    queue = ReconcileQueue(recorder, logging.getLogger("test"))
+    recorder.gate.clear()
+    queue.submit(KEY)
+    await settle()
+    for _ in range(5):
+        queue.submit(KEY)
+    recorder.gate.set()
+    await settle()
+    assert recorder.calls == 2 and recorder.most_at_once == 1
+    await queue.close()
+
+
+async def test_status_only_events_do_not_queue() -> None:
+    recorder = Recorder([])
+    queue = ReconcileQueue(recorder, logging.getLogger("test"))
+    assert queue.observe(KEY, body())
+    await settle()
+    assert not queue.observe(KEY, body(rv="11", phase="Ready"))
+    assert not queue.requested(KEY, body(rv="11"))
+    assert queue.requested(KEY, body(rv="12", request="now"))
+    assert queue.observe(KEY, body(rv="12", request="now"))
+    await settle()
+    assert recorder.calls == 2
+    await queue.close()
+
+
+async def test_temporary_errors_retry_after_their_delay_and_a_new_request_skips_the_wait() -> None:
+    recorder = Recorder([TemporaryReconcileError("BlobNotFound", "later", delay=0.05)])
+    queue = ReconcileQueue(recorder, logging.getLogger("test"))
+    queue.submit(KEY)
+    await settle()
+    assert recorder.calls == 1 and queue.waiting_retries == 1
+    await asyncio.sleep(0.1)
+    await settle()
+    assert recorder.calls == 2 and queue.waiting_retries == 0
+
+    recorder.outcomes = [TemporaryReconcileError("BlobNotFound", "later", delay=3600)]
+    queue.submit(KEY)
+    await settle()
+    assert recorder.calls == 3 and queue.waiting_retries == 1
+    queue.submit(KEY)  # someone fixed it: no hour-long wait
+    await settle()
+    assert recorder.calls == 4 and queue.waiting_retries == 0
+    await queue.close()
+
+
+async def test_permanent_errors_wait_for_a_change_and_bugs_back_off() -> None:
+    recorder = Recorder([PermanentReconcileError("InvalidSpec", "bad"), RuntimeError("bug")])
+    queue = ReconcileQueue(recorder, logging.getLogger("test"))
+    queue.submit(KEY)
+    await settle()
+    assert recorder.calls == 1 and queue.waiting_retries == 0
+    queue.submit(KEY)
+    await settle()
+    assert recorder.calls == 2 and queue.waiting_retries == 1  # the bug is retried, not raised
+    queue.forget(KEY)
+    assert queue.waiting_retries == 0
+    await queue.close()
+
+
+def test_the_modelapp_cache_never_goes_back_to_an_older_copy() -> None:
+    cache = ModelAppCache()
+    cache.observe(KEY, body(generation=2, rv="20"))
+    cache.observe(KEY, body(generation=1, rv="30"))  # older spec, whatever its resourceVersion
+    cache.observe(KEY, body(generation=2, rv="15"))  # a watch event that predates our own write
+    assert cache.get(KEY) == body(generation=2, rv="20")
+    cache.observe(KEY, body(generation=2, rv="21"))
+    assert (cache.get(KEY) or {})["metadata"]["resourceVersion"] == "21"
+    assert not is_older(body(rv="not-a-number"), body(rv="20"))  # cannot tell: the new copy wins
+
+
+def test_child_cache_prefers_our_apply_until_the_watch_catches_up() -> None:
+    watched: dict[tuple[str, str, str], dict[str, Any]] = {}
+    children = ChildCache(lambda kind, ns, name: watched.get((kind, ns, name)))
+    assert children.get("Deployment", "ns", "app") is None
+    answer = {"metadata": {"generation": 2, "resourceVersion": "50", "managedFields": [{"manager": "x"}]}}
+    children.applied("Deployment", "ns", "app", answer)
+    watched[("Deployment", "ns", "app")] = {"metadata": {"generation": 1, "resourceVersion": "40"}}
+    assert children.get("Deployment", "ns", "app") == without_managed_fields(answer)
+    assert "managedFields" not in (children.get("Deployment", "ns", "app") or {})["metadata"]
+    caught_up = {"metadata": {"generation": 2, "resourceVersion": "51"}, "status": {"readyReplicas": 1}}
+    watched[("Deployment", "ns", "app")] = caught_up
+    assert children.get("Deployment", "ns", "app") == caught_up
+    children.forget("ns", "app")
+    del watched[("Deployment", "ns", "app")]
+    assert children.get("Deployment", "ns", "app") is None  # deleted: not answered from our old apply
+    assert not ChildCache().enabled
