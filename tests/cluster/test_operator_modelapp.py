@@ -299,8 +299,8 @@ def test_missing_blob_is_reported_then_recovered(
 
     publish_model(models, f"{app.namespace}/later.onnx", b"late model")
     request_reconcile(kube, app)
-    # kopf keeps a failed handler's retry delay (30 s for a missing blob) even when asked again.
-    wait_ready(kube, app, operator, timeout=150)
+    # A reconcile request runs now, not after the failed reconcile's retry delay (30 s for a missing blob).
+    wait_ready(kube, app, operator, timeout=25)
 
 
 def test_restarted_operator_resumes_without_touching_children(
