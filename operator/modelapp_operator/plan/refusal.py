@@ -73,6 +73,14 @@ def refusal_from_pods(deployment: Mapping[str, Any], pods: Iterable[Mapping[str,
     return None
 
 
+def refusal_shown(status: Mapping[str, Any] | None) -> bool:
+    """Whether the status shows a pod's refusal of its model (ModelVerified=False, ModelRefused)."""
+    for item in (status or {}).get("conditions") or []:
+        if item.get("type") == ConditionType.MODEL_VERIFIED and item.get("reason") == Reason.MODEL_REFUSED:
+            return True
+    return False
+
+
 def next_recheck_delay(status: Mapping[str, Any] | None, previous_delay: float | None) -> float | None:
     """After a status refresh: seconds until the pods are looked at again, or None (the newest history
     entry is not Progressing, or a refusal is already shown)."""
@@ -81,9 +89,8 @@ def next_recheck_delay(status: Mapping[str, Any] | None, previous_delay: float |
     history = status.get("history") or []
     if not history or not isinstance(history[0], Mapping) or history[0].get("outcome") != Outcome.PROGRESSING:
         return None
-    for item in status.get("conditions") or []:
-        if item.get("type") == ConditionType.MODEL_VERIFIED and item.get("reason") == Reason.MODEL_REFUSED:
-            return None
+    if refusal_shown(status):
+        return None
     if previous_delay is None:
         return RECHECK_FIRST_SECONDS
     return min(previous_delay * 2, RECHECK_MAX_SECONDS)

@@ -35,7 +35,7 @@ from modelapp_operator.plan.reconcile_plan import (
     plan_refresh,
     refresh_applies,
 )
-from modelapp_operator.plan.refusal import needs_pod_check, pod_selector, refusal_from_pods
+from modelapp_operator.plan.refusal import needs_pod_check, pod_selector, refusal_from_pods, refusal_shown
 from modelapp_operator.plan.release import Release
 from modelapp_operator.plan.status import Event, now_utc
 from modelapp_operator.reconcile.caches import ChildCache, ModelAppCache
@@ -346,7 +346,12 @@ async def refresh_status(
             if deployment_seen is not None
             else await deps.read_child("apps/v1", "Deployment", namespace, name)
         )
-        plan = plan_refresh(app, previous, deployment, deps.clock(), await _refusal(deps, app, deployment))
+        # Pods are read on the refresher's rechecks (5 s into a stalled rollout, then less often) and
+        # while a refusal is shown: a Deployment event of a young rollout has no refusal to find yet
+        # (a cold start of 1,000 ModelApps listed pods 701 times for nothing).
+        look = deployment_seen is None or refusal_shown(previous)
+        refusal = await _refusal(deps, app, deployment) if look else None
+        plan = plan_refresh(app, previous, deployment, deps.clock(), refusal)
         if plan is None:
             return None
         if plan.rollback_from is not None:
