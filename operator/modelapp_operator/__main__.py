@@ -50,6 +50,10 @@ def configure_logging(log_format: str, *, verbose: bool) -> None:
         handler.addFilter(redacting)
     # The storage SDK logs every request at INFO; errors still reach us as exceptions.
     logging.getLogger("azure").setLevel(logging.WARNING)
+    if not verbose:
+        # kopf logs "Handler ... succeeded" for every watch event of every object (about 10 lines per
+        # ModelApp on a cold start, 3 % of the operator's CPU at 1,000); our own lines say what was done.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:
