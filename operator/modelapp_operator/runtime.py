@@ -24,6 +24,7 @@ from modelapp_operator.peering import PeeringView
 from modelapp_operator.receiver.server import Receiver
 from modelapp_operator.reconcile.caches import ChildCache, IndexLookup
 from modelapp_operator.reconcile.child_refresher import ChildRefresher
+from modelapp_operator.reconcile.events import EventRecorder
 from modelapp_operator.reconcile.queue import ReconcileQueue
 from modelapp_operator.reconcile.reconciler import Dependencies, ReconcileError, ReconcileResult, reconcile
 from modelapp_operator.watch.hub import WatchHub
@@ -52,6 +53,8 @@ class Runtime:
             await self.receiver.stop()
         await self.queue.close()
         await self.child_refresher.close()
+        if self.deps.events is not None:
+            await self.deps.events.close()
         for task in self.tasks:
             task.cancel()
         for task in self.tasks:
@@ -117,6 +120,7 @@ async def start(config: OperatorConfig, logger: Logger, children: IndexLookup | 
         watch=hub,
         pins=blobs if isinstance(blobs, AzureBlobResolver) else None,
         children=ChildCache(children),
+        events=EventRecorder(kube.post_event),
     )
 
     async def reconcile_queued(app: AppKey) -> ReconcileResult:

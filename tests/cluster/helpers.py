@@ -126,6 +126,18 @@ def wait_for(
     raise AssertionError(f"timed out waiting for {what}\n--- operator log ---\n{operator.log_tail()}")
 
 
+def wait_for_events(kube: KubeCluster, app: App, reasons: set[str], operator: OperatorProcess) -> list[dict[str, Any]]:
+    """The namespace's events once they include these reasons (the operator posts events in the background)."""
+
+    def found() -> list[dict[str, Any]] | None:
+        items: list[dict[str, Any]] = json.loads(
+            kube.kubectl("get", "events", "-n", app.namespace, "-o", "json").stdout
+        )["items"]
+        return items if reasons <= {e.get("reason") for e in items} else None
+
+    return wait_for(f"events {sorted(reasons)}", found, operator, timeout=30)
+
+
 def wait_ready(
     kube: KubeCluster, app: App, operator: OperatorProcess, generation: int | None = None, timeout: float = 90
 ) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from tests.cluster.helpers import (
     publish_model,
     stop_operator,
     wait_for,
+    wait_for_events,
     wait_for_reason,
     wait_ready,
 )
@@ -175,5 +176,4 @@ def test_unsigned_model_under_a_signature_requiring_modelapp_is_never_rolled_out
     found = wait_for_reason(kube, app, operator, "ModelResolved", "SignatureMissing")
     assert conditions(found)["ModelVerified"]["reason"] == "SignatureMissing"
     assert get(kube, "deployment", app) is None  # never rolled out
-    events = kube.kubectl("get", "events", "-n", app.namespace, "-o", "jsonpath={.items[*].reason}").stdout
-    assert "SignatureMissing" in events
+    wait_for_events(kube, app, {"SignatureMissing"}, operator)

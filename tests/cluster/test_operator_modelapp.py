@@ -28,6 +28,7 @@ from tests.cluster.helpers import (
     request_reconcile,
     stop_operator,
     wait_for,
+    wait_for_events,
     wait_for_reason,
     wait_ready,
 )
@@ -110,11 +111,7 @@ def test_create_renders_children_by_digest_and_becomes_ready(
     table = kube.kubectl("get", "ma", app.name, "-n", app.namespace).stdout
     assert app.digest.removeprefix("sha256:")[:12] in table and "2/2" in table and "True" in table
 
-    events = kube.kubectl(
-        "get", "events", "-n", app.namespace, "--field-selector", "involvedObject.kind=ModelApp", "-o", "json"
-    )
-    reasons = {e["reason"] for e in json.loads(events.stdout)["items"]}
-    assert {"RolloutStarted", "Ready"} <= reasons
+    wait_for_events(kube, app, {"RolloutStarted", "Ready"}, operator)
 
 
 def test_template_change_rolls_once_and_relabel_rolls_nothing(
@@ -363,7 +360,6 @@ def test_bad_registry_credentials_are_reported_without_leaking_them(
     body = wait_for_reason(kube, app, operator, "ImageResolved", "RegistryUnauthorized")
     assert conditions(body)["Ready"]["status"] == "False"
     assert get(kube, "deployment", app) is None
-    events = kube.kubectl("get", "events", "-n", app.namespace, "-o", "json").stdout
-    assert "RegistryUnauthorized" in events
+    events = json.dumps(wait_for_events(kube, app, {"RegistryUnauthorized"}, operator))
     for text in (json.dumps(body), events, operator.log_text()):
         assert wrong_password not in text and registry.password not in text

@@ -30,6 +30,7 @@ from tests.cluster.helpers import (
     publish_model,
     replicasets,
     stop_operator,
+    wait_for_events,
     wait_ready,
 )
 
@@ -101,13 +102,6 @@ def retag(registry: Registry, repository: str, source: str, target: str) -> str:
     )
     assert status == 201, body[:300]
     return headers["Docker-Content-Digest"]
-
-
-def events(kube: KubeCluster, app: App) -> list[dict[str, Any]]:
-    result = kube.kubectl(
-        "get", "events", "-n", app.namespace, "--field-selector", "involvedObject.kind=ModelApp", "-o", "json"
-    )
-    return json.loads(result.stdout)["items"]  # type: ignore[no-any-return]
 
 
 def test_push_to_the_followed_tag_rolls_without_an_edit(
@@ -235,7 +229,7 @@ def test_rollout_that_never_becomes_ready_is_rolled_back_and_not_retried(
         assert degraded["status"] == "True"
         short_bad, short_good = bad_digest[7:19], app.digest[7:19]
         assert short_bad in degraded["message"] and short_good in degraded["message"]
-        warnings = [e for e in events(kube, app) if e["reason"] == "RolledBack"]
+        warnings = [e for e in wait_for_events(kube, app, {"RolledBack"}, operator) if e["reason"] == "RolledBack"]
         assert len(warnings) == 1 and warnings[0]["type"] == "Warning" and bad_digest in warnings[0]["message"]
 
         # The tag still names the broken image: polls after the rollback do not try it again.

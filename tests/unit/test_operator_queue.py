@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from modelapp_operator.names import ANNOTATION_RECONCILE_REQUEST
 from modelapp_operator.reconcile.caches import ChildCache, ModelAppCache, is_older, without_managed_fields
+from modelapp_operator.reconcile.events import EventRecorder
 from modelapp_operator.reconcile.queue import ReconcileQueue, handled_state, wants_reconcile
 from modelapp_operator.reconcile.reconciler import (
     PermanentReconcileError,
@@ -155,3 +156,24 @@ def test_child_cache_prefers_our_apply_until_the_watch_catches_up() -> None:
     del watched[("Deployment", "ns", "app")]
     assert children.get("Deployment", "ns", "app") is None  # deleted: not answered from our old apply
     assert not ChildCache().enabled
+
+
+async def test_events_are_posted_in_the_background_in_order_and_a_failure_is_dropped() -> None:
+    posted: list[str] = []
+    gate = asyncio.Event()
+
+    async def post(involved: Any, type_: Any, reason: str, message: str, at: Any) -> None:
+        await gate.wait()
+        if reason == "Broken":
+            raise RuntimeError("API server said no")
+        posted.append(reason)
+
+    recorder = EventRecorder(post, workers=1, backlog=3)
+    involved = {"metadata": {"namespace": "ns", "name": "app"}}
+    for reason in ("RolloutStarted", "Broken", "Ready", "Dropped?"):
+        recorder.record(involved, "Normal", reason, "m")  # returns at once: nothing posted yet
+    await settle()
+    assert posted == [] and recorder.backlog == 2 and recorder.dropped == 1  # full at 3; one taken by the worker
+    gate.set()
+    await recorder.close()
+    assert posted == ["RolloutStarted", "Ready"]

@@ -90,7 +90,9 @@ class KubeClient(Protocol):
 
     async def patch_modelapp_annotations(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None: ...
 
-    async def post_event(self, involved: Mapping[str, Any], type_: EventType, reason: str, message: str) -> None: ...
+    async def post_event(
+        self, involved: Mapping[str, Any], type_: EventType, reason: str, message: str, at: datetime | None = None
+    ) -> None: ...
 
 
 _PLURALS = {
@@ -336,10 +338,13 @@ class AiohttpKubeClient:
             return
         self._check(code, payload, f"annotate ModelApp {namespace}/{name}")
 
-    async def post_event(self, involved: Mapping[str, Any], type_: EventType, reason: str, message: str) -> None:
+    async def post_event(
+        self, involved: Mapping[str, Any], type_: EventType, reason: str, message: str, at: datetime | None = None
+    ) -> None:
+        """Post one event; at: when it happened (default now)."""
         metadata = involved.get("metadata") or {}
         namespace = metadata.get("namespace") or "default"
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = (at or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
         event = {
             "apiVersion": "v1",
             "kind": "Event",

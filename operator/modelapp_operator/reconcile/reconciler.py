@@ -39,6 +39,7 @@ from modelapp_operator.plan.refusal import needs_pod_check, pod_selector, refusa
 from modelapp_operator.plan.release import Release
 from modelapp_operator.plan.status import Event, now_utc
 from modelapp_operator.reconcile.caches import ChildCache, ModelAppCache
+from modelapp_operator.reconcile.events import EventRecorder
 from modelapp_operator.reconcile.resolve import model_credential, resolve_image, resolve_model
 from modelapp_operator.redact import redact
 from modelapp_operator.watch.hub import WatchHub
@@ -80,6 +81,8 @@ class Dependencies:
     # The watch streams' newest copies, read instead of GETs (empty: every read is a GET).
     modelapps: ModelAppCache = field(default_factory=ModelAppCache)
     children: ChildCache = field(default_factory=ChildCache)
+    # Posts events in the background (None: each is posted before the reconcile goes on).
+    events: EventRecorder | None = None
     # One lock per ModelApp: reconcile and refresh_status must not interleave their status writes.
     _locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     # metadata.generation of the child Deployment as our last apply left it: a watch event
@@ -308,7 +311,10 @@ async def _write_status(deps: Dependencies, body: Mapping[str, Any], update: Sta
 
 async def _post_event(deps: Dependencies, body: Mapping[str, Any], event: Event) -> None:
     involved = {"apiVersion": API_VERSION, "kind": KIND, "metadata": dict(body.get("metadata") or {})}
-    await deps.kube.post_event(involved, event.type, event.reason, event.message)
+    if deps.events is not None:
+        deps.events.record(involved, event.type, event.reason, event.message)
+    else:
+        await deps.kube.post_event(involved, event.type, event.reason, event.message)
 
 
 def _error(failure: Failure) -> ReconcileError:
