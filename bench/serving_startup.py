@@ -5,11 +5,15 @@ one run (alternating which goes first):
 
   - the verified download: `fetch_verified_model` with a pinned version (the blob's snapshot, as the
     operator pins it), If-Match on the ETag, sha256 while streaming, atomic write into the cache dir;
-  - the transport ceiling: the same snapshot fetched through the same SDK client settings (concurrency,
-    chunk size) into a sink that hashes and writes nothing;
+  - the transport ceiling: the same snapshot fetched through the same SDK client, the same ranged reads
+    (`RangedBlobReader`: same concurrency, chunk size and If-Match) with nothing hashed or written;
+  - the SDK's own parallel downloader (`download_blob(max_concurrency=...).readinto`) into a discarding
+    sink, the same client settings: a second ceiling, so a slower transport cannot flatter the ratio;
 
-plus, for context, `shutil.copyfile` of the file and sha256 of the file on disk. Goal: the verified
-download reaches >= 80 % of the ceiling's throughput (ratio of the medians).
+plus, for context, writing the same number of bytes into a new file with no network (the page-cache
+cost the verified download pays and the ceilings do not), `shutil.copyfile` of the file and sha256 of
+the file on disk. Goal: the verified download reaches >= 80 % of the faster ceiling's throughput
+(ratio of the medians).
 
     .venv/bin/python bench/serving_startup.py [--size-mib 1024] [--runs 3]
 
@@ -40,9 +44,11 @@ from modelapp_localstack.azurite import start_azurite  # noqa: E402
 from modelapp_serving.config import ModelFormat, ModelSpec  # noqa: E402
 from modelapp_serving.download import (  # noqa: E402
     DownloadSettings,
+    RangedBlobReader,
     fetch_verified_model,
     file_sha256,
     make_blob_client,
+    pinned_conditions,
 )
 from modelapp_serving.model_blob import PinnedVersion  # noqa: E402
 from modelapp_serving.publish import publish_model  # noqa: E402
@@ -137,9 +143,21 @@ def time_runs(
     return seconds
 
 
+def write_new_file(path: Path, size: int, buffer: bytes) -> None:
+    """Fill a new file with pwrite from one reused buffer: what the verified download's writes cost."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+        for offset in range(0, size, len(buffer)):
+            os.pwrite(fd, memoryview(buffer)[: min(len(buffer), size - offset)], offset)
+    finally:
+        os.close(fd)
+
+
 def markdown_table(
-    download: Timing, ceiling: Timing, context: list[Timing], settings: DownloadSettings, runs: int
+    download: Timing, ceilings: list[Timing], context: list[Timing], settings: DownloadSettings, runs: int
 ) -> str:
+    ceiling = max(ceilings, key=lambda timing: timing.mb_per_s)
     ratio = download.mb_per_s / ceiling.mb_per_s
     verdict = "meets" if ratio >= GOAL_RATIO else "misses"
     lines = [
@@ -149,12 +167,12 @@ def markdown_table(
         "| method | median s | MB/s | runs (s) |",
         "|---|---:|---:|---|",
     ]
-    for timing in (download, ceiling, *context):
+    for timing in (download, *ceilings, *context):
         runs_text = ", ".join(f"{s:.2f}" for s in timing.seconds)
         lines.append(f"| {timing.name} | {timing.median_s:.2f} | {timing.mb_per_s:.0f} | {runs_text} |")
     lines += [
         "",
-        f"verified download / transport ceiling: **{ratio:.2f}** ({verdict} the {GOAL_RATIO:.0%} goal); "
+        f"verified download / faster transport ceiling: **{ratio:.2f}** ({verdict} the {GOAL_RATIO:.0%} goal); "
         f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
     ]
     return "\n".join(lines)
@@ -224,10 +242,33 @@ def main(argv: list[str] | None = None) -> int:
 
             hash_s: list[float] = []
             raw_s: list[float] = []
+            sdk_s: list[float] = []
+            write_s: list[float] = []
             raw_client = make_blob_client(spec, settings)
+            write_target = work / "written.onnx"
+            write_buffer = os.urandom(settings.chunk_bytes)
 
             def raw_download() -> None:
+                # The verified download's transport exactly (client, ranges, concurrency, If-Match); the
+                # chunks are dropped: nothing hashed, nothing written.
+                reader = RangedBlobReader(
+                    raw_client,
+                    concurrency=settings.concurrency,
+                    chunk_bytes=settings.chunk_bytes,
+                    conditions=pinned_conditions(spec),
+                )
+                received = sum(len(data) for _offset, data in reader.chunks())
+                if received != size:
+                    raise RuntimeError(f"the ceiling received {received} of {size} bytes")
+
+            def sdk_download() -> None:
                 raw_client.download_blob(max_concurrency=settings.concurrency).readinto(DiscardingWriter())
+
+            def write_only() -> None:
+                write_new_file(write_target, size, write_buffer)
+
+            def remove_written() -> None:
+                write_target.unlink(missing_ok=True)
 
             def hash_only() -> None:
                 file_sha256(source)
@@ -236,10 +277,13 @@ def main(argv: list[str] | None = None) -> int:
                 CPU_PIDS.append(azurite.process.popen.pid)
             for run in range(args.runs):
                 hash_s += time_runs(1, hash_only, lambda: None, "sha256_on_disk")
+                write_s += time_runs(1, write_only, remove_written, "page_cache_write")
                 if run % 2 == 0:
                     raw_s += time_runs(1, raw_download, lambda: None, "transport_ceiling")
                     download_s += time_runs(1, download, clear_cache, "verified_download")
+                    sdk_s += time_runs(1, sdk_download, lambda: None, "sdk_parallel_downloader")
                 else:
+                    sdk_s += time_runs(1, sdk_download, lambda: None, "sdk_parallel_downloader")
                     download_s += time_runs(1, download, clear_cache, "verified_download")
                     raw_s += time_runs(1, raw_download, lambda: None, "transport_ceiling")
                 copy_s += time_runs(1, copy, remove_copy, "copyfile")
@@ -248,16 +292,28 @@ def main(argv: list[str] | None = None) -> int:
 
     download_timing = Timing("verified download (pinned snapshot, If-Match, sha256, atomic write)", download_s, size)
     copy_timing = Timing("shutil.copyfile (same disk; context)", copy_s, size)
-    raw_timing = Timing("transport ceiling: same snapshot, same SDK settings, nothing hashed or written", raw_s, size)
+    raw_timing = Timing(
+        "transport ceiling: same snapshot, same SDK ranged reads and If-Match, nothing hashed or written", raw_s, size
+    )
+    sdk_timing = Timing("SDK's own parallel downloader, same client settings, discarding (second ceiling)", sdk_s, size)
+    write_timing = Timing("pwrite the same bytes into a new file, no network (context)", write_s, size)
     hash_timing = Timing("sha256 of the file on disk (context)", hash_s, size)
-    text = markdown_table(download_timing, raw_timing, [copy_timing, hash_timing], settings, args.runs)
+    text = markdown_table(
+        download_timing, [raw_timing, sdk_timing], [write_timing, copy_timing, hash_timing], settings, args.runs
+    )
     command = command_line()
     text = f"Command: `{command}`\n\n" + text
     cpu_lines = [
         f"- {key}: CPU seconds per run (this process, all threads, + Azurite) "
         + ", ".join(f"{c:.2f}" for c in CPU_SECONDS.get(key, []))
         + f" over wall seconds {', '.join(f'{w:.2f}' for w in wall)}"
-        for key, wall in (("verified_download", download_s), ("transport_ceiling", raw_s))
+        for key, wall in (
+            ("verified_download", download_s),
+            ("transport_ceiling", raw_s),
+            ("sdk_parallel_downloader", sdk_s),
+            ("page_cache_write", write_s),
+            ("sha256_on_disk", hash_s),
+        )
     ]
     text += "\n\n" + "\n".join(cpu_lines)
     print(text)
@@ -267,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": settings.concurrency,
         "chunk_bytes": settings.chunk_bytes,
         "goal_ratio": GOAL_RATIO,
-        "ratio_verified_over_ceiling": round(download_timing.mb_per_s / raw_timing.mb_per_s, 3),
+        "ratio_verified_over_ceiling": round(
+            download_timing.mb_per_s / max(raw_timing.mb_per_s, sdk_timing.mb_per_s), 3
+        ),
         "methods": {
             key: {
                 "seconds": timing.seconds,
@@ -278,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
             for key, timing in (
                 ("verified_download", download_timing),
                 ("transport_ceiling", raw_timing),
+                ("sdk_parallel_downloader", sdk_timing),
+                ("page_cache_write", write_timing),
                 ("copyfile", copy_timing),
                 ("sha256_on_disk", hash_timing),
             )

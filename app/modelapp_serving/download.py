@@ -15,10 +15,10 @@ import hashlib
 import json
 import logging
 import os
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,112 +168,125 @@ def _check_signature(blob_client: Any, spec: ModelSpec) -> None:
         )
 
 
-class HashingFileWriter:
-    """A seekable write target for the SDK's parallel download, hashing in order while it streams.
+def pinned_conditions(spec: ModelSpec) -> dict[str, Any]:
+    """Request conditions for every read of the pinned bytes.
 
-    Chunks arrive out of order (the SDK seeks before each write, under its own lock); each is written
-    at its offset with pwrite, and handed to a hashing thread as soon as every byte before it has been
-    handed over. Hashing outside the SDK's lock keeps the download threads fetching while sha256 runs
-    (inline hashing made them queue behind it: slower than downloading first and hashing after).
-    The queue is bounded, so a slow hash holds back the download instead of filling memory.
+    A version ID is immutable by itself; a blob or a snapshot is also held to the ETag resolved, so a
+    blob changed between two ranged reads fails with HTTP 412 instead of mixing two versions.
+    """
+    if spec.pin.version_id:
+        return {}
+    return {"etag": spec.etag, "match_condition": MatchConditions.IfNotModified}
+
+
+class RangedBlobReader:
+    """Reads one blob as fixed-size ranged GETs through the SDK, several in flight, yielded in order.
+
+    The first GET (no range) returns the first chunk and the blob's size; the rest are
+    `download_blob(offset=, length=)` calls on a thread pool, each one a single GET of one chunk. A chunk
+    is handed to `on_arrival(offset, data)` in the thread that fetched it (the verified download writes
+    it there with pwrite, outside any lock), then yielded in offset order (where the verified download
+    hashes it; sha256 releases the GIL). At most `concurrency + 2` chunks are in flight or waiting, so
+    memory stays bounded whatever the blob size and however slowly the consumer hashes.
     """
 
-    def __init__(self, fd: int, *, max_queued_chunks: int = 8) -> None:
-        self._fd = fd
-        self._position = 0
-        self._handed_over = 0
-        self._pending: dict[int, bytes] = {}
-        self._digest = hashlib.sha256()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=max_queued_chunks)
-        self._hasher = threading.Thread(target=self._hash_chunks, name="modelapp-sha256", daemon=True)
-        self._hasher.start()
-        self._closed = False
-        self.bytes_written = 0
+    def __init__(self, blob_client: Any, *, concurrency: int, chunk_bytes: int, conditions: dict[str, Any]) -> None:
+        self._client = blob_client
+        self._concurrency = max(1, concurrency)
+        self._chunk_bytes = chunk_bytes
+        self._conditions = conditions
+        first = blob_client.download_blob(**conditions)
+        self.size = int(first.size)
+        self._first = next(iter(first.chunks()), b"") if self.size else b""
 
-    def _hash_chunks(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            self._digest.update(chunk)
+    def chunks(
+        self, on_arrival: Callable[[int, bytes], None] | None = None
+    ) -> Generator[tuple[int, bytes], None, None]:
+        """(offset, data) in order; every running GET has finished when the generator is closed."""
+        ranges = deque(
+            (offset, min(self._chunk_bytes, self.size - offset))
+            for offset in range(len(self._first), self.size, self._chunk_bytes)
+        )
+        in_flight: deque[Future[bytes]] = deque()
+        executor = ThreadPoolExecutor(self._concurrency, thread_name_prefix="modelapp-download")
 
-    # The SDK checks these before a parallel download.
-    def seekable(self) -> bool:
-        return True
+        def fetch(offset: int, length: int) -> bytes:
+            data = self._read_range(offset, length)
+            if on_arrival is not None:
+                on_arrival(offset, data)
+            return data
 
-    def writable(self) -> bool:
-        return True
+        def submit_more() -> None:
+            while ranges and len(in_flight) < self._concurrency + 2:
+                in_flight.append(executor.submit(fetch, *ranges.popleft()))
 
-    def tell(self) -> int:
-        return self._position
+        try:
+            submit_more()
+            if self._first:
+                if on_arrival is not None:
+                    on_arrival(0, self._first)
+                yield 0, self._first
+            offset = len(self._first)
+            self._first = b""
+            while in_flight:
+                data = in_flight.popleft().result()
+                submit_more()
+                yield offset, data
+                offset += len(data)
+        finally:
+            for future in in_flight:
+                future.cancel()
+            executor.shutdown(wait=True, cancel_futures=True)
 
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if whence != os.SEEK_SET:
-            raise OSError("HashingFileWriter only seeks from the start")
-        self._position = offset
-        return offset
+    def _read_range(self, offset: int, length: int) -> bytes:
+        # One GET: the client's max_single_get_size is the chunk size. join() of one piece is no copy.
+        data = b"".join(self._client.download_blob(offset=offset, length=length, **self._conditions).chunks())
+        if len(data) != length:
+            raise OSError(f"short read at offset {offset}: {len(data)} of {length} bytes")
+        return data
 
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        chunk = bytes(data) if not isinstance(data, bytes) else data
-        offset = self._position
-        written = 0
-        while written < len(chunk):
-            written += os.pwrite(self._fd, memoryview(chunk)[written:], offset + written)
-        self._position = offset + written
-        self.bytes_written += written
-        if offset == self._handed_over:
-            self._queue.put(chunk)
-            self._handed_over += written
-            while self._handed_over in self._pending:
-                next_chunk = self._pending.pop(self._handed_over)
-                self._queue.put(next_chunk)
-                self._handed_over += len(next_chunk)
-        elif offset > self._handed_over:
-            self._pending[offset] = chunk
-        else:
-            raise OSError(f"overlapping write at offset {offset}")
-        return written
 
-    def close(self) -> None:
-        """Stop the hashing thread (idempotent); call it even when the download failed."""
-        if not self._closed:
-            self._closed = True
-            self._queue.put(None)
-            self._hasher.join()
-
-    def hexdigest(self) -> str:
-        self.close()
-        if self._pending:
-            raise OSError(f"download has a gap at offset {self._handed_over}")
-        return self._digest.hexdigest()
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
 
 
 def _download_verified(blob_client: Any, spec: ModelSpec, target: Path, settings: DownloadSettings) -> int:
     shown_url = redact_url(spec.url)
     partial = target.with_name(f".{spec.sha256}.{os.getpid()}.part")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    writer = HashingFileWriter(fd)
+    digest = hashlib.sha256()
+    hashed = 0
     try:
         try:
-            # A version ID is immutable by itself; a blob or a snapshot is also held to the ETag resolved.
-            condition = (
-                {} if spec.pin.version_id else {"etag": spec.etag, "match_condition": MatchConditions.IfNotModified}
+            reader = RangedBlobReader(
+                blob_client,
+                concurrency=settings.concurrency,
+                chunk_bytes=settings.chunk_bytes,
+                conditions=pinned_conditions(spec),
             )
-            downloader = blob_client.download_blob(max_concurrency=settings.concurrency, **condition)
-            _reserve_space(fd, int(downloader.size))
-            downloader.readinto(writer)
+            _reserve_space(fd, reader.size)
+            with contextlib.closing(reader.chunks(lambda offset, data: _write_at(fd, data, offset))) as chunks:
+                for _offset, data in chunks:
+                    digest.update(data)  # in order, in this thread, while the pool keeps fetching and writing
+                    hashed += len(data)
         except ModelFetchError:
             raise
         except Exception as error:
             raise _describe_storage_error(error, shown_url, spec.etag) from None
-        actual = writer.hexdigest()
+        actual = digest.hexdigest()
         if actual != spec.sha256:
             raise ModelFetchError(
                 f"sha256 of {shown_url} (ETag {spec.etag}) is {actual}, expected {spec.sha256}: refusing it",
                 retryable=False,
             )
-        # The file was preallocated: make it exactly the bytes that were hashed.
-        os.ftruncate(fd, writer.bytes_written)
+        # The file was preallocated: make it exactly the bytes that were hashed (and written).
+        os.ftruncate(fd, hashed)
         os.fchmod(fd, 0o444)
     except BaseException:
-        writer.close()
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
@@ -281,7 +294,7 @@ def _download_verified(blob_client: Any, spec: ModelSpec, target: Path, settings
     os.close(fd)
     # No fsync: the cache lives on an emptyDir, and a file not stamped by this run is hashed again.
     os.replace(partial, target)
-    return writer.bytes_written
+    return hashed
 
 
 def _reserve_space(fd: int, size: int) -> None:

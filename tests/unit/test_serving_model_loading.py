@@ -6,6 +6,8 @@ import dataclasses
 import hashlib
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,13 @@ from typing import Any
 import joblib  # type: ignore[import-untyped]
 import pytest
 import skops.io
+from azure.core.exceptions import ResourceModifiedError
 from modelapp_serving import download
 from modelapp_serving.config import ModelFormat, ModelSpec, ServingConfig
 from modelapp_serving.download import (
     DownloadSettings,
-    HashingFileWriter,
     ModelFetchError,
+    RangedBlobReader,
     cached_model_path,
     fetch_verified_model,
 )
@@ -50,29 +53,45 @@ def spec_for(data: bytes, model_format: ModelFormat = ModelFormat.ONNX) -> Model
     )
 
 
+class _Range:
+    """What download_blob returns, as far as the reader uses it: the size and the bytes in chunks."""
+
+    def __init__(self, data: bytes, size: int) -> None:
+        self.size = size
+        self._data = data
+
+    def chunks(self) -> Any:
+        return iter([self._data] if self._data else [])
+
+
 class ChunkedBlob:
-    """Stands in for a BlobClient: hands `content` to the writer in out-of-order chunks, as the SDK's
-    parallel download does (seek, then write)."""
+    """Stands in for a BlobClient with max_single_get_size = `chunk`: the first download_blob() returns the
+    first chunk and the blob's size, ranged ones return their range, called from the reader's threads.
+    Ranges finish out of order (later ones sooner); `fail_at` answers one range with HTTP 412."""
 
-    def __init__(self, content: bytes, chunk: int = 7) -> None:
+    def __init__(self, content: bytes, chunk: int = 7, fail_at: int | None = None) -> None:
         self.content = content
-        self.size = len(content)
         self.chunk = chunk
+        self.fail_at = fail_at
         self.downloads = 0
-        self.last_kwargs: dict[str, Any] = {}
+        self.calls: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
 
-    def download_blob(self, **kwargs: Any) -> ChunkedBlob:
-        self.downloads += 1
-        self.last_kwargs = kwargs
-        return self
+    @property
+    def last_kwargs(self) -> dict[str, Any]:
+        return self.calls[-1]
 
-    def readinto(self, stream: Any) -> int:
-        offsets = list(range(0, len(self.content), self.chunk))
-        order = offsets[1::2] + offsets[0::2]  # odd chunks first: every one arrives out of order
-        for offset in order:
-            stream.seek(offset)
-            stream.write(self.content[offset : offset + self.chunk])
-        return len(self.content)
+    def download_blob(self, offset: int | None = None, length: int | None = None, **kwargs: Any) -> _Range:
+        with self._lock:
+            self.calls.append({"offset": offset, "length": length, **kwargs})
+        if offset is None:
+            self.downloads += 1
+            return _Range(self.content[: self.chunk], len(self.content))
+        assert length is not None
+        time.sleep(0.001 * (3 - (offset // self.chunk) % 4))  # out of order
+        if offset == self.fail_at:
+            raise ResourceModifiedError("The condition specified using HTTP conditional header(s) is not met.")
+        return _Range(self.content[offset : offset + length], length)
 
 
 def factory_for(blob: ChunkedBlob) -> Callable[[ModelSpec, DownloadSettings], Any]:
@@ -83,24 +102,69 @@ def refuse_download(spec: ModelSpec, settings: DownloadSettings) -> Any:
     raise AssertionError("must not download")
 
 
-def test_hashing_writer_hashes_in_order_while_chunks_arrive_out_of_order(tmp_path: Path) -> None:
+def test_ranged_reader_yields_in_order_while_ranges_finish_out_of_order() -> None:
     content = os.urandom(1000)
-    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
-    writer = HashingFileWriter(fd)
-    ChunkedBlob(content, chunk=64).readinto(writer)
-    os.close(fd)
-    assert writer.hexdigest() == sha256_hex(content)
-    assert (tmp_path / "out").read_bytes() == content
+    blob = ChunkedBlob(content, chunk=64)
+    reader = RangedBlobReader(blob, concurrency=4, chunk_bytes=64, conditions={"etag": '"0x1"'})
+    arrived: dict[int, bytes] = {}
+    offsets = []
+    received = b""
+    for offset, data in reader.chunks(arrived.__setitem__):
+        offsets.append(offset)
+        received += data
+    assert received == content
+    assert offsets == list(range(0, 1000, 64))
+    assert b"".join(arrived[offset] for offset in sorted(arrived)) == content
+    assert all(call["etag"] == '"0x1"' for call in blob.calls)
+    assert all(call["length"] <= 64 for call in blob.calls if call["offset"] is not None)
 
 
-def test_hashing_writer_reports_a_gap(tmp_path: Path) -> None:
-    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
-    writer = HashingFileWriter(fd)
-    writer.seek(10)
-    writer.write(b"late")
-    os.close(fd)
-    with pytest.raises(OSError, match="gap at offset 0"):
-        writer.hexdigest()
+def test_ranged_reader_keeps_at_most_concurrency_plus_two_chunks_in_flight() -> None:
+    blob = ChunkedBlob(os.urandom(64 * 40), chunk=64)
+    reader = RangedBlobReader(blob, concurrency=3, chunk_bytes=64, conditions={})
+    chunks = reader.chunks()
+    next(chunks)
+    time.sleep(0.1)  # the pool has fetched all it may; nothing more until the consumer takes a chunk
+    assert len(blob.calls) == 1 + 3 + 2
+    chunks.close()
+
+
+def test_ranged_reader_reports_a_short_read() -> None:
+    class ShortBlob(ChunkedBlob):
+        def download_blob(self, offset: int | None = None, length: int | None = None, **kwargs: Any) -> _Range:
+            answer = super().download_blob(offset, length, **kwargs)
+            if offset is None:
+                return answer
+            return _Range(b"".join(answer.chunks())[:-1], answer.size)  # one byte short
+
+    reader = RangedBlobReader(ShortBlob(os.urandom(200), chunk=64), concurrency=2, chunk_bytes=64, conditions={})
+    with pytest.raises(OSError, match="short read at offset 64"):
+        list(reader.chunks())
+
+
+def test_blob_changed_mid_download_fails_cleanly(tmp_path: Path) -> None:
+    content = os.urandom(5000)
+    spec = spec_for(content)
+    blob = ChunkedBlob(content, chunk=100, fail_at=2500)
+    with pytest.raises(ModelFetchError, match="412") as raised:
+        fetch_verified_model(spec, tmp_path, DownloadSettings(chunk_bytes=100), blob_client_factory=factory_for(blob))
+    assert not raised.value.retryable
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_version_id_pin_needs_no_etag_condition(tmp_path: Path) -> None:
+    content = os.urandom(500)
+    spec = dataclasses.replace(spec_for(content), pin=PinnedVersion(version_id="2026-01-01T00:00:00.0000000Z"))
+    blob = ChunkedBlob(content, chunk=100)
+    fetch_verified_model(spec, tmp_path, DownloadSettings(chunk_bytes=100), blob_client_factory=factory_for(blob))
+    assert all("etag" not in call and "match_condition" not in call for call in blob.calls)
+
+
+def test_empty_blob_is_verified_and_cached(tmp_path: Path) -> None:
+    spec = spec_for(b"")
+    result = fetch_verified_model(spec, tmp_path, DownloadSettings(), blob_client_factory=factory_for(ChunkedBlob(b"")))
+    assert result.path.read_bytes() == b""
+    assert result.size == 0
 
 
 def test_download_verifies_pins_the_etag_and_caches_atomically(tmp_path: Path) -> None:
@@ -108,14 +172,15 @@ def test_download_verifies_pins_the_etag_and_caches_atomically(tmp_path: Path) -
     blob = ChunkedBlob(content)
     spec = spec_for(content)
     result = fetch_verified_model(
-        spec, tmp_path, DownloadSettings(concurrency=4), blob_client_factory=factory_for(blob)
+        spec, tmp_path, DownloadSettings(concurrency=4, chunk_bytes=7), blob_client_factory=factory_for(blob)
     )
     assert result.downloaded
     assert result.path == cached_model_path(tmp_path, spec)
     assert result.path.read_bytes() == content
-    assert blob.last_kwargs["etag"] == '"0x1"'
-    assert blob.last_kwargs["max_concurrency"] == 4
-    assert str(blob.last_kwargs["match_condition"]) == "MatchConditions.IfNotModified"
+    assert len(blob.calls) == 715  # the first GET, then one ranged GET per 7-byte chunk
+    for call in blob.calls:  # If-Match on the resolved ETag: every range comes from the same blob
+        assert call["etag"] == '"0x1"'
+        assert str(call["match_condition"]) == "MatchConditions.IfNotModified"
     assert not list(tmp_path.glob("*.part"))
 
     again = fetch_verified_model(spec, tmp_path, DownloadSettings(), blob_client_factory=refuse_download)
