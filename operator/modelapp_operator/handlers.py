@@ -25,7 +25,7 @@ from modelapp_operator.names import (
     PLURAL,
     VERSION,
 )
-from modelapp_operator.reconcile.caches import without_managed_fields
+from modelapp_operator.reconcile.caches import Stored
 from modelapp_operator.watch.keys import AppKey
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -46,7 +46,7 @@ class NoDiffBase(kopf.DiffBaseStorage):
         pass
 
 
-ChildEntry = dict[AppKey, dict[str, Any]]
+ChildEntry = dict[AppKey, Stored]
 
 
 # The children as the watch last saw them (the reconcile reads these instead of GETs). kopf starts
@@ -55,12 +55,12 @@ ChildEntry = dict[AppKey, dict[str, Any]]
 # and handing every Deployment event to a thread was 11 % of the operator's CPU at 1,000 ModelApps.
 @kopf.index("apps", "v1", "deployments", labels={LABEL_MANAGED_BY: MANAGED_BY})
 async def child_deployments(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> ChildEntry:
-    return {(str(namespace), name): without_managed_fields(body)}
+    return {(str(namespace), name): Stored.of(body)}
 
 
 @kopf.index("v1", "services", labels={LABEL_MANAGED_BY: MANAGED_BY})
 async def child_services(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> ChildEntry:
-    return {(str(namespace), name): without_managed_fields(body)}
+    return {(str(namespace), name): Stored.of(body)}
 
 
 @kopf.on.startup()

@@ -22,7 +22,7 @@ from modelapp_operator.config import OperatorConfig, WatchConfig
 from modelapp_operator.metrics import METRICS, triggered_by
 from modelapp_operator.peering import PeeringView
 from modelapp_operator.receiver.server import Receiver
-from modelapp_operator.reconcile.caches import ChildCache, IndexLookup
+from modelapp_operator.reconcile.caches import ChildCache, IndexLookup, Stored
 from modelapp_operator.reconcile.child_refresher import ChildRefresher
 from modelapp_operator.reconcile.events import EventRecorder
 from modelapp_operator.reconcile.queue import ReconcileQueue
@@ -95,14 +95,14 @@ def build_hub(config: OperatorConfig) -> WatchHub:
     )
 
 
-ChildIndex = Mapping[AppKey, Collection[Mapping[str, Any]]]  # a kopf.Index: one copy per key here
+ChildIndex = Mapping[AppKey, Collection[Stored]]  # a kopf.Index: one copy per key here
 
 
 def index_lookup(deployments: ChildIndex, services: ChildIndex) -> IndexLookup:
     """Reads a child from kopf's indexes (handlers.py): one copy per (namespace, name)."""
     indexes = {"Deployment": deployments, "Service": services}
 
-    def lookup(kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
+    def lookup(kind: str, namespace: str, name: str) -> Stored | None:
         store = indexes[kind].get((namespace, name))
         return next(iter(store), None) if store else None
 

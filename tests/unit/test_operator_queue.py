@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from modelapp_operator.names import ANNOTATION_RECONCILE_REQUEST
-from modelapp_operator.reconcile.caches import ChildCache, ModelAppCache, is_older, without_managed_fields
+from modelapp_operator.reconcile.caches import ChildCache, ModelAppCache, Stored, without_managed_fields
 from modelapp_operator.reconcile.events import EventRecorder
 from modelapp_operator.reconcile.queue import ReconcileQueue, handled_state, wants_reconcile
 from modelapp_operator.reconcile.reconciler import (
@@ -137,12 +137,18 @@ def test_the_modelapp_cache_never_goes_back_to_an_older_copy() -> None:
     assert cache.get(KEY) == body(generation=2, rv="20")
     cache.observe(KEY, body(generation=2, rv="21"))
     assert (cache.get(KEY) or {})["metadata"]["resourceVersion"] == "21"
-    assert not is_older(body(rv="not-a-number"), body(rv="20"))  # cannot tell: the new copy wins
+    assert not Stored.of(body(rv="not-a-number")).is_older_than(Stored.of(body(rv="20")))  # cannot tell: new wins
+    copy = cache.get(KEY)
+    assert copy is not None and copy is not cache.get(KEY)  # a fresh parse each time: changing it changes nothing
 
 
 def test_child_cache_prefers_our_apply_until_the_watch_catches_up() -> None:
     watched: dict[tuple[str, str, str], dict[str, Any]] = {}
-    children = ChildCache(lambda kind, ns, name: watched.get((kind, ns, name)))
+    def lookup(kind: str, ns: str, name: str) -> Stored | None:
+        found = watched.get((kind, ns, name))
+        return Stored.of(found) if found is not None else None
+
+    children = ChildCache(lookup)
     assert children.get("Deployment", "ns", "app") is None
     answer = {"metadata": {"generation": 2, "resourceVersion": "50", "managedFields": [{"manager": "x"}]}}
     children.applied("Deployment", "ns", "app", answer)

@@ -9,10 +9,13 @@ A watch copy may lag behind what this operator itself just wrote. Two rules keep
   plan from a stale copy fails with a conflict and is made again from a GET (reconciler.py);
 - generations only grow: a copy whose metadata.generation is older than one this operator has
   already seen (its own apply's answer, a GET) is never used in its place.
+Copies are kept as compact JSON (`Stored`): 10,000 ModelApps with their children fit the operator's
+memory goal that way, not as parsed objects.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +23,40 @@ from typing import Any
 from modelapp_operator.watch.keys import AppKey
 
 Body = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One object as kept here: compact JSON, not parsed. A parsed Deployment or ModelApp costs 10-30 KiB
+    of Python objects, its JSON 3-5 KiB; it is parsed again only when a reconcile or a refresh reads it."""
+
+    generation: int
+    resource_version: int | None
+    text: bytes
+
+    @classmethod
+    def of(cls, body: Body) -> Stored:
+        kept = without_managed_fields(body)
+        return cls(generation_of(kept), resource_version_of(kept), json.dumps(kept, separators=(",", ":")).encode())
+
+    def body(self) -> dict[str, Any]:
+        parsed: dict[str, Any] = json.loads(self.text)
+        return parsed
+
+    def is_older_than(self, other: Stored | None) -> bool:
+        """Whether this is an older copy of the object than other. Generations only grow; within one,
+        the resourceVersion tells when it is a number (it is for etcd-backed API servers). When it cannot
+        tell, the copy just received wins, and a stale plan is caught by the status write's precondition."""
+        if other is None:
+            return False
+        if self.generation != other.generation:
+            return self.generation < other.generation
+        mine, theirs = self.resource_version, other.resource_version
+        return mine is not None and theirs is not None and mine < theirs
+
+
 # Reads one child from a watch-fed index: (kind, namespace, name) -> its newest watched copy, or None.
-IndexLookup = Callable[[str, str, str], Body | None]
+IndexLookup = Callable[[str, str, str], Stored | None]
 
 
 def generation_of(body: Body | None) -> int:
@@ -30,25 +65,11 @@ def generation_of(body: Body | None) -> int:
 
 
 def resource_version_of(body: Body | None) -> int | None:
-    """The resourceVersion as a number, when it is one (it is for etcd-backed API servers).
-
-    Only used to tell which of two copies of one object is newer; when it cannot tell, the
-    copy just received wins, and a stale plan is caught by the status write's precondition."""
     value = ((body or {}).get("metadata") or {}).get("resourceVersion")
     try:
         return int(value) if value is not None else None
     except ValueError:
         return None
-
-
-def is_older(candidate: Body, current: Body | None) -> bool:
-    """Whether candidate is an older copy of the object than current."""
-    if current is None:
-        return False
-    if generation_of(candidate) != generation_of(current):
-        return generation_of(candidate) < generation_of(current)
-    new, old = resource_version_of(candidate), resource_version_of(current)
-    return new is not None and old is not None and new < old
 
 
 def without_managed_fields(body: Body) -> dict[str, Any]:
@@ -61,23 +82,26 @@ def without_managed_fields(body: Body) -> dict[str, Any]:
 class ModelAppCache:
     """The newest copy of each ModelApp: from kopf's watch events and from our own status writes' answers."""
 
-    _bodies: dict[AppKey, Body] = field(default_factory=dict)
+    _stored: dict[AppKey, Stored] = field(default_factory=dict)
 
     def observe(self, key: AppKey, body: Body) -> None:
-        if not is_older(body, self._bodies.get(key)):
-            self._bodies[key] = body
+        stored = Stored.of(body)
+        if not stored.is_older_than(self._stored.get(key)):
+            self._stored[key] = stored
 
-    def get(self, key: AppKey) -> Body | None:
-        return self._bodies.get(key)
+    def get(self, key: AppKey) -> dict[str, Any] | None:
+        """A fresh parse of the newest copy (the caller may keep or change it)."""
+        stored = self._stored.get(key)
+        return stored.body() if stored is not None else None
 
     def forget(self, key: AppKey) -> None:
-        self._bodies.pop(key, None)
+        self._stored.pop(key, None)
 
     def keys(self) -> Iterable[AppKey]:
-        return self._bodies.keys()
+        return self._stored.keys()
 
     def __len__(self) -> int:
-        return len(self._bodies)
+        return len(self._stored)
 
 
 @dataclass
@@ -89,26 +113,25 @@ class ChildCache:
     reconcile without kopf): then every read is a miss and the reconcile GETs."""
 
     lookup: IndexLookup | None = None
-    _applied: dict[tuple[str, str, str], Body] = field(default_factory=dict)
+    _applied: dict[tuple[str, str, str], Stored] = field(default_factory=dict)
 
     @property
     def enabled(self) -> bool:
         return self.lookup is not None
 
     def applied(self, kind: str, namespace: str, name: str, answer: Body) -> None:
-        self._applied[(kind, namespace, name)] = without_managed_fields(answer)
+        self._applied[(kind, namespace, name)] = Stored.of(answer)
 
-    def get(self, kind: str, namespace: str, name: str) -> Body | None:
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         assert self.lookup is not None
         watched = self.lookup(kind, namespace, name)
         key = (kind, namespace, name)
         ours = self._applied.get(key)
-        if ours is None:
-            return watched
-        if watched is not None and not is_older(watched, ours):
+        if ours is not None and (watched is None or watched.is_older_than(ours)):
+            return ours.body()
+        if ours is not None:
             del self._applied[key]  # the watch has caught up with our apply
-            return watched
-        return ours
+        return watched.body() if watched is not None else None
 
     def forget(self, namespace: str, name: str) -> None:
         for key in [key for key in self._applied if key[1:] == (namespace, name)]:
