@@ -183,3 +183,13 @@ async def test_events_are_posted_in_the_background_in_order_and_a_failure_is_dro
     gate.set()
     await recorder.close()
     assert posted == ["RolloutStarted", "Ready"]
+
+
+def test_a_name_whose_apply_conflicted_is_read_from_the_api_server_once() -> None:
+    children = ChildCache(lambda kind, ns, name: None)
+    assert children.trusted("Deployment", "ns", "app")
+    children.applied("Deployment", "ns", "app", {"metadata": {"generation": 1}})
+    children.distrust("Deployment", "ns", "app")
+    assert not children.trusted("Deployment", "ns", "app")  # this read GETs
+    assert children.trusted("Deployment", "ns", "app")  # later ones trust the watch again
+    assert children.get("Deployment", "ns", "app") is None  # our apply's answer went with the conflict

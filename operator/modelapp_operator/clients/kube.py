@@ -68,11 +68,9 @@ def merge_patch(previous: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str
 class KubeClient(Protocol):
     """The Kubernetes calls reconcile needs."""
 
-    async def get(
-        self, api_version: str, kind: str, namespace: str, name: str, *, from_cache: bool = False
-    ) -> dict[str, Any] | None: ...
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
 
-    async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]: ...
+    async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> dict[str, Any]: ...
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None: ...
 
@@ -211,14 +209,8 @@ class AiohttpKubeClient:
             message = payload.get("message", "") if isinstance(payload, dict) else str(payload)[:500]
             raise KubeError(status, f"{what}: {message}")
 
-    async def get(
-        self, api_version: str, kind: str, namespace: str, name: str, *, from_cache: bool = False
-    ) -> dict[str, Any] | None:
-        """The object, or None. from_cache: served from the API server's watch cache (resourceVersion=0:
-        no etcd read, possibly as old as a watch event), for reads that a watch would answer as well."""
-        params = {"resourceVersion": "0"} if from_cache else None
-        path = resource_path(api_version, kind, namespace, name)
-        status, payload = await self._request("GET", path, params=params)
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        status, payload = await self._request("GET", resource_path(api_version, kind, namespace, name))
         if status == 404:
             return None
         self._check(status, payload, f"get {kind} {namespace}/{name}")
@@ -241,8 +233,10 @@ class AiohttpKubeClient:
         self._check(status, payload, f"get {path}")
         return payload  # type: ignore[no-any-return]
 
-    async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
-        """Server-side apply as the operator's field manager (force: we own these fields)."""
+    async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> dict[str, Any]:
+        """Server-side apply as the operator's field manager. force: take fields another manager set
+        (ours to own); without it, a field someone else set to another value fails with ConflictError
+        and nothing is changed (creating: an object of someone else's under that name is left alone)."""
         metadata = obj["metadata"]
         path = resource_path(obj["apiVersion"], obj["kind"], metadata["namespace"], metadata["name"])
         status, payload = await self._request(
@@ -250,8 +244,10 @@ class AiohttpKubeClient:
             path,
             body=obj,
             content_type="application/apply-patch+yaml",
-            params={"fieldManager": FIELD_MANAGER, "force": "true"},
+            params={"fieldManager": FIELD_MANAGER, "force": "true" if force else "false"},
         )
+        if status == 409 and not force:
+            raise ConflictError(status, f"apply {obj['kind']} {metadata['namespace']}/{metadata['name']}: {payload}")
         self._check(status, payload, f"apply {obj['kind']} {metadata['namespace']}/{metadata['name']}")
         return payload  # type: ignore[no-any-return]
 

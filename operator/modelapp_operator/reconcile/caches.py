@@ -114,10 +114,24 @@ class ChildCache:
 
     lookup: IndexLookup | None = None
     _applied: dict[tuple[str, str, str], Stored] = field(default_factory=dict)
+    # Names whose next read must be a GET: an apply that trusted the watch conflicted there.
+    _distrusted: set[tuple[str, str, str]] = field(default_factory=set)
 
     @property
     def enabled(self) -> bool:
         return self.lookup is not None
+
+    def trusted(self, kind: str, namespace: str, name: str) -> bool:
+        """Whether the watch's answer for this name may be used (else GET it once, and trust it again)."""
+        key = (kind, namespace, name)
+        if key in self._distrusted:
+            self._distrusted.discard(key)
+            return False
+        return True
+
+    def distrust(self, kind: str, namespace: str, name: str) -> None:
+        self._distrusted.add((kind, namespace, name))
+        self._applied.pop((kind, namespace, name), None)
 
     def applied(self, kind: str, namespace: str, name: str, answer: Body) -> None:
         self._applied[(kind, namespace, name)] = Stored.of(answer)
@@ -136,3 +150,4 @@ class ChildCache:
     def forget(self, namespace: str, name: str) -> None:
         for key in [key for key in self._applied if key[1:] == (namespace, name)]:
             del self._applied[key]
+        self._distrusted -= {key for key in self._distrusted if key[1:] == (namespace, name)}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -132,14 +132,14 @@ class Dependencies:
         return self.modelapps.get(key)
 
     async def read_child(self, api_version: str, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
-        """The child as the watch saw it. The watch sees only objects labelled as ours: a name it does
-        not know is asked of the API server's cache, so an unlabelled object of someone else's under
-        that name is found (a name conflict), never applied over."""
-        if self.children.enabled:
-            watched = self.children.get(kind, namespace, name)
-            if watched is not None:
-                return watched
-        return await self.kube.get(api_version, kind, namespace, name, from_cache=self.children.enabled)
+        """The child as the watch saw it, or a GET when there is no watch or it cannot be trusted.
+
+        The watch sees only objects labelled as ours. A child it does not know is created without
+        force (`_apply`): an unlabelled object of someone else's under that name makes that apply
+        conflict instead of being changed, and the next read of that name GETs it (a name conflict)."""
+        if self.children.enabled and self.children.trusted(kind, namespace, name):
+            return self.children.get(kind, namespace, name)
+        return await self.kube.get(api_version, kind, namespace, name)
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,8 @@ async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> Reco
         deps.clock(),
     )
     # Apply, then write.
-    applied_deployment = await _apply(deps, body, plan)
+    absent = [kind for kind, child in (("Deployment", deployment), ("Service", service)) if child is None]
+    applied_deployment = await _apply(deps, body, plan, absent)
     METRICS.rollout_applied((app.namespace, app.name), deployment, applied_deployment, rollback=plan.rolled_back)
     update = plan.status_update(applied_deployment)
     await _write_status(deps, body, update)
@@ -245,13 +246,22 @@ async def _refusal(deps: Dependencies, app: ModelApp, deployment: Mapping[str, A
     return refusal_from_pods(deployment, pods)
 
 
-async def _apply(deps: Dependencies, body: Mapping[str, Any], plan: ReconcilePlan) -> Mapping[str, Any] | None:
-    """Apply the plan's objects and post its events; returns the Deployment as the API server answered."""
+async def _apply(
+    deps: Dependencies, body: Mapping[str, Any], plan: ReconcilePlan, absent: Collection[str]
+) -> Mapping[str, Any] | None:
+    """Apply the plan's objects and post its events; returns the Deployment as the API server answered.
+    absent: the kinds read as not there, created without force (never taking someone else's object)."""
     metadata = body.get("metadata") or {}
     namespace, name = str(metadata.get("namespace")), str(metadata.get("name"))
     applied_deployment: Mapping[str, Any] | None = None
     for obj in plan.apply:
-        answer = await deps.kube.apply(obj)
+        creating = obj["kind"] in absent
+        try:
+            answer = await deps.kube.apply(obj, force=not creating)
+        except ConflictError:
+            # Not ours after all (or not what the watch showed): read it before planning again.
+            deps.children.distrust(obj["kind"], namespace, name)
+            raise
         deps.children.applied(obj["kind"], namespace, name, answer)
         if obj["kind"] == "Deployment":
             applied_deployment = answer
