@@ -26,7 +26,13 @@ from modelapp_operator.reconcile.caches import ChildCache, IndexLookup, Stored
 from modelapp_operator.reconcile.child_refresher import ChildRefresher
 from modelapp_operator.reconcile.events import EventRecorder
 from modelapp_operator.reconcile.queue import ReconcileQueue
-from modelapp_operator.reconcile.reconciler import Dependencies, ReconcileError, ReconcileResult, reconcile
+from modelapp_operator.reconcile.reconciler import (
+    Dependencies,
+    ReconcileError,
+    ReconcileResult,
+    TemporaryReconcileError,
+    reconcile,
+)
 from modelapp_operator.watch.hub import WatchHub
 from modelapp_operator.watch.keys import AppKey
 
@@ -131,7 +137,7 @@ async def start(config: OperatorConfig, logger: Logger, children: IndexLookup | 
     )
 
     async def reconcile_changed(app: AppKey) -> None:
-        await _reconcile_changed(app, deps, logger)
+        await _reconcile_changed(app, deps, runtime.queue, logger)
 
     hub.set_on_change(reconcile_changed)
     peering: PeeringView | None = None
@@ -160,19 +166,27 @@ async def start(config: OperatorConfig, logger: Logger, children: IndexLookup | 
     return runtime
 
 
-async def _reconcile_changed(app: AppKey, deps: Dependencies, logger: Logger) -> None:
+async def _reconcile_changed(app: AppKey, deps: Dependencies, queue: ReconcileQueue, logger: Logger) -> None:
     """A followed tag or blob changed: reconcile that ModelApp now.
 
     Called directly rather than through the queue, so the change's trigger (poll, webhook) stays
     with the reconcile for the metrics; reconcile serializes with the queue's through the
-    per-object lock and reads the newest copy of the object."""
+    per-object lock and reads the newest copy of the object. A reconcile that fails is the queue's
+    to retry: the hub has already recorded the new versions as seen (the reconcile resolved them),
+    so it would not ask again until the next change (an API server down during a push lost it)."""
     namespace, name = app
     try:
         result = await reconcile({"metadata": {"namespace": namespace, "name": name}}, deps)
-    except ReconcileError as error:
-        # Written to the status; the hub asks again when the next fetch sees a change.
-        logger.info("reconcile of %s/%s after a change: %s", namespace, name, error)
+    except TemporaryReconcileError as error:
+        logger.info("reconcile of %s/%s after a change: %s (retrying in %gs)", namespace, name, error, error.delay)
+        queue.retry(app, error.delay)
         return
+    except ReconcileError as error:
+        logger.info("reconcile of %s/%s after a change: %s", namespace, name, error)  # the status says why
+        return
+    except Exception:
+        queue.retry(app)
+        raise  # the hub logs and counts it
     if not result.found and deps.watch is not None:
         deps.watch.untrack(app)
     elif result.applied:

@@ -193,3 +193,17 @@ def test_a_name_whose_apply_conflicted_is_read_from_the_api_server_once() -> Non
     assert not children.trusted("Deployment", "ns", "app")  # this read GETs
     assert children.trusted("Deployment", "ns", "app")  # later ones trust the watch again
     assert children.get("Deployment", "ns", "app") is None  # our apply's answer went with the conflict
+
+
+async def test_a_reconcile_that_failed_outside_the_queue_is_retried_by_it() -> None:
+    recorder = Recorder([])
+    queue = ReconcileQueue(recorder, logging.getLogger("test"))
+    queue.retry(KEY, 0.05)
+    queue.retry(KEY, 3600)  # a later retry does not replace a sooner one
+    assert queue.waiting_retries == 1 and recorder.calls == 0
+    await asyncio.sleep(0.1)
+    await settle()
+    assert recorder.calls == 1 and queue.waiting_retries == 0
+    queue.retry(KEY)  # an API hiccup: the backoff's first step
+    assert queue.waiting_retries == 1
+    await queue.close()

@@ -27,8 +27,9 @@ from modelapp_operator.watch.keys import AppKey
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 
-# A bug or an API hiccup (not one of our own errors): retried after this, doubling up to the cap.
-UNEXPECTED_ERROR_DELAY = 30.0
+# A bug or an API hiccup (not one of our own errors, e.g. the API server restarting): retried after
+# this, doubling up to the cap.
+UNEXPECTED_ERROR_DELAY = 2.0
 UNEXPECTED_ERROR_MAX_DELAY = 300.0
 
 
@@ -97,6 +98,26 @@ class ReconcileQueue:
         if key not in self._tasks:
             self._tasks[key] = asyncio.create_task(self._drain(key), name=f"reconcile {key[0]}/{key[1]}")
 
+    def retry(self, key: AppKey, delay: float | None = None) -> None:
+        """Reconcile again after delay (default: the unexpected-error backoff, doubling), unless a run is
+        pending or running (it retries itself) or a retry is due sooner."""
+        if key in self._pending or key in self._tasks:
+            return
+        if delay is None:
+            delay = self._next_unexpected_delay(key)
+        loop = asyncio.get_running_loop()
+        scheduled = self._retries.get(key)
+        if scheduled is not None:
+            if scheduled.when() <= loop.time() + delay:
+                return
+            scheduled.cancel()
+        self._retries[key] = loop.call_later(delay, self.submit, key)
+
+    def _next_unexpected_delay(self, key: AppKey) -> float:
+        delay = self._unexpected_delays.get(key, UNEXPECTED_ERROR_DELAY / 2) * 2
+        self._unexpected_delays[key] = min(delay, UNEXPECTED_ERROR_MAX_DELAY)
+        return self._unexpected_delays[key]
+
     def forget(self, key: AppKey) -> None:
         """The ModelApp is gone: drop its retry and what it was last seen as."""
         retry = self._retries.pop(key, None)
@@ -133,17 +154,16 @@ class ReconcileQueue:
             return error.delay
         except Exception as error:
             # A bug or an API hiccup: log it (redacted) and retry with backoff; never let it stop the queue.
-            delay = self._unexpected_delays.get(key, UNEXPECTED_ERROR_DELAY / 2) * 2
-            self._unexpected_delays[key] = min(delay, UNEXPECTED_ERROR_MAX_DELAY)
+            delay = self._next_unexpected_delay(key)
             self._logger.error(
                 "%s/%s: reconcile failed: %s: %s (retrying in %gs)",
                 namespace,
                 name,
                 type(error).__name__,
                 redact(str(error)),
-                self._unexpected_delays[key],
+                delay,
             )
-            return self._unexpected_delays[key]
+            return delay
         else:
             self._unexpected_delays.pop(key, None)
             if not result.found:
