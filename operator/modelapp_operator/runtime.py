@@ -145,6 +145,7 @@ async def start(config: OperatorConfig, logger: Logger, children: IndexLookup | 
         # Two replicas, one active: kopf pauses its handlers on the standby; our own loops ask the view.
         peering = PeeringView(config.peering, config.namespaces, kube.get_path, on_change=METRICS.set_active)
         hub.set_active_check(lambda: peering is not None and peering.active)
+        runtime.queue.set_active_check(lambda: peering is not None and peering.active)
         runtime.tasks.append(asyncio.create_task(peering.run(), name="modelapp-peering-view"))
     polling = hub.run_polling(config.poll_interval_seconds)
     runtime.tasks.append(asyncio.create_task(polling, name="modelapp-watch-poll", context=triggered_by("poll")))

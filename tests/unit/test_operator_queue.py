@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from modelapp_operator.names import ANNOTATION_RECONCILE_REQUEST
+from modelapp_operator.reconcile import queue as queue_module
 from modelapp_operator.reconcile.caches import ChildCache, ModelAppCache, Stored, without_managed_fields
 from modelapp_operator.reconcile.events import EventRecorder
 from modelapp_operator.reconcile.queue import ReconcileQueue, handled_state, wants_reconcile
@@ -206,4 +207,22 @@ async def test_a_reconcile_that_failed_outside_the_queue_is_retried_by_it() -> N
     assert recorder.calls == 1 and queue.waiting_retries == 0
     queue.retry(KEY)  # an API hiccup: the backoff's first step
     assert queue.waiting_retries == 1
+    await queue.close()
+
+
+async def test_a_standby_replica_runs_no_reconcile_but_keeps_it_for_when_it_is_active(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(queue_module, "STANDBY_RECHECK_SECONDS", 0.05)
+    recorder = Recorder([])
+    queue = ReconcileQueue(recorder, logging.getLogger("test"))
+    active = False
+    queue.set_active_check(lambda: active)
+    queue.submit(KEY)
+    await settle()
+    assert recorder.calls == 0 and queue.waiting_retries == 1
+    active = True
+    await asyncio.sleep(0.1)
+    await settle()
+    assert recorder.calls == 1 and queue.waiting_retries == 0
     await queue.close()

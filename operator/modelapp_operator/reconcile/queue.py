@@ -31,6 +31,7 @@ Logger = logging.Logger | logging.LoggerAdapter[Any]
 # this, doubling up to the cap.
 UNEXPECTED_ERROR_DELAY = 2.0
 UNEXPECTED_ERROR_MAX_DELAY = 300.0
+STANDBY_RECHECK_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,12 @@ class ReconcileQueue:
         self._retries: dict[AppKey, asyncio.TimerHandle] = {}
         self._unexpected_delays: dict[AppKey, float] = {}
         self._last: dict[AppKey, Handled] = {}
+        self._active: Callable[[], bool] = lambda: True
+
+    def set_active_check(self, active: Callable[[], bool]) -> None:
+        """Two replicas: only the active one reconciles. A request on a standby (a retry due from when it
+        was active, or an event seen before its view of the peering caught up) waits until it is active."""
+        self._active = active
 
     def observe(self, key: AppKey, body: Mapping[str, Any]) -> bool:
         """A watch event of the ModelApp: queue a reconcile if it asks for one. Returns whether it did."""
@@ -144,6 +151,8 @@ class ReconcileQueue:
     async def _run(self, key: AppKey) -> float | None:
         """One reconcile; returns the delay before retrying it, or None."""
         namespace, name = key
+        if not self._active():
+            return STANDBY_RECHECK_SECONDS  # kept, not dropped: it runs once this replica is the active one
         try:
             result = await self._reconcile(key)
         except PermanentReconcileError as error:
