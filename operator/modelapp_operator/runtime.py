@@ -30,7 +30,6 @@ from modelapp_operator.reconcile.reconciler import (
     Dependencies,
     ReconcileError,
     ReconcileResult,
-    TemporaryReconcileError,
     reconcile,
 )
 from modelapp_operator.watch.hub import WatchHub
@@ -172,16 +171,13 @@ async def _reconcile_changed(app: AppKey, deps: Dependencies, queue: ReconcileQu
 
     Called directly rather than through the queue, so the change's trigger (poll, webhook) stays
     with the reconcile for the metrics; reconcile serializes with the queue's through the
-    per-object lock and reads the newest copy of the object. A reconcile that fails is the queue's
-    to retry: the hub has already recorded the new versions as seen (the reconcile resolved them),
-    so it would not ask again until the next change (an API server down during a push lost it)."""
+    per-object lock and reads the newest copy of the object. A resolution that failed is written to
+    the status and the hub asks again when that tag or blob answers. Anything else that fails (the
+    API server down during a push) is the queue's to retry: the hub has already recorded the new
+    versions as seen (the reconcile resolved them), so it would not ask again until the next change."""
     namespace, name = app
     try:
         result = await reconcile({"metadata": {"namespace": namespace, "name": name}}, deps)
-    except TemporaryReconcileError as error:
-        logger.info("reconcile of %s/%s after a change: %s (retrying in %gs)", namespace, name, error, error.delay)
-        queue.retry(app, error.delay)
-        return
     except ReconcileError as error:
         logger.info("reconcile of %s/%s after a change: %s", namespace, name, error)  # the status says why
         return
