@@ -7,11 +7,13 @@ marked `pods`, on the host side of the real node's own network (modelapp_localst
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator
 
 import pytest
+from azure.storage.blob import BlobServiceClient, ContainerClient
 from modelapp_localstack import Azurite, KubeCluster, Registry, Stack
 from modelapp_localstack.procs import free_port
 from modelapp_localstack.prometheus import Prometheus
@@ -50,6 +52,15 @@ def registry_notify_token() -> str:
 @pytest.fixture(scope="session")
 def azurite(local_stack: Stack) -> Azurite:
     return local_stack.start_azurite()
+
+
+@pytest.fixture(scope="module")
+def models(azurite: Azurite) -> ContainerClient:
+    """The `models` blob container in Azurite (created if missing)."""
+    container = BlobServiceClient.from_connection_string(azurite.connection_string).get_container_client("models")
+    with contextlib.suppress(Exception):
+        container.create_container()
+    return container
 
 
 @pytest.fixture(scope="session")
