@@ -16,7 +16,7 @@ memory goal that way, not as parsed objects.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,15 +44,20 @@ class Stored:
         return parsed
 
     def is_older_than(self, other: Stored | None) -> bool:
-        """Whether this is an older copy of the object than other. Generations only grow; within one,
-        the resourceVersion tells when it is a number (it is for etcd-backed API servers). When it cannot
-        tell, the copy just received wins, and a stale plan is caught by the status write's precondition."""
-        if other is None:
-            return False
-        if self.generation != other.generation:
-            return self.generation < other.generation
-        mine, theirs = self.resource_version, other.resource_version
-        return mine is not None and theirs is not None and mine < theirs
+        """Whether this is an older copy of the object than other."""
+        return _older(self.generation, self.resource_version, other)
+
+
+def _older(generation: int, resource_version: int | None, other: Stored | None) -> bool:
+    """Whether a copy with this generation and resourceVersion is older than other. Generations only grow;
+    within one, the resourceVersion tells when it is a number (it is for etcd-backed API servers). When it
+    cannot tell, the copy just received wins, and a stale plan is caught by the status write's precondition."""
+    if other is None:
+        return False
+    if generation != other.generation:
+        return generation < other.generation
+    theirs = other.resource_version
+    return resource_version is not None and theirs is not None and resource_version < theirs
 
 
 # Reads one child from a watch-fed index: (kind, namespace, name) -> its newest watched copy, or None.
@@ -85,9 +90,12 @@ class ModelAppCache:
     _stored: dict[AppKey, Stored] = field(default_factory=dict)
 
     def observe(self, key: AppKey, body: Body) -> None:
-        stored = Stored.of(body)
-        if not stored.is_older_than(self._stored.get(key)):
-            self._stored[key] = stored
+        current = self._stored.get(key)
+        generation, resource_version = generation_of(body), resource_version_of(body)
+        if current is not None and resource_version is not None and resource_version == current.resource_version:
+            return  # the copy already kept (the watch event of our own status write): not encoded again
+        if not _older(generation, resource_version, current):
+            self._stored[key] = Stored.of(body)
 
     def get(self, key: AppKey) -> dict[str, Any] | None:
         """A fresh parse of the newest copy (the caller may keep or change it)."""
@@ -96,12 +104,6 @@ class ModelAppCache:
 
     def forget(self, key: AppKey) -> None:
         self._stored.pop(key, None)
-
-    def keys(self) -> Iterable[AppKey]:
-        return self._stored.keys()
-
-    def __len__(self) -> int:
-        return len(self._stored)
 
 
 @dataclass
