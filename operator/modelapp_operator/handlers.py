@@ -147,22 +147,36 @@ def _controller_owner(body: kopf.Body) -> str | None:
     return None
 
 
-@kopf.on.event("apps", "v1", "deployments", labels={LABEL_MANAGED_BY: MANAGED_BY})
-async def on_child_deployment(event: kopf.RawEvent, body: kopf.Body, memo: Any, logger: Logger, **_: Any) -> None:
-    """Follow the child Deployment: Ready tracks its rollout; a deleted child is recreated."""
+def _owning_app(body: kopf.Body, memo: Any) -> tuple[runtime.Runtime, AppKey] | None:
+    """The running operator and the ModelApp that owns this child, if both are there."""
     owner = _controller_owner(body)
     namespace = body.get("metadata", {}).get("namespace")
     running: runtime.Runtime | None = memo.get("runtime")
     if owner is None or namespace is None or running is None:
+        return None
+    return running, (str(namespace), owner)
+
+
+def _recreate(running: runtime.Runtime, app: AppKey) -> None:
+    """A child was deleted: forget what we applied there and reconcile, which applies it again."""
+    running.deps.children.forget(*app)
+    running.queue.submit(app)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={LABEL_MANAGED_BY: MANAGED_BY})
+async def on_child_deployment(event: kopf.RawEvent, body: kopf.Body, memo: Any, **_: Any) -> None:
+    """Follow the child Deployment: Ready tracks its rollout; a deleted child is recreated."""
+    found = _owning_app(body, memo)
+    if found is None:
         return
+    running, app = found
     if event.get("type") == "DELETED":
-        running.deps.children.forget(namespace, owner)
-        running.queue.submit((namespace, owner))  # recreate it
+        _recreate(running, app)
         return
     # The event's copy is as fresh as a GET would be: spare the API server that read.
     deployment = event.get("object")
     if deployment:
-        running.child_refresher.submit((namespace, owner), deployment)
+        running.child_refresher.submit(app, deployment)
 
 
 def _is_deletion(event: kopf.RawEvent, **_: Any) -> bool:
@@ -172,9 +186,6 @@ def _is_deletion(event: kopf.RawEvent, **_: Any) -> bool:
 @kopf.on.event("v1", "services", labels={LABEL_MANAGED_BY: MANAGED_BY}, when=_is_deletion)
 async def on_child_service_deleted(body: kopf.Body, memo: Any, **_: Any) -> None:
     """A deleted child Service is recreated."""
-    owner = _controller_owner(body)
-    namespace = body.get("metadata", {}).get("namespace")
-    running: runtime.Runtime | None = memo.get("runtime")
-    if owner is not None and namespace is not None and running is not None:
-        running.deps.children.forget(namespace, owner)
-        running.queue.submit((namespace, owner))
+    found = _owning_app(body, memo)
+    if found is not None:
+        _recreate(*found)

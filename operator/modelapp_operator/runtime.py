@@ -7,7 +7,6 @@ the ModelApps that follow it; `Runtime.stop` closes everything at clean-up.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Collection, Mapping
@@ -25,7 +24,7 @@ from modelapp_operator.receiver.server import Receiver
 from modelapp_operator.reconcile.caches import ChildCache, IndexLookup, Stored
 from modelapp_operator.reconcile.child_refresher import ChildRefresher
 from modelapp_operator.reconcile.events import EventRecorder
-from modelapp_operator.reconcile.queue import ReconcileQueue
+from modelapp_operator.reconcile.queue import ReconcileQueue, stop_all
 from modelapp_operator.reconcile.reconciler import (
     Dependencies,
     ReconcileError,
@@ -60,11 +59,7 @@ class Runtime:
         await self.child_refresher.close()
         if self.deps.events is not None:
             await self.deps.events.close()
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_all((), self.tasks)
         deps = self.deps
         if deps.watch is not None:
             await deps.watch.close()

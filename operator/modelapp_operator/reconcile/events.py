@@ -1,7 +1,9 @@
 """Kubernetes events posted in the background, a few at a time, so they never hold up a rollout.
 
 As client-go's event recorder does: a reconcile records its events and goes on; a small, fixed number
-of workers posts them in the order recorded. On a cold start of 1,000 ModelApps the two events each
+of workers takes them in the order recorded and posts them, each with the time it was recorded (with
+more than one worker, two events may reach the API server in either order; their times tell which came
+first). On a cold start of 1,000 ModelApps the two events each
 (RolloutStarted, Ready) were 2,000 POSTs made inside the reconciles, competing with the applies for
 the API server; here they take at most EVENT_WORKERS requests in flight and drain behind the applies.
 An event that cannot be posted is logged and dropped (it never fails a reconcile).
