@@ -90,9 +90,14 @@ def test_ci_stages_jobs_and_order() -> None:
     assert "bash deploy/pipeline/lint-test.sh" in commands
 
 
-def test_lint_test_script_runs_ruff_mypy_and_unit_tests() -> None:
+def test_lint_test_script_runs_ruff_mypy_unit_tests_and_the_pipeline_validator() -> None:
     text = (REPO_ROOT / "deploy/pipeline/lint-test.sh").read_text()
-    for expected in ("-m ruff check", "-m mypy", "-m pytest -m unit"):
+    for expected in (
+        "-m ruff check",
+        "-m mypy",
+        "-m pytest -m unit",
+        "node deploy/pipeline/validate-pipeline.js azure-pipelines.yml azure-pipelines-model.yml",
+    ):
         assert expected in text
 
 
