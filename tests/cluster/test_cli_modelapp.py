@@ -173,8 +173,7 @@ def test_rollback_pins_the_previous_ready_pair(kube: KubeCluster, namespace: str
          "startedAt": "2025-12-31T00:00:00Z", "finishedAt": "2026-01-01T00:00:00Z", "reason": "Initial"},
     ]  # fmt: skip
     write_status(kube, namespace, "back", ready_status(1, NEW, history=history))
-    if "history" not in get_app(kube, namespace, "back")["status"]:
-        pytest.xfail("the CRD does not keep status.history yet (issue 4: rollout history)")
+    assert "history" in get_app(kube, namespace, "back")["status"], "the CRD must keep status.history"
     result = modelapp("rollback", "back", "-n", namespace, kube=kube)
     assert result.returncode == 0, result.stderr
     assert "rolling back to revision 1" in result.stdout
