@@ -4,17 +4,19 @@ log in the failure message. Running the operator itself is modelapp_localstack.o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 from azure.storage.blob import ContainerClient
 from modelapp_localstack import Azurite, KubeCluster, Registry
-from modelapp_localstack.operator import OperatorProcess, create_tenant_namespace
+from modelapp_localstack.operator import OperatorProcess, apply_crd, create_tenant_namespace
 
 T = TypeVar("T")
 
@@ -37,6 +39,35 @@ def stop_operator(operator: OperatorProcess, *secrets: str) -> None:
     assert "Traceback" not in text, operator.log_tail(200)
     for secret in secrets:
         assert secret not in text, "a credential reached the operator log"
+
+
+@contextlib.contextmanager
+def operator_running(
+    kube: KubeCluster,
+    registry: Registry,
+    log_file: Path,
+    namespaces: str,
+    env: Mapping[str, str] | None = None,
+    secrets: Sequence[str] = (),
+) -> Iterator[OperatorProcess]:
+    """`python -m modelapp_operator` as in production (the CRD applied first), watching the namespaces
+    that match the kopf pattern `namespaces`, with `env` on top of the stack's settings; stopped at the
+    end by `stop_operator`, which checks its log for crashes and for each of `secrets`."""
+    apply_crd(kube)
+    running = OperatorProcess.start(kube, registry, log_file, env, namespaces=[namespaces])
+    try:
+        yield running
+    finally:
+        stop_operator(running, *secrets)
+
+
+class StartOperator(Protocol):
+    """The `start_operator` fixture (tests/cluster/conftest.py): `operator_running` for a test module,
+    stopped when the module ends."""
+
+    def __call__(
+        self, namespaces: str, env: Mapping[str, str] | None = None, *, secrets: Sequence[str] = ()
+    ) -> OperatorProcess: ...
 
 
 def publish_model(models: ContainerClient, blob_name: str, content: bytes) -> tuple[str, str]:

@@ -11,17 +11,17 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 from azure.storage.blob import ContainerClient
 from modelapp_localstack import Azurite, KubeCluster, Registry
-from modelapp_localstack.operator import OperatorProcess, apply_crd
+from modelapp_localstack.operator import OperatorProcess
 
 from tests.cluster.helpers import (
     App,
+    StartOperator,
     apply,
     conditions,
     env_of,
@@ -29,7 +29,6 @@ from tests.cluster.helpers import (
     modelapp,
     prepare,
     publish_model,
-    stop_operator,
     wait_for,
     wait_for_events,
     wait_for_reason,
@@ -42,17 +41,9 @@ NAMESPACE_PREFIX = f"mv-{uuid.uuid4().hex[:6]}"
 
 
 @pytest.fixture(scope="module")
-def operator(
-    kube: KubeCluster, registry: Registry, azurite: Azurite, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    apply_crd(kube)
-    log_file = tmp_path_factory.mktemp("operator") / "operator.log"
+def operator(start_operator: StartOperator, registry: Registry, azurite: Azurite) -> OperatorProcess:
     env = {"MODELAPP_POLL_INTERVAL_SECONDS": "1", "MODELAPP_RECEIVER_ENABLED": "false"}
-    running = OperatorProcess.start(kube, registry, log_file, env, namespaces=[f"{NAMESPACE_PREFIX}-*"])
-    try:
-        yield running
-    finally:
-        stop_operator(running, registry.password, azurite.account_key)
+    return start_operator(f"{NAMESPACE_PREFIX}-*", env, secrets=(registry.password, azurite.account_key))
 
 
 def cli(kube: KubeCluster, *argv: str, connection_string: str | None = None) -> subprocess.CompletedProcess[str]:

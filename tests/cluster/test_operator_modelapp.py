@@ -7,26 +7,26 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from azure.storage.blob import ContainerClient
 from modelapp_localstack import Azurite, KubeCluster, Registry
-from modelapp_localstack.operator import OperatorProcess, apply_crd
+from modelapp_localstack.operator import OperatorProcess
 
 from tests.cluster.helpers import (
+    StartOperator,
     apply,
     conditions,
     env_of,
     get,
     modelapp,
+    operator_running,
     prepare,
     publish_model,
     replicasets,
     request_reconcile,
-    stop_operator,
     wait_for,
     wait_for_events,
     wait_for_reason,
@@ -38,22 +38,9 @@ pytestmark = pytest.mark.cluster
 NAMESPACE_PREFIX = f"op-{uuid.uuid4().hex[:6]}"
 
 
-def start_operator(kube: KubeCluster, registry: Registry, log_file: Path, namespace_pattern: str) -> OperatorProcess:
-    """`python -m modelapp_operator` as in production, watching the namespaces matching the pattern."""
-    apply_crd(kube)
-    return OperatorProcess.start(kube, registry, log_file, namespaces=[namespace_pattern])
-
-
 @pytest.fixture(scope="module")
-def operator(
-    kube: KubeCluster, registry: Registry, azurite: Azurite, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    log_file = tmp_path_factory.mktemp("operator") / "operator.log"
-    running = start_operator(kube, registry, log_file, f"{NAMESPACE_PREFIX}-*")
-    try:
-        yield running
-    finally:
-        stop_operator(running, registry.password, azurite.account_key)
+def operator(start_operator: StartOperator, registry: Registry, azurite: Azurite) -> OperatorProcess:
+    return start_operator(f"{NAMESPACE_PREFIX}-*", secrets=(registry.password, azurite.account_key))
 
 
 def operator_fields(obj: dict[str, Any]) -> list[dict[str, Any]]:
@@ -310,18 +297,15 @@ def test_restarted_operator_resumes_without_touching_children(
     """A restart reconciles every ModelApp once: same desired objects, so nothing is applied and nothing rolls."""
     prefix = f"{NAMESPACE_PREFIX}r"  # not matched by the module's operator
     app = prepare(kube, registry, azurite, models, prefix=prefix)
-    first = start_operator(kube, registry, tmp_path / "first.log", f"{prefix}-*")
-    try:
+    secrets = (registry.password, azurite.account_key)
+    with operator_running(kube, registry, tmp_path / "first.log", f"{prefix}-*", secrets=secrets) as first:
         apply(kube, modelapp(app, azurite))
         before = wait_ready(kube, app, first)
-    finally:
-        stop_operator(first, registry.password, azurite.account_key)
     deployment_before = get(kube, "deployment", app)
     service_before = get(kube, "service", app)
     assert deployment_before is not None and service_before is not None
 
-    second = start_operator(kube, registry, tmp_path / "second.log", f"{prefix}-*")
-    try:
+    with operator_running(kube, registry, tmp_path / "second.log", f"{prefix}-*", secrets=secrets) as second:
         wait_for(
             "the reconcile at start-up",
             lambda: f"{app.namespace}/{app.name}: reconciled: nothing to apply" in second.log_text(),
@@ -330,8 +314,6 @@ def test_restarted_operator_resumes_without_touching_children(
         deployment_after = get(kube, "deployment", app)
         service_after = get(kube, "service", app)
         after = get(kube, "modelapp", app)
-    finally:
-        stop_operator(second, registry.password, azurite.account_key)
     assert deployment_after is not None and service_after is not None and after is not None
     # Not applied again: our field manager's entry is unchanged (the Deployment's status may still move).
     assert operator_fields(deployment_after) == operator_fields(deployment_before)

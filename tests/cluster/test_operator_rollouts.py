@@ -9,18 +9,19 @@ import json
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import pytest
 from azure.storage.blob import ContainerClient
 from modelapp_localstack import Azurite, KubeCluster, Registry
-from modelapp_localstack.operator import OperatorProcess, apply_crd
+from modelapp_localstack.operator import OperatorProcess
 from modelapp_localstack.registry import MANIFEST_ACCEPT
 
 from tests.cluster import helpers
 from tests.cluster.helpers import (
     App,
+    StartOperator,
     apply,
     conditions,
     env_of,
@@ -29,7 +30,6 @@ from tests.cluster.helpers import (
     prepare,
     publish_model,
     replicasets,
-    stop_operator,
     wait_for_events,
     wait_ready,
 )
@@ -46,15 +46,12 @@ T = TypeVar("T")
 
 @pytest.fixture(scope="module")
 def operator(
-    kube: KubeCluster,
+    start_operator: StartOperator,
     registry: Registry,
     azurite: Azurite,
     registry_notify_port: int,
     registry_notify_token: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[OperatorProcess]:
-    apply_crd(kube)
-    log_file = tmp_path_factory.mktemp("operator") / "operator.log"
+) -> OperatorProcess:
     env = {
         "MODELAPP_POLL_INTERVAL_SECONDS": str(POLL_SECONDS),
         "MODELAPP_CHANGE_COALESCE_SECONDS": str(COALESCE_SECONDS),
@@ -62,11 +59,8 @@ def operator(
         "MODELAPP_RECEIVER_PORT": str(registry_notify_port),
         "MODELAPP_RECEIVER_BIND": "127.0.0.1",
     }
-    running = OperatorProcess.start(kube, registry, log_file, env, namespaces=[f"{NAMESPACE_PREFIX}-*"])
-    try:
-        yield running
-    finally:
-        stop_operator(running, registry.password, azurite.account_key, registry_notify_token)
+    secrets = (registry.password, azurite.account_key, registry_notify_token)
+    return start_operator(f"{NAMESPACE_PREFIX}-*", env, secrets=secrets)
 
 
 def wait_for(what: str, check: Callable[[], T | None], operator: OperatorProcess, timeout: float = 90) -> T:

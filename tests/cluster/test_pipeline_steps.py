@@ -23,9 +23,9 @@ import pytest
 import yaml
 from azure.storage.blob import ContainerClient
 from modelapp_localstack import Azurite, Buildah, KubeCluster, Registry, images
-from modelapp_localstack.operator import OperatorProcess, apply_crd, create_tenant_namespace
+from modelapp_localstack.operator import OperatorProcess, create_tenant_namespace
 
-from tests.cluster.helpers import stop_operator
+from tests.cluster.helpers import StartOperator
 
 pytestmark = pytest.mark.cluster
 
@@ -73,16 +73,8 @@ def run_step(
 
 
 @pytest.fixture(scope="module")
-def operator(
-    kube: KubeCluster, registry: Registry, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[OperatorProcess]:
-    apply_crd(kube)
-    log_file = tmp_path_factory.mktemp("operator") / "operator.log"
-    running = OperatorProcess.start(kube, registry, log_file, namespaces=[f"{PREFIX}-*"])
-    try:
-        yield running
-    finally:
-        stop_operator(running)
+def operator(start_operator: StartOperator) -> OperatorProcess:
+    return start_operator(f"{PREFIX}-*")
 
 
 @dataclass

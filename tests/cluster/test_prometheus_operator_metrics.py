@@ -15,12 +15,21 @@ from azure.storage.blob import BlobServiceClient, ContainerClient
 from modelapp_localstack import Azurite, KubeCluster, Registry, Stack
 from modelapp_localstack.azurite import start_azurite
 from modelapp_localstack.cleanup import recording_into
-from modelapp_localstack.operator import OperatorProcess, apply_crd
+from modelapp_localstack.operator import OperatorProcess
 from modelapp_localstack.procs import free_port
 from modelapp_localstack.prometheus import Prometheus
 
 from tests.cluster import helpers
-from tests.cluster.helpers import App, apply, conditions, get, modelapp, prepare, publish_model, stop_operator
+from tests.cluster.helpers import (
+    App,
+    StartOperator,
+    apply,
+    conditions,
+    get,
+    modelapp,
+    prepare,
+    publish_model,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -32,16 +41,14 @@ T = TypeVar("T")
 
 @pytest.fixture(scope="module")
 def operator(
-    kube: KubeCluster,
+    start_operator: StartOperator,
     registry: Registry,
     azurite: Azurite,
     local_stack: Stack,
     prometheus: Prometheus,
     registry_notify_port: int,
     registry_notify_token: str,
-    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
-    apply_crd(kube)
     port = free_port()
     env = {
         "MODELAPP_POLL_INTERVAL_SECONDS": str(POLL_SECONDS),
@@ -52,15 +59,14 @@ def operator(
         "MODELAPP_METRICS_PORT": str(port),
         "MODELAPP_METRICS_BIND": local_stack.host,
     }
-    log_file = tmp_path_factory.mktemp("operator") / "operator.log"
-    running = OperatorProcess.start(kube, registry, log_file, env, namespaces=[f"{NAMESPACE_PREFIX}-*"])
+    secrets = (registry.password, azurite.account_key, registry_notify_token)
+    running = start_operator(f"{NAMESPACE_PREFIX}-*", env, secrets=secrets)
     try:
         prometheus.scrape(JOB, [f"{local_stack.host}:{port}"])
         wait_for("Prometheus to scrape the operator", lambda: prometheus.targets_up(JOB), running, timeout=30)
         yield running
     finally:
-        prometheus.scrape(JOB, [])
-        stop_operator(running, registry.password, azurite.account_key, registry_notify_token)
+        prometheus.scrape(JOB, [])  # before start_operator stops the operator at the module's end
 
 
 def wait_for(what: str, check: Callable[[], T | None], operator: OperatorProcess, timeout: float = 90) -> T:
