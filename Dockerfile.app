@@ -14,6 +14,7 @@ RUN python3 -m venv /opt/modelapp
 WORKDIR /src
 # The project is one distribution with three source roots; setuptools needs all of them to build it.
 COPY pyproject.toml README.md ./
+COPY contract/ contract/
 COPY operator/ operator/
 COPY deploy/local/modelapp_localstack/ deploy/local/modelapp_localstack/
 COPY app/ app/

@@ -34,6 +34,7 @@ from azure.core.exceptions import (
 )
 from azure.identity import DefaultAzureCredential
 from azure.storage.blob import BlobClient, BlobServiceClient
+from modelapp_contract.termination import RefusalKind
 
 from modelapp_serving.config import ModelSpec
 from modelapp_serving.model_blob import METADATA_SIGNATURE, ModelFormat, redact_url
@@ -51,12 +52,14 @@ SUFFIX_BY_FORMAT = {ModelFormat.ONNX: ".onnx", ModelFormat.SKOPS: ".skops", Mode
 
 
 class ModelFetchError(Exception):
-    """The model could not be fetched or verified. `reason` is one line for logs and /readyz."""
+    """The model could not be fetched or verified. `reason` is one line for logs and /readyz; `refusal`
+    is the kind of refusal (a `RefusalKind`) when it is not retryable."""
 
-    def __init__(self, reason: str, *, retryable: bool) -> None:
+    def __init__(self, reason: str, *, retryable: bool, refusal: str = RefusalKind.CANNOT_FETCH) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
+        self.refusal = refusal
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,9 @@ def fetch_verified_model(
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ModelFetchError(f"cannot create the cache dir {cache_dir}: {error}", retryable=False) from None
+        raise ModelFetchError(
+            f"cannot create the cache dir {cache_dir}: {error}", retryable=False, refusal=RefusalKind.CACHE_UNUSABLE
+        ) from None
     target = cached_model_path(cache_dir, spec)
     factory = blob_client_factory or make_blob_client
     if spec.signature_public_key is not None:
@@ -156,15 +161,20 @@ def _check_signature(blob_client: Any, spec: ModelSpec) -> None:
         raise _describe_storage_error(error, shown, spec.etag) from None
     encoded = {k.lower(): v for k, v in (properties.metadata or {}).items()}.get(METADATA_SIGNATURE)
     if not encoded:
-        raise ModelFetchError(f"model {shown} is not signed: refusing it", retryable=False)
+        raise ModelFetchError(
+            f"model {shown} is not signed: refusing it", retryable=False, refusal=RefusalKind.SIGNATURE_INVALID
+        )
     try:
         signed = verify_signature(decode_bundle(encoded), spec.signature_public_key)
     except SignatureError as error:
-        raise ModelFetchError(f"model {shown}: {error}: refusing it", retryable=False) from None
+        raise ModelFetchError(
+            f"model {shown}: {error}: refusing it", retryable=False, refusal=RefusalKind.SIGNATURE_INVALID
+        ) from None
     if signed.sha256 != spec.sha256:
         raise ModelFetchError(
             f"model {shown} is signed for sha256 {signed.sha256}, expected {spec.sha256}: refusing it",
             retryable=False,
+            refusal=RefusalKind.SIGNATURE_INVALID,
         )
 
 
@@ -282,6 +292,7 @@ def _download_verified(blob_client: Any, spec: ModelSpec, target: Path, settings
             raise ModelFetchError(
                 f"sha256 of {shown_url} (ETag {spec.etag}) is {actual}, expected {spec.sha256}: refusing it",
                 retryable=False,
+                refusal=RefusalKind.CHECKSUM_MISMATCH,
             )
         # The file was preallocated: make it exactly the bytes that were hashed (and written).
         os.ftruncate(fd, hashed)
@@ -306,7 +317,9 @@ def _reserve_space(fd: int, size: int) -> None:
     except OSError as error:
         if error.errno == errno.ENOSPC:
             raise ModelFetchError(
-                f"no space for the {size}-byte model in the cache dir: {error.strerror}", retryable=False
+                f"no space for the {size}-byte model in the cache dir: {error.strerror}",
+                retryable=False,
+                refusal=RefusalKind.CACHE_UNUSABLE,
             ) from None
         # Filesystems without fallocate (EOPNOTSUPP, EINVAL): plain writes still work.
 
@@ -317,6 +330,7 @@ def _describe_storage_error(error: Exception, shown_url: str, etag: str) -> Mode
         return ModelFetchError(
             f"model blob {shown_url} no longer has ETag {etag} (HTTP 412 precondition failed): refusing it",
             retryable=False,
+            refusal=RefusalKind.VERSION_CHANGED,
         )
     if isinstance(error, ResourceNotFoundError):
         return ModelFetchError(f"model blob {shown_url} not found (HTTP 404)", retryable=True)
@@ -330,7 +344,9 @@ def _describe_storage_error(error: Exception, shown_url: str, etag: str) -> Mode
     if isinstance(error, ServiceRequestError | ServiceResponseError | ConnectionError | TimeoutError):
         return ModelFetchError(f"cannot reach {shown_url}: {detail}", retryable=True)
     if isinstance(error, OSError):
-        return ModelFetchError(f"cannot write the model cache file: {detail}", retryable=False)
+        return ModelFetchError(
+            f"cannot write the model cache file: {detail}", retryable=False, refusal=RefusalKind.CACHE_UNUSABLE
+        )
     return ModelFetchError(f"downloading {shown_url} failed: {type(error).__name__}: {detail}", retryable=True)
 
 

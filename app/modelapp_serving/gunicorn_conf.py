@@ -1,7 +1,7 @@
 """gunicorn settings for the serving app (`gunicorn -c python:modelapp_serving.gunicorn_conf`).
 
-Env: MODELAPP_PORT (8080), MODELAPP_WORKERS (one per CPU, at least 2), MODELAPP_WORKER_CLASS (asgi),
-MODELAPP_THREADS (4), MODELAPP_REUSE_PORT (true), MODELAPP_ACCESS_LOG (false), MODELAPP_LOG_LEVEL (info).
+Env: MODELAPP_PORT (8080), MODELAPP_LIVENESS_PORT (the next port), MODELAPP_WORKERS (one per CPU, at least 2),
+MODELAPP_WORKER_CLASS (asgi), MODELAPP_THREADS (4), MODELAPP_REUSE_PORT (true), MODELAPP_ACCESS_LOG (false), MODELAPP_LOG_LEVEL (info).
 The master checks the config before forking; each worker downloads nothing itself unless it is the
 first to take the cache lock (see download.py), then loads the verified file in a background thread.
 """
@@ -17,8 +17,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from modelapp_contract.probes import LIVENESS_PORT_ENV, default_liveness_port
+
 from modelapp_serving.config import ServingConfig
 from modelapp_serving.download import RUN_ID_ENV
+from modelapp_serving.liveness import LivenessServer
 from modelapp_serving.metrics import MULTIPROC_ENV
 from modelapp_serving.settings import ConfigError, env_bool, env_int
 
@@ -53,7 +56,11 @@ def _cores() -> int:
 
 
 wsgi_app = "modelapp_serving.web:create_app()"
-bind = [f"0.0.0.0:{_env_int('MODELAPP_PORT', 8080)}"]
+serving_port = _env_int("MODELAPP_PORT", 8080)
+bind = [f"0.0.0.0:{serving_port}"]
+# /livez is answered by the master, apart from the workers (liveness.py).
+liveness_port = _env_int(LIVENESS_PORT_ENV, default_liveness_port(serving_port))
+_liveness: LivenessServer | None = None
 # One process per CPU: /predict is CPU-bound and the threads below cover the waits; 2 x cores + 1 only
 # added context switches (bench/serving_rps.py). At least 2, so one busy or restarting worker is not an outage.
 workers = _env_int("MODELAPP_WORKERS", max(2, _cores()))
@@ -114,8 +121,22 @@ def on_starting(server: Any) -> None:
         path.mkdir(parents=True, exist_ok=True)
 
 
+def when_ready(server: Any) -> None:
+    """In the master, once it listens and before any worker: start answering liveness."""
+    global _liveness  # noqa: PLW0603 - one server per master, closed at exit
+    _liveness = LivenessServer(liveness_port)
+    _liveness.start()
+
+
 def post_fork(server: Any, worker: Any) -> None:
     _configure_app_logging()
+    if _liveness is not None:
+        _liveness.close_inherited_socket()
+
+
+def on_exit(server: Any) -> None:
+    if _liveness is not None:
+        _liveness.stop()
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from modelapp_contract.termination import EXIT_MODEL_REFUSED, Refusal, RefusalKind
+from modelapp_contract.termination import TERMINATION_LOG as TERMINATION_LOG_PATH
 
 from modelapp_serving.config import ServingConfig
 from modelapp_serving.download import RUN_ID_ENV, DownloadSettings, ModelFetchError, fetch_verified_model
@@ -23,20 +25,25 @@ log = logging.getLogger(__name__)
 
 RETRY_FIRST_DELAY_S = 2.0
 RETRY_MAX_DELAY_S = 60.0
-TERMINATION_LOG = Path("/dev/termination-log")
+TERMINATION_LOG = Path(TERMINATION_LOG_PATH)
 EXIT_ON_REFUSAL_ENV = "MODELAPP_EXIT_ON_REFUSAL"
 
 
-def report_refusal(reason: str, *, termination_log: Path = TERMINATION_LOG) -> None:
+def report_refusal(refusal: Refusal, *, termination_log: Path = TERMINATION_LOG) -> None:
     """Write why the model was refused where Kubernetes reads a container's termination message
-    (the operator shows it in the ModelApp's ModelVerified condition); with MODELAPP_EXIT_ON_REFUSAL
-    (the operator sets it) stop the container, so the refusal is visible as a restart with that message."""
+    (the operator shows it in status, naming the model as the part that failed); with
+    MODELAPP_EXIT_ON_REFUSAL (the operator sets it) stop the container with a non-zero exit code.
+
+    The worker exits with gunicorn's "App failed to load" code: its master then stops the other
+    workers and exits with that code itself, so every refusal ends the container as a failure."""
     if termination_log.exists():  # Kubernetes mounts it; never create one elsewhere
         with contextlib.suppress(OSError):
-            termination_log.write_text(reason[:4000])
+            termination_log.write_text(refusal.message())
     if env_bool(os.environ, EXIT_ON_REFUSAL_ENV, default=False):
-        log.error("exiting: the model was refused (%s=true)", EXIT_ON_REFUSAL_ENV)
-        os.kill(os.getppid(), signal.SIGTERM)  # the gunicorn master stops every worker and exits
+        log.error("exiting with code %d: the model was refused (%s=true)", EXIT_MODEL_REFUSED, EXIT_ON_REFUSAL_ENV)
+        for handler in logging.getLogger("modelapp_serving").handlers:
+            handler.flush()
+        os._exit(EXIT_MODEL_REFUSED)
 
 
 @dataclass(frozen=True)
@@ -138,7 +145,7 @@ def load_until_ready(
             if not error.retryable:
                 log.error("model not ready: %s", error.reason)
                 state.set_waiting(error.reason, failed=True)
-                report_refusal(error.reason)
+                report_refusal(Refusal(error.refusal, error.reason))
                 return
             log.warning("model not ready: %s (retrying in %.0f s)", error.reason, delay)
             state.set_waiting(error.reason, failed=False)
@@ -148,13 +155,15 @@ def load_until_ready(
         except ModelLoadError as error:
             log.error("model not ready: %s", error.reason)
             state.set_waiting(error.reason, failed=True)
-            report_refusal(error.reason)
+            report_refusal(Refusal(RefusalKind.CANNOT_LOAD, error.reason))
             return
         except Exception as error:
-            # Unexpected: still one line and a reason, never a dead thread with a silent not-ready app.
+            # Unexpected: still one line and a reason, and a refusal like any other: never a dead loader
+            # thread behind a silent, forever not-ready pod.
             reason = f"unexpected error while preparing the model: {type(error).__name__}: {error}".splitlines()[0]
             log.error("model not ready: %s", reason)
             state.set_waiting(reason, failed=True)
+            report_refusal(Refusal(RefusalKind.CANNOT_LOAD, reason))
             return
         source = "downloaded" if fetched.downloaded else "reused cached"
         mb_per_s = fetched.size / 1e6 / fetched.seconds if fetched.seconds > 0 else 0.0
