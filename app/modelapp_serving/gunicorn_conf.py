@@ -1,7 +1,8 @@
 """gunicorn settings for the serving app (`gunicorn -c python:modelapp_serving.gunicorn_conf`).
 
 Env: MODELAPP_PORT (8080), MODELAPP_LIVENESS_PORT (the next port), MODELAPP_WORKERS (one per CPU, at least 2),
-MODELAPP_WORKER_CLASS (asgi), MODELAPP_THREADS (4), MODELAPP_REUSE_PORT (true), MODELAPP_ACCESS_LOG (false), MODELAPP_LOG_LEVEL (info).
+MODELAPP_WORKER_CLASS (asgi), MODELAPP_THREADS (4), MODELAPP_REUSE_PORT (true), MODELAPP_ACCESS_LOG (false),
+MODELAPP_LOG_LEVEL (info).
 The master checks the config before forking; each worker downloads nothing itself unless it is the
 first to take the cache lock (see download.py), then loads the verified file in a background thread.
 """
@@ -23,6 +24,7 @@ from modelapp_serving.config import ServingConfig
 from modelapp_serving.download import RUN_ID_ENV
 from modelapp_serving.liveness import LivenessServer
 from modelapp_serving.metrics import MULTIPROC_ENV
+from modelapp_serving.refusal_token import REFUSAL_TOKEN_FD_ENV, create_refusal_token
 from modelapp_serving.settings import ConfigError, env_bool, env_int
 
 
@@ -102,12 +104,14 @@ def _configure_app_logging() -> None:
 
 
 def on_starting(server: Any) -> None:
-    """In the master, before any worker: fail fast on bad config, reset metrics, set the run id."""
+    """In the master, before any worker: fail fast on bad config, reset metrics, set the run id and the
+    refusal token (state.create_refusal_token)."""
     try:
         ServingConfig.from_env()
     except ConfigError as error:
         sys.exit(f"modelapp-serve: configuration error: {error}")
     os.environ[RUN_ID_ENV] = uuid.uuid4().hex
+    os.environ[REFUSAL_TOKEN_FD_ENV] = str(create_refusal_token())
     multiproc_dir = os.environ.get(MULTIPROC_ENV)
     if multiproc_dir:
         # Files from an earlier run would be summed into this run's counters.

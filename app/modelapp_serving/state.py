@@ -19,6 +19,7 @@ from modelapp_serving.config import ServingConfig
 from modelapp_serving.download import RUN_ID_ENV, DownloadSettings, ModelFetchError, fetch_verified_model
 from modelapp_serving.model import LoadedModel, ModelLoadError, load_model_file
 from modelapp_serving.model_blob import redact_url
+from modelapp_serving.refusal_token import take_refusal_token
 from modelapp_serving.settings import env_bool
 
 log = logging.getLogger(__name__)
@@ -34,12 +35,15 @@ def report_refusal(refusal: Refusal, *, termination_log: Path = TERMINATION_LOG)
     (the operator shows it in status, naming the model as the part that failed); with
     MODELAPP_EXIT_ON_REFUSAL (the operator sets it) stop the container with a non-zero exit code.
 
-    The worker exits with gunicorn's "App failed to load" code: its master then stops the other
+    One worker exits with gunicorn's "App failed to load" code: its master then stops the other
     workers and exits with that code itself, so every refusal ends the container as a failure."""
     if termination_log.exists():  # Kubernetes mounts it; never create one elsewhere
         with contextlib.suppress(OSError):
             termination_log.write_text(refusal.message())
     if env_bool(os.environ, EXIT_ON_REFUSAL_ENV, default=False):
+        if not take_refusal_token():
+            log.error("another worker has reported the refusal; the master is stopping")
+            return
         log.error("exiting with code %d: the model was refused (%s=true)", EXIT_MODEL_REFUSED, EXIT_ON_REFUSAL_ENV)
         for handler in logging.getLogger("modelapp_serving").handlers:
             handler.flush()

@@ -28,7 +28,7 @@ def test_dockerfiles_take_the_base_image_as_an_argument_for_both_stages(which: i
 def test_dockerfile_sources_are_the_copied_context_paths() -> None:
     sources = images.dockerfile_sources(REPO_ROOT / "Dockerfile.app")
     assert sorted(sources) == sorted(
-        ["pyproject.toml", "README.md", "operator/", "deploy/local/modelapp_localstack/", "app/"]
+        ["pyproject.toml", "README.md", "contract/", "operator/", "deploy/local/modelapp_localstack/", "app/"]
     )
 
 
@@ -68,8 +68,9 @@ def test_project_key_follows_the_base_recipe(tmp_path: Path, monkeypatch: pytest
     assert images.project_key("app") != before[0]
 
 
-def test_archives_live_in_the_cache_folder_and_carry_local_names(monkeypatch: pytest.MonkeyPatch,
-                                                                   tmp_path: Path) -> None:
+def test_archives_live_in_the_cache_folder_and_carry_local_names(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("MODELAPP_CACHE_DIR", str(tmp_path))
     image = images._archive("base", images.base_key(), f"{images.NAME_PREFIX}/base:bookworm-{images.base_key()}")
     assert image.path.parent == tmp_path / "images" and image.path.name.endswith(".oci.tar")
