@@ -72,7 +72,7 @@ def test_each_command_has_help_with_an_example(capsys: pytest.CaptureFixture[str
         (["set-image", "iris", "--digest", "sha256:abc"], "is not a digest"),
         (["wait", "iris", "--timeout", "-1"], "must be positive"),
         (["wait", "iris", "--digest", "latest"], "is not a digest"),
-        (["status", "iris", "-o", "yaml"], "invalid choice"),
+        (["status", "iris", "-o", "xml"], "invalid choice"),
         (["rollback", "iris", "--to-revision", "two"], "invalid int value"),
         (["set-model", "iris"], "one of the arguments --version --follow is required"),
         (["publish-model", "m.onnx", "--container", "models"], "--blob"),

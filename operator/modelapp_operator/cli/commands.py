@@ -14,6 +14,7 @@ line and exit with a documented code; no traceback unless -v.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+import yaml
 from modelapp_operator.cli.kube import KubeApiError, KubeClient, KubeConfigError, load_connection
 from modelapp_operator.cli.status import (
     RollbackError,
@@ -105,11 +107,15 @@ class Progress:
             self._stream.flush()
 
 
+def structured(document: Any, output: str) -> str:
+    """The document as `-o json` or `-o yaml` prints it (the same content either way)."""
+    if output == "yaml":
+        return yaml.safe_dump(document, sort_keys=True, default_flow_style=False, allow_unicode=True).rstrip("\n")
+    return json.dumps(document, indent=2, sort_keys=True)
+
+
 def _emit(args: argparse.Namespace, document: Any, text: str) -> None:
-    if args.output == "json":
-        print(json.dumps(document, indent=2, sort_keys=True))
-    else:
-        print(text)
+    print(text if args.output == "text" else structured(document, args.output))
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -302,31 +308,98 @@ def cmd_wait(args: argparse.Namespace) -> int:
         "elapsedSeconds": round(elapsed, 1),
         "status": summary,
     }
-    if args.output == "json":
-        print(json.dumps(document, indent=2, sort_keys=True))
+    if args.output != "text":
+        print(structured(document, args.output))
     elif code == EXIT_OK:
         print(text)
     else:
-        print(f"modelapp: {text}", file=sys.stderr)
+        print(f"{args.prog}: {text}", file=sys.stderr)
     return code
 
 
-def _check_restorable(args: argparse.Namespace, what: str, entry: Mapping[str, Any]) -> None:
-    """Fail before any change when the entry's model version no longer exists in storage."""
+def _modelapp_secret(body: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(name, key) of the Secret with the connection string the ModelApp itself uses, if it names one."""
+    credentials = ((body.get("spec") or {}).get("model") or {}).get("credentials") or {}
+    ref = credentials.get("secretRef") or {}
+    return (str(ref["name"]), str(ref.get("key") or "connectionString")) if ref.get("name") else None
+
+
+def _read_modelapp_secret(client: KubeClient, namespace: str, body: Mapping[str, Any]) -> str:
+    """The connection string in the ModelApp's own credentials Secret; StorageCheckError saying why not."""
+    from modelapp_operator.cli.storage import StorageCheckError  # noqa: PLC0415
+
+    secret = _modelapp_secret(body)
+    if secret is None:
+        raise StorageCheckError(
+            "--use-modelapp-secret: the ModelApp names no credentials Secret (spec.model.credentials.secretRef; "
+            "it uses workload identity)"
+        )
+    name, key = secret
+    try:
+        data = (client.get("v1", "secrets", namespace, name).get("data") or {}).get(key)
+    except KubeApiError as error:
+        problem = {403: "you may not read it", 401: "unauthorized", 404: "it does not exist"}.get(
+            error.status, f"HTTP {error.status} {error.reason}"
+        )
+        raise StorageCheckError(
+            f"--use-modelapp-secret: Secret {namespace}/{name}: {problem}: {error.message}"
+        ) from None
+    try:
+        text = base64.b64decode(data or "", validate=True).decode().strip()
+    except (ValueError, UnicodeDecodeError):
+        text = ""
+    if not text:
+        raise StorageCheckError(
+            f"--use-modelapp-secret: Secret {namespace}/{name} has no connection string at key {key!r}"
+        )
+    return text
+
+
+def _storage_advice(
+    args: argparse.Namespace, check_url: str, client: KubeClient, namespace: str, body: Mapping[str, Any]
+) -> str:
+    """What to give so the check can run: the ways that can work here, the ModelApp's Secret only when the
+    kubeconfig user may read it."""
+    ways = ["--connection-string (or $AZURE_STORAGE_CONNECTION_STRING)"]
+    secret = _modelapp_secret(body)
+    if secret is not None and not args.use_modelapp_secret:
+        try:
+            readable = client.may("get", "secrets", namespace, secret[0])
+        except (KubeApiError, ValueError):
+            readable = False  # cannot tell: do not offer what may well be refused
+        if readable:
+            ways.append(
+                f"--use-modelapp-secret (the ModelApp's own Secret {namespace}/{secret[0]}, which you may read)"
+            )
+    if check_url.startswith("https:"):
+        ways.append("Entra ID credentials with Storage Blob Data Reader (az login, workload identity)")
+    return ", or ".join(ways) + "; or --no-model-check to roll back unchecked"
+
+
+def _check_restorable(
+    args: argparse.Namespace, client: KubeClient, namespace: str, body: Mapping[str, Any], entry: Mapping[str, Any]
+) -> None:
+    """Fail before any change when the entry's model version no longer exists in storage; every way of not
+    knowing (no credentials, unreachable, refused) is exit 9 with what to give."""
     from modelapp_operator.cli.storage import StorageCheckError, pinned_etag  # noqa: PLC0415
     from modelapp_serving.publish import CONNECTION_STRING_ENVS  # noqa: PLC0415
 
     check = pin_to_check(entry)
     if check is None:
         return
+    what = f"modelapp {namespace}/{args.name}"
     revision = entry.get("revision")
     try:
-        found = pinned_etag(check, _connection_string(args, CONNECTION_STRING_ENVS))
+        if args.use_modelapp_secret:
+            connection_string: str | None = _read_modelapp_secret(client, namespace, body)
+        else:
+            connection_string = _connection_string(args, CONNECTION_STRING_ENVS)
+        found = pinned_etag(check, connection_string)
     except StorageCheckError as error:
         raise CliError(
             EXIT_STORAGE_UNREACHABLE,
-            f"{what}: nothing changed: cannot check that revision {revision}'s model still exists: {error} "
-            "(give --connection-string or storage credentials, or --no-model-check to roll back unchecked)",
+            f"{what}: nothing changed: cannot check that revision {revision}'s model still exists: {error}. "
+            f"Give {_storage_advice(args, check.url, client, namespace, body)}",
         ) from None
     problem = pin_problem(check, found)
     if problem is not None:
@@ -341,7 +414,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     except RollbackError as error:
         raise CliError(EXIT_ERROR, f"modelapp {namespace}/{args.name}: cannot roll back: {error}") from None
     if args.check_model:
-        _check_restorable(args, f"modelapp {namespace}/{args.name}", entry)
+        _check_restorable(args, client, namespace, body, entry)
     patch = build_rollback_patch(entry)
     updated = _patch(client, namespace, args.name, patch)
     generation = (updated.get("metadata") or {}).get("generation")

@@ -192,7 +192,7 @@ def _in_cluster() -> Connection:
 
 
 class KubeClient:
-    """GET and merge-PATCH of namespaced objects; errors become KubeApiError."""
+    """GET, LIST and merge-PATCH of namespaced objects and access reviews; errors become KubeApiError."""
 
     def __init__(self, connection: Connection, *, timeout_seconds: float = 30.0) -> None:
         self.connection = connection
@@ -246,6 +246,22 @@ class KubeClient:
 
     def get_modelapp(self, namespace: str, name: str) -> dict[str, Any]:
         return self.get(API_VERSION, PLURAL, namespace, name)
+
+    def modelapp_names(self, namespace: str) -> list[str]:
+        """Names of the ModelApps in a namespace (shell completion)."""
+        listing = self.request("GET", self.path(API_VERSION, PLURAL, namespace)) or {}
+        return sorted(str((item.get("metadata") or {}).get("name")) for item in listing.get("items") or [])
+
+    def may(self, verb: str, resource: str, namespace: str, name: str) -> bool:
+        """Whether this kubeconfig's user may `verb` the object (SelfSubjectAccessReview, which every
+        authenticated user may create): asked before offering to read a Secret."""
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": {"verb": verb, "resource": resource, "namespace": namespace, "name": name}},
+        }
+        answer = self.request("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", review) or {}
+        return bool((answer.get("status") or {}).get("allowed"))
 
     def patch_modelapp(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         return self.merge_patch(API_VERSION, PLURAL, namespace, name, patch)

@@ -2,11 +2,13 @@
 
 I/O only (the decision is cli.status.pin_problem). Credentials are the ones publish-model uses:
 a connection string, else DefaultAzureCredential (az login, workload identity) on the blob's own
-account URL.
+account URL. Every failure to get an answer is a StorageCheckError, so the caller can say
+"nothing changed" and what to give, whatever went wrong.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from azure.core.exceptions import (
@@ -31,7 +33,17 @@ def _first_line(error: BaseException) -> str:
 
 def pinned_etag(check: PinCheck, connection_string: str | None, *, timeout: float = 10.0) -> str | None:
     """The ETag of the pinned snapshot/version (or of the blob when unpinned); None when it is gone."""
-    location = parse_blob_url(check.url)
+    try:
+        location = parse_blob_url(check.url)
+    except ValueError as error:
+        raise StorageCheckError(f"the history entry's model URL cannot be read: {error}") from None
+    if not connection_string and location.account_url.startswith("http:"):
+        # The storage SDK refuses token credentials over plain http ("Token credential is only
+        # supported with HTTPS."); say so before trying, in terms of what the user can change.
+        raise StorageCheckError(
+            f"storage at {location.account_url} is reached over http, where Entra ID credentials "
+            "(DefaultAzureCredential) cannot be used: it needs a connection string"
+        )
     options: dict[str, Any] = {
         "snapshot": check.pin.snapshot,
         "version_id": check.pin.version_id,
@@ -41,16 +53,22 @@ def pinned_etag(check: PinCheck, connection_string: str | None, *, timeout: floa
         "connection_timeout": timeout,
         "read_timeout": timeout,
     }
-    if connection_string:
-        client = BlobClient.from_connection_string(connection_string, location.container, location.blob, **options)
-    else:
-        from azure.identity import DefaultAzureCredential  # noqa: PLC0415
-
-        client = BlobClient(
-            location.account_url, location.container, location.blob, credential=DefaultAzureCredential(), **options
-        )
+    endpoint = location.account_url
     try:
-        with client:
+        with contextlib.ExitStack() as stack:
+            if connection_string:
+                client = BlobClient.from_connection_string(
+                    connection_string, location.container, location.blob, **options
+                )
+            else:
+                from azure.identity import DefaultAzureCredential  # noqa: PLC0415
+
+                credential = stack.enter_context(DefaultAzureCredential())
+                client = BlobClient(
+                    location.account_url, location.container, location.blob, credential=credential, **options
+                )
+            endpoint = f"{client.scheme}://{client.primary_hostname}"  # the connection string's, if one was given
+            stack.enter_context(client)
             return str(client.get_blob_properties().etag)
     except ResourceNotFoundError:
         return None
@@ -61,7 +79,13 @@ def pinned_etag(check: PinCheck, connection_string: str | None, *, timeout: floa
             raise StorageCheckError(f"storage refused the read of {location.url} (HTTP 403)") from None
         raise StorageCheckError(f"{location.url}: HTTP {error.status_code}: {_first_line(error)}") from None
     except ServiceRequestError as error:
-        endpoint = f"{client.scheme}://{client.primary_hostname}"  # the connection string's, if one was given
         raise StorageCheckError(f"storage at {endpoint} cannot be reached: {_first_line(error)}") from None
     except AzureError as error:
         raise StorageCheckError(f"{location.url}: {_first_line(error)}") from None
+    except ValueError as error:
+        # The SDK refuses its arguments before any request: a malformed connection string, a
+        # credential it cannot use on that endpoint.
+        raise StorageCheckError(f"the storage client refused the settings: {_first_line(error)}") from None
+    except Exception as error:
+        # Anything else still means "nothing is known": the rollback must not go ahead unchecked.
+        raise StorageCheckError(f"{location.url}: {type(error).__name__}: {_first_line(error)}") from None
