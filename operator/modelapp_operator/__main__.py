@@ -1,8 +1,8 @@
 """Run the ModelApp operator: `python -m modelapp_operator` (or `modelapp-operator`).
 
-Configuration comes from MODELAPP_* environment variables (read in config.py; see
-docs/modelapp-spec.md); the command line only chooses namespaces, the liveness
-endpoint and verbosity.
+Configuration comes from MODELAPP_* environment variables (read in config.py, listed in
+--help from config.VARIABLES; see docs/modelapp-spec.md); the command line only chooses
+namespaces, the liveness endpoint and verbosity.
 """
 
 from __future__ import annotations
@@ -11,36 +11,43 @@ import argparse
 import dataclasses
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any, cast
 
 import kopf
 import modelapp_operator.handlers  # noqa: F401 - importing registers the kopf handlers
 from modelapp_operator import metrics
-from modelapp_operator.config import ConfigError, OperatorConfig
+from modelapp_operator.config import VARIABLES, ConfigError, OperatorConfig, Variable
 from modelapp_operator.names import API_VERSION
 from modelapp_operator.peering import own_identity, own_priority
 from modelapp_operator.redact import RedactingFilter
+
+HELP_WIDTH = 120
+
+
+def environment_help(variables: Sequence[Variable] = VARIABLES) -> str:
+    """The `Environment:` part of --help, from config.py's own list (so the two cannot disagree)."""
+    width = max(len(variable.name) for variable in variables) + 2
+    rows = [
+        (variable.name, variable.meaning + (f" (default: {variable.default})" if variable.default else ""))
+        for variable in variables
+    ]
+    rows.append(("KUBECONFIG", "kubeconfig to use outside a cluster"))
+    indent = " " * (width + 2)
+    lines = [
+        textwrap.fill(text, HELP_WIDTH, initial_indent=f"  {name:<{width}}", subsequent_indent=indent)
+        for name, text in rows
+    ]
+    return "\n".join(["Environment:", *lines, ""])
+
 
 DESCRIPTION = f"""\
 Kubernetes operator for ModelApp resources ({API_VERSION}): resolves each
 ModelApp's image tag to a digest and its model blob to an ETag and sha256, and
 runs them as a Deployment and a Service.
 
-Environment:
-  MODELAPP_NAMESPACES               comma-separated namespaces to watch (empty: all)
-  MODELAPP_POLL_INTERVAL_SECONDS    how often tags and blobs are re-checked (default 30)
-  MODELAPP_LOG_FORMAT               text (default) or json
-  MODELAPP_REGISTRY_CA_FILE         extra CA bundle for registries with a private CA
-  MODELAPP_REGISTRY_INSECURE_HOSTS  comma-separated registry hosts reached over plain HTTP
-  MODELAPP_REGISTRY_AZURE_IDENTITY_HOSTS registries (globs, e.g. *.azurecr.io) pulled with the operator's
-                                    Entra ID identity when a ModelApp has no pull Secret
-  MODELAPP_REGISTRY_TIMEOUT_SECONDS timeout of registry and blob calls (default 10)
-  MODELAPP_PEERING                  kopf peering object name: replicas elect one active (default: standalone)
-  MODELAPP_LIVENESS_PORT            port of the liveness endpoint (default 8081)
-  MODELAPP_METRICS_PORT             port of the Prometheus /metrics endpoint (default 8083; 0 or off: none)
-  KUBECONFIG                        kubeconfig to use outside a cluster
-"""
+{environment_help()}"""
 
 
 def configure_logging(log_format: str, *, verbose: bool) -> None:

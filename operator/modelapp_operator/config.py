@@ -2,6 +2,8 @@
 
 `OperatorConfig.from_env` reads them all (the watch hub's and the webhook receiver's too) with one set of
 helpers; an invalid value raises ConfigError naming the variable, and `modelapp-operator` exits 2.
+`VARIABLES` names each one with its default and meaning: `modelapp-operator --help` prints it, and a unit
+test keeps it, the reads below and the docs' table the same set.
 """
 
 from __future__ import annotations
@@ -29,6 +31,51 @@ _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 
 N = TypeVar("N", int, float)
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One variable the operator reads, as `--help` shows it."""
+
+    name: str
+    default: str  # as shown; "" when unset means off or none
+    meaning: str
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("MODELAPP_NAMESPACES", "all", "comma-separated namespaces or globs to watch; -n/-A override it"),
+    Variable("MODELAPP_POLL_INTERVAL_SECONDS", "30", "how often followed tags and blobs are resolved again"),
+    Variable("MODELAPP_CHANGE_COALESCE_SECONDS", "0.2", "changes seen within this window make one reconcile"),
+    Variable("MODELAPP_WATCH_CONCURRENCY", "16", "tag and blob requests (and reconciles after a change) at once"),
+    Variable("MODELAPP_WATCH_ERROR_TTL_SECONDS", "5", "how long a failed tag or blob resolution is reused"),
+    Variable("MODELAPP_LOG_FORMAT", "text", "text or json"),
+    Variable("MODELAPP_REGISTRY_CA_FILE", "", "extra PEM CA bundle for registries with a private CA"),
+    Variable("MODELAPP_REGISTRY_INSECURE_HOSTS", "", "comma-separated registry host[:port]s reached over plain HTTP"),
+    Variable(
+        "MODELAPP_REGISTRY_AZURE_IDENTITY_HOSTS",
+        "",
+        "registries (globs, e.g. *.azurecr.io) reached with the operator's Entra ID identity when a ModelApp "
+        "has no pull Secret",
+    ),
+    Variable("MODELAPP_REGISTRY_TIMEOUT_SECONDS", "10", "timeout of one registry or blob call"),
+    Variable("MODELAPP_SECRET_CACHE_SECONDS", "10", "how long a pull or storage Secret read is reused (0: not at all)"),
+    Variable("MODELAPP_LIVENESS_PORT", "8081", "port of kopf's liveness endpoint (/healthz)"),
+    Variable("MODELAPP_METRICS_PORT", str(DEFAULT_METRICS_PORT), "port of Prometheus /metrics; 0 or off: none"),
+    Variable("MODELAPP_METRICS_BIND", "0.0.0.0", "address /metrics listens on"),  # noqa: S104
+    Variable("MODELAPP_RECEIVER_ENABLED", "on when a token is set", "true or false: the webhook receiver"),
+    Variable("MODELAPP_RECEIVER_TOKEN", "", "the token webhook senders present (Bearer or ?token=)"),
+    Variable("MODELAPP_RECEIVER_TOKEN_FILE", "", "a file with that token, re-read when it changes (a mounted Secret)"),
+    Variable("MODELAPP_RECEIVER_PORT", str(DEFAULT_RECEIVER_PORT), "port of the webhook receiver"),
+    Variable("MODELAPP_RECEIVER_BIND", "0.0.0.0", "address the webhook receiver listens on"),  # noqa: S104
+    Variable("MODELAPP_RECEIVER_DEFAULT_REGISTRY", "", "registry host of push events that name none"),
+    Variable("MODELAPP_PEERING", "standalone", "kopf peering object: the replicas elect one active"),
+    Variable("MODELAPP_PEERING_LIFETIME_SECONDS", "10", "a replica silent this long is dead: the standby takes over"),
+    Variable("MODELAPP_PEERING_PRIORITY", "start time", "this replica's priority; replicas must differ"),
+    Variable("MODELAPP_PEERING_ADVERTISE", "pod IP", "host:port the other replica forwards webhooks to"),
+    Variable("MODELAPP_POD_NAME", "", "downward API metadata.name: this replica's identity"),
+    Variable("MODELAPP_POD_UID", "", "downward API metadata.uid: the tie-break between replicas"),
+    Variable("MODELAPP_POD_IP", "", "downward API status.podIP: the receiver address peers use"),
+)
 
 
 class ConfigError(ValueError):

@@ -111,6 +111,13 @@ class Reason:
     SIGNATURE_INVALID: Final = "SignatureInvalid"
     SIGNATURE_KEY_NOT_FOUND: Final = "SignatureKeyNotFound"
     MODEL_REFUSED: Final = "ModelRefused"  # a pod refused the model (its termination message says why)
+    # What the pods of the wanted pair show (Degraded, Ready, a failed history entry): the part that failed.
+    IMAGE_CRASHED: Final = "ImageCrashed"  # the container exited on its own (exit code, last lines)
+    OOM_KILLED: Final = "OOMKilled"  # killed for using more memory than its limit
+    PROBE_FAILED: Final = "ProbeFailed"  # restarted by the kubelet after its liveness or startup probe failed
+    IMAGE_PULL_FAILED: Final = "ImagePullFailed"  # the node cannot pull the image
+    POD_START_FAILED: Final = "PodStartFailed"  # the container cannot be created (e.g. a missing Secret key)
+    UNSCHEDULABLE: Final = "Unschedulable"  # no node can take the pod
     NOT_VERIFIED: Final = "NotVerified"  # nothing resolved yet
     # History entries: why a revision started.
     INITIAL: Final = "Initial"
@@ -122,6 +129,19 @@ class Reason:
     ROLLOUT_STARTED: Final = "RolloutStarted"
     READY: Final = "Ready"
 
+
+# Reasons read from the pods of the wanted pair (plan/pods.py).
+POD_PROBLEM_REASONS: Final = frozenset(
+    {
+        Reason.MODEL_REFUSED,
+        Reason.IMAGE_CRASHED,
+        Reason.OOM_KILLED,
+        Reason.PROBE_FAILED,
+        Reason.IMAGE_PULL_FAILED,
+        Reason.POD_START_FAILED,
+        Reason.UNSCHEDULABLE,
+    }
+)
 
 # Ready=False reasons under which the operator waits for a person instead of retrying.
 BLOCKING_REASONS: Final = frozenset({Reason.INVALID_SPEC, Reason.NAME_CONFLICT})

@@ -83,6 +83,7 @@ def test_deployment_runs_image_by_digest_with_contract_env() -> None:
         "MODELAPP_MODEL_CACHE_DIR": "/var/cache/modelapp",
         "MODELAPP_EXIT_ON_REFUSAL": "true",
         "MODELAPP_PORT": "8080",
+        "MODELAPP_LIVENESS_PORT": "8081",
         "MODELAPP_IMAGE": f"127.0.0.1:5000/team/iris@{DIGEST}",
         "MODELAPP_MODEL_CONNECTION_STRING": {"secretKeyRef": {"name": "storage", "key": "connectionString"}},
         "LOG_LEVEL": "debug",
@@ -93,9 +94,26 @@ def test_deployment_runs_image_by_digest_with_contract_env() -> None:
         "modelapp.io/model-sha256": SHA,
     }
     assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert container["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    # Liveness is the gunicorn master's, on its own port: busy workers never fail it.
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "liveness"}
+    assert container["ports"] == [
+        {"name": "http", "containerPort": 8080, "protocol": "TCP"},
+        {"name": "liveness", "containerPort": 8081, "protocol": "TCP"},
+    ]
+
+
+def test_probes_allow_a_slow_start_and_never_kill_a_busy_pod() -> None:
+    container = build_deployment(make_app(), make_release())["spec"]["template"]["spec"]["containers"][0]
+    startup, liveness = container["startupProbe"], container["livenessProbe"]
+    # Liveness starts only once the startup probe passed; the allowance covers ~27 s measured on a busy node
+    # several times over.
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    assert liveness["timeoutSeconds"] * liveness["failureThreshold"] >= 30
+    slow = build_deployment(make_app(probes={"startupSeconds": 900}), make_release())
+    slow_startup = slow["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    assert slow_startup["periodSeconds"] * slow_startup["failureThreshold"] >= 900
 
 
 def test_deployment_strategy_and_owner() -> None:

@@ -82,7 +82,7 @@ def test_namespaced_role_grants_exactly_what_the_operator_uses() -> None:
         ("", "services"): {"get", "list", "watch", "create", "patch"},  # the watch feeds the operator's copy
         ("", "secrets"): {"get"},
         ("", "configmaps"): {"get"},  # the public key of spec.model.signature
-        ("", "events"): {"create", "patch"},
+        ("", "events"): {"create", "patch", "list"},
         ("events.k8s.io", "events"): {"create", "patch"},
         ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},  # two replicas, one active
     }

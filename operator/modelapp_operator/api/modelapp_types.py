@@ -255,6 +255,11 @@ class RolloutSpec(_Frozen):
         return self
 
 
+class ProbesSpec(_Frozen):
+    # None: sized from the model (plan/children.py startup_seconds).
+    startup_seconds: Annotated[int | None, Field(alias="startupSeconds", ge=10, le=86400)] = None
+
+
 class ModelAppSpec(_Frozen):
     image: ImageSpec
     model: ModelSpec
@@ -264,6 +269,7 @@ class ModelAppSpec(_Frozen):
     env: Annotated[tuple[EnvVar, ...], Field(max_length=64)] = ()
     service: ServiceSpec = ServiceSpec()
     rollout: RolloutSpec = RolloutSpec()
+    probes: ProbesSpec = ProbesSpec()
 
     @field_validator("env")
     @classmethod

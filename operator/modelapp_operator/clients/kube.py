@@ -76,6 +76,8 @@ class KubeClient(Protocol):
 
     async def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]: ...
 
+    async def list_pod_events(self, namespace: str, pod_name: str) -> list[dict[str, Any]]: ...
+
     async def patch_modelapp_status(
         self,
         namespace: str,
@@ -99,6 +101,7 @@ _PLURALS = {
     "Service": "services",
     "Secret": "secrets",
     "ConfigMap": "configmaps",
+    "Event": "events",
     KIND: PLURAL,
 }
 
@@ -222,6 +225,17 @@ class AiohttpKubeClient:
             "GET", resource_path("v1", "Pod", namespace), params={"labelSelector": label_selector}
         )
         self._check(status, payload, f"list pods {namespace} {label_selector}")
+        items = payload.get("items") if isinstance(payload, dict) else None
+        return [item for item in items or [] if isinstance(item, dict)]
+
+    async def list_pod_events(self, namespace: str, pod_name: str) -> list[dict[str, Any]]:
+        """The core/v1 Events about one pod (the kubelet's probe failures and kills), one list call."""
+        status, payload = await self._request(
+            "GET",
+            resource_path("v1", "Event", namespace),
+            params={"fieldSelector": f"involvedObject.kind=Pod,involvedObject.name={pod_name}", "limit": "100"},
+        )
+        self._check(status, payload, f"list events of pod {namespace}/{pod_name}")
         items = payload.get("items") if isinstance(payload, dict) else None
         return [item for item in items or [] if isinstance(item, dict)]
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
+from modelapp_contract.probes import LIVENESS_PATH, LIVENESS_PORT_ENV, READINESS_PATH, default_liveness_port
 from modelapp_operator.api.modelapp_types import ModelApp
 from modelapp_operator.names import (
     ANNOTATION_APPLIED_HASH,
@@ -59,6 +61,7 @@ def container_env(app: ModelApp, release: Release) -> list[dict[str, Any]]:
         # A refused model (sha256, signature) stops the container with the reason as its termination message.
         {"name": "MODELAPP_EXIT_ON_REFUSAL", "value": "true"},
         {"name": "MODELAPP_PORT", "value": str(spec.port)},
+        {"name": LIVENESS_PORT_ENV, "value": str(default_liveness_port(spec.port))},
         # The image by digest, so the app's /version and /metrics say which pair this pod serves.
         {"name": "MODELAPP_IMAGE", "value": release.image.reference},
     ]
@@ -100,6 +103,44 @@ def container_security_context() -> dict[str, Any]:
     }
 
 
+# Start-up allowance: gunicorn, imports and the model's load take ~27 s on a node with a load average
+# of 10 (issue 19): 120 s leaves room for a CPU limit of a few hundred millicores. Download and
+# verification are allowed 1 s per 20 MiB (the verified download measured 345 MB/s here).
+STARTUP_BASE_SECONDS = 120
+STARTUP_BYTES_PER_SECOND = 20 << 20
+PROBE_PERIOD_SECONDS = 5
+
+
+def startup_seconds(app: ModelApp, release: Release) -> int:
+    """How long a pod may take from start to its model loaded before the kubelet restarts it."""
+    if app.spec.probes.startup_seconds is not None:
+        return app.spec.probes.startup_seconds
+    size = release.model.size or 0
+    return STARTUP_BASE_SECONDS + math.ceil(size / STARTUP_BYTES_PER_SECOND)
+
+
+def probes(app: ModelApp, release: Release) -> dict[str, Any]:
+    """Startup, readiness and liveness, as Kubernetes' guidance has them: the startup probe spans
+    import, download, verification and load (liveness begins only after it); readiness takes a busy or
+    unready pod out of the Service; liveness asks only whether the process is alive, answered by the
+    gunicorn master on its own port apart from the request workers, with time-outs that fit a busy node."""
+    ready = {"httpGet": {"path": READINESS_PATH, "port": "http"}, "periodSeconds": PROBE_PERIOD_SECONDS}
+    return {
+        "startupProbe": {
+            **ready,
+            "timeoutSeconds": 5,
+            "failureThreshold": math.ceil(startup_seconds(app, release) / PROBE_PERIOD_SECONDS),
+        },
+        "readinessProbe": {**ready, "timeoutSeconds": 3, "failureThreshold": 3},
+        "livenessProbe": {
+            "httpGet": {"path": LIVENESS_PATH, "port": "liveness"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 6,
+        },
+    }
+
+
 def pod_template(app: ModelApp, release: Release) -> dict[str, Any]:
     """The pod template. Only the release and the spec's pod-level fields go in: never the
     ModelApp's own labels or annotations, so editing those rolls nothing."""
@@ -126,28 +167,20 @@ def pod_template(app: ModelApp, release: Release) -> dict[str, Any]:
                 "name": CONTAINER_NAME,
                 "image": release.image.reference,
                 "imagePullPolicy": "IfNotPresent",
-                "ports": [{"name": "http", "containerPort": spec.port, "protocol": "TCP"}],
+                "ports": [
+                    {"name": "http", "containerPort": spec.port, "protocol": "TCP"},
+                    {"name": "liveness", "containerPort": default_liveness_port(spec.port), "protocol": "TCP"},
+                ],
                 "env": container_env(app, release),
                 "resources": resources,
-                "readinessProbe": {
-                    "httpGet": {"path": "/readyz", "port": "http"},
-                    "periodSeconds": 5,
-                    "timeoutSeconds": 2,
-                    "failureThreshold": 3,
-                },
-                "livenessProbe": {
-                    "httpGet": {"path": "/healthz", "port": "http"},
-                    "periodSeconds": 10,
-                    "timeoutSeconds": 2,
-                    "failureThreshold": 3,
-                },
+                **probes(app, release),
                 # A pod being replaced keeps serving until kube-proxy has stopped sending it traffic:
                 # without this, gunicorn closes its socket on SIGTERM while the endpoint is still
                 # programmed, and requests in that window are refused (measured: 14 of 862 under load).
                 "lifecycle": {"preStop": {"sleep": {"seconds": PRE_STOP_SECONDS}}},
                 "securityContext": container_security_context(),
-                # The app writes why it refused a model to /dev/termination-log before it exits;
-                # the operator shows it in the ModelVerified condition.
+                # The app writes why it refused a model to /dev/termination-log before it exits; any other
+                # crash leaves its last output there instead. plan/pods.py tells the two apart.
                 "terminationMessagePolicy": "FallbackToLogsOnError",
                 "volumeMounts": [
                     {"name": "model-cache", "mountPath": CACHE_DIR},

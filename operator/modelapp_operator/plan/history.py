@@ -1,13 +1,13 @@
 """Revision history and automatic rollback: which pair runs, and what status.history records.
 
-Pure: no I/O. Each reconcile judges the newest history entry from the live Deployment
-(Ready, or Failed after missing its progress deadline), chooses the pair to run (never a
-pair in status.failedPairs) and records a new entry when the pair changes.
+Pure: no I/O. Each reconcile judges the newest history entry from the live Deployment and its
+pods (Ready; or Failed after missing its progress deadline, or at once when every new pod refused
+the model), chooses the pair to run (never a pair in status.failedPairs) and records a new entry
+when the pair changes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,6 +15,7 @@ from typing import Any
 
 from modelapp_operator.api.modelapp_types import ModelAppSpec
 from modelapp_operator.names import ANNOTATION_IMAGE_DIGEST, ANNOTATION_MODEL_VERSION, ConditionType, Outcome, Reason
+from modelapp_operator.plan.pods import PodDiagnosis
 from modelapp_operator.plan.release import (
     Pair,
     Release,
@@ -143,6 +144,7 @@ def judge_history(
     status: Mapping[str, Any],
     deployment: Mapping[str, Any] | None,
     now: datetime,
+    pods: PodDiagnosis | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Mapping[str, Any] | None]:
     """Settle the newest history entry from what the live Deployment says about it.
 
@@ -150,7 +152,11 @@ def judge_history(
     that pair and its controller has observed the template (a Deployment status from
     before our last apply says nothing about it). Returns the history, the failed
     pairs, and the entry to roll back from when the rollout failed and
-    spec.rollout.autoRollback asks for a rollback that is possible."""
+    spec.rollout.autoRollback asks for a rollback that is possible.
+
+    pods: what the pods of that pair show (plan/pods.py). A failed entry takes its reason and
+    message; a certain refusal (every new pod refused the model) fails the entry at once instead
+    of at the progress deadline."""
     history = history_of(status)
     failed_pairs = failed_pairs_of(status)
     if not history or history[0].get("outcome") not in (Outcome.PROGRESSING, Outcome.FAILED):
@@ -163,9 +169,14 @@ def judge_history(
         # A Failed entry that is still deployed (no rollback) may recover on its own.
         head.update(outcome=Outcome.READY, finishedAt=timestamp(now), reason=Reason.ROLLOUT_COMPLETE)
         return history, failed_pairs, None
-    if not state.deadline_exceeded or head.get("outcome") != Outcome.PROGRESSING:
+    certain = pods is not None and pods.certain_refusal
+    if not (state.deadline_exceeded or certain) or head.get("outcome") != Outcome.PROGRESSING:
         return history, failed_pairs, None
     head.update(outcome=Outcome.FAILED, finishedAt=timestamp(now), reason=Reason.PROGRESS_DEADLINE_EXCEEDED)
+    if pods is not None:
+        head.update(reason=pods.problem.reason, failure=pods.message)
+        if pods.problem.refusal is not None:
+            head["refusal"] = pods.problem.message
     if not spec.rollout.auto_rollback or head.get("rollbackOf") is not None:
         # Never roll back from a rollback: that would walk back through history on a cluster problem.
         return history, failed_pairs, None
@@ -242,9 +253,10 @@ def plan_rollout(
     status: Mapping[str, Any],
     deployment: Mapping[str, Any] | None,
     now: datetime,
+    pods: PodDiagnosis | None = None,
 ) -> RolloutPlan:
     """Judge the running rollout, choose the pair to run, and record it in the history."""
-    history, failed_pairs, failed = judge_history(spec, status, deployment, now)
+    history, failed_pairs, failed = judge_history(spec, status, deployment, now, pods)
     judged = {**status, "history": history, "failedPairs": failed_pairs}
     release = choose_release(spec, image, model, judged)
     rollback: Rollback | None = None
@@ -258,17 +270,6 @@ def plan_rollout(
     )
 
 
-def with_refusal(rollout: RolloutPlan, refusal: str) -> RolloutPlan:
-    """The rollout with the failed entry of its rollback recording why its pods refused the model."""
-    if rollout.rollback is None:
-        return rollout
-    revision = rollout.rollback.failed.get("revision")
-    history = [
-        {**entry, "refusal": refusal} if entry.get("revision") == revision else entry for entry in rollout.history
-    ]
-    return dataclasses.replace(rollout, history=history)
-
-
 def rolled_back_condition(history: Sequence[Mapping[str, Any]], progress_deadline_seconds: int) -> Condition | None:
     """Degraded=True RolledBack while the newest rollback has not been followed by another Ready pair."""
     by_revision = {entry.get("revision"): entry for entry in history}
@@ -277,13 +278,14 @@ def rolled_back_condition(history: Sequence[Mapping[str, Any]], progress_deadlin
         if rollback_of is not None:
             failed = by_revision.get(rollback_of)
             what = _describe_entry(failed) if failed is not None else f"revision {rollback_of}"
-            refused = (failed or {}).get("refusal")
+            reason = (failed or {}).get("reason") or Reason.PROGRESS_DEADLINE_EXCEEDED
+            if reason == Reason.PROGRESS_DEADLINE_EXCEEDED:
+                why = f"was not ready within {progress_deadline_seconds}s ({reason})"
+            else:
+                why = f"failed ({reason}: {(failed or {}).get('failure') or (failed or {}).get('refusal') or ''})"
             message = (
-                f"rollout of {what} was not ready within {progress_deadline_seconds}s "
-                f"({Reason.PROGRESS_DEADLINE_EXCEEDED}"
-                f"{f'; {Reason.MODEL_REFUSED}: {refused}' if refused else ''}); "
-                f"rolled back to {_describe_entry(entry)}. The failed pair is not tried again until the "
-                "image digest or the model version changes."
+                f"rollout of {what} {why}; rolled back to {_describe_entry(entry)}. The failed pair is not "
+                "tried again until the image digest or the model version changes."
             )
             return Condition(ConditionType.DEGRADED, "True", Reason.ROLLED_BACK, message)
         if entry.get("outcome") == Outcome.READY:

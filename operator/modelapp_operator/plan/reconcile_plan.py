@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from modelapp_operator.api.modelapp_types import ModelApp
-from modelapp_operator.names import BLOCKING_REASONS, ConditionType, Reason
+from modelapp_operator.names import BLOCKING_REASONS, POD_PROBLEM_REASONS, ConditionType, Reason
 from modelapp_operator.plan.children import (
     build_deployment,
     build_service,
@@ -31,8 +31,8 @@ from modelapp_operator.plan.history import (
     judge_history,
     plan_rollout,
     rolled_back_condition,
-    with_refusal,
 )
+from modelapp_operator.plan.pods import PodDiagnosis
 from modelapp_operator.plan.release import (
     Release,
     ResolvedImage,
@@ -74,7 +74,8 @@ class ReconcileInputs:
     model_resolution: Resolution
     deployment: Mapping[str, Any] | None  # the child Deployment as read (None: absent)
     service: Mapping[str, Any] | None
-    refusal: str | None = None  # why a pod of the rolling-out template refused its model (termination message)
+    # What the pods of the Deployment's current pair show (read while its rollout is not complete).
+    pods: PodDiagnosis | None = None
 
 
 @dataclass(frozen=True)
@@ -170,15 +171,13 @@ def plan_reconcile(inputs: ReconcileInputs, now: datetime) -> ReconcilePlan:
     app = inputs.app
     blocked = name_conflict(inputs)
     deployment = inputs.deployment if blocked is None else None
-    rollout = plan_rollout(app.spec, inputs.image, inputs.model, app.status, deployment, now)
+    # The pods were read from the Deployment as read: they speak of the pair it runs. A rollback away
+    # from that pair records what they showed on the failed history entry (plan_rollout).
+    pods = inputs.pods
+    rollout = plan_rollout(app.spec, inputs.image, inputs.model, app.status, deployment, now, pods)
     release = rollout.release
-    # The refusal was read from the pods of the Deployment as read: it is about the pair that
-    # Deployment runs. A rollback away from that pair records it on the failed history entry.
-    refusal = inputs.refusal
-    if rollout.rollback is not None and refusal is not None:
-        rollout = with_refusal(rollout, refusal)
     if release is None or deployed_pair(inputs.deployment) != release_pair(release):
-        refusal = None
+        pods = None
     apply: list[dict[str, Any]] = []
     events: list[Event] = []
     if blocked is None:
@@ -206,7 +205,8 @@ def plan_reconcile(inputs: ReconcileInputs, now: datetime) -> ReconcilePlan:
         history=rollout.history if blocked is None else None,
         failed_pairs=rollout.failed_pairs if blocked is None else None,
         rolled_back=rolled_back_condition(rollout.history, app.spec.rollout.progress_deadline_seconds),
-        verified=verified_condition(release, inputs.model_resolution.condition, refusal),
+        verified=verified_condition(release, inputs.model_resolution.condition, _refusal(pods)),
+        pod_problem=_problem_condition(pods),
     )
     return ReconcilePlan(
         previous=app.status,
@@ -273,15 +273,18 @@ def plan_refresh(
     previous: Mapping[str, Any],
     deployment: Mapping[str, Any] | None,
     now: datetime,
-    refusal: str | None = None,
+    pods: PodDiagnosis | None = None,
+    *,
+    pods_read: bool = True,
 ) -> RefreshPlan | None:
     """The status from the live Deployment, without resolving anything; None: not ours to refresh.
 
-    refusal: why a pod of the Deployment's current pair refused its model (plan.refusal), shown as
-    ModelVerified=False ModelRefused until the rollout completes or the pair changes."""
+    pods: what the pods of the Deployment's current pair show (plan/pods.py), named in Ready and
+    Degraded (and ModelVerified=False ModelRefused for a refusal) until the rollout completes or the
+    pair changes. pods_read False: the pods were not looked at this time, so a problem shown stays."""
     if deployment is not None and not is_owned_by(deployment, app):
         return None
-    history, failed_pairs, failed = judge_history(app.spec, previous, deployment, now)
+    history, failed_pairs, failed = judge_history(app.spec, previous, deployment, now, pods)
     if failed is not None:
         return RefreshPlan(rollback_from=failed)
     obs = Observation(
@@ -294,7 +297,8 @@ def plan_refresh(
         history=history,
         failed_pairs=failed_pairs,
         rolled_back=rolled_back_condition(history, app.spec.rollout.progress_deadline_seconds),
-        verified=_refreshed_verified(previous, refusal),
+        verified=_refreshed_verified(previous, _refusal(pods), pods_read),
+        pod_problem=_problem_condition(pods) if pods_read else _shown_problem(previous),
     )
     reconciled = previous.get("observedGeneration") == app.metadata.generation
     release = obs.release
@@ -307,12 +311,31 @@ def plan_refresh(
     return RefreshPlan(update=_status_update(previous, obs, now), drifted=drifted)
 
 
-def _refreshed_verified(previous: Mapping[str, Any], refusal: str | None) -> Condition | None:
+def _refusal(pods: PodDiagnosis | None) -> str | None:
+    """What ModelVerified=False ModelRefused says: the pods' problem when the model is the part that failed."""
+    return pods.message if pods is not None and pods.problem.refusal is not None else None
+
+
+def _problem_condition(pods: PodDiagnosis | None) -> Condition | None:
+    if pods is None:
+        return None
+    return Condition(ConditionType.DEGRADED, "True", pods.problem.reason, pods.message)
+
+
+def _shown_problem(previous: Mapping[str, Any]) -> Condition | None:
+    """The pod problem the status shows, kept by a refresh that did not look at the pods."""
+    degraded = condition(previous, ConditionType.DEGRADED) or {}
+    if degraded.get("status") != "True" or degraded.get("reason") not in POD_PROBLEM_REASONS:
+        return None
+    return Condition(ConditionType.DEGRADED, "True", str(degraded["reason"]), str(degraded.get("message") or ""))
+
+
+def _refreshed_verified(previous: Mapping[str, Any], refusal: str | None, pods_read: bool) -> Condition | None:
     """ModelVerified on a refresh: refused while a pod refuses; back to what the reconcile verified
     once none does; else unchanged (None)."""
     if refusal is not None:
         return Condition(ConditionType.MODEL_VERIFIED, "False", Reason.MODEL_REFUSED, refusal)
-    if (condition(previous, ConditionType.MODEL_VERIFIED) or {}).get("reason") != Reason.MODEL_REFUSED:
+    if not pods_read or (condition(previous, ConditionType.MODEL_VERIFIED) or {}).get("reason") != Reason.MODEL_REFUSED:
         return None
     return verified_condition(release_from_status(previous), _recorded(previous, ConditionType.MODEL_RESOLVED))
 

@@ -16,6 +16,7 @@ from modelapp_operator.names import (
     DEPLOYMENT_DEADLINE_EXCEEDED,
     DEPLOYMENT_PROGRESSING,
     DEPLOYMENT_REPLICA_FAILURE,
+    POD_PROBLEM_REASONS,
     ConditionType,
     Reason,
 )
@@ -107,6 +108,9 @@ class Observation:
     failed_pairs: Sequence[Mapping[str, Any]] | None = None
     rolled_back: Condition | None = None  # Degraded=True RolledBack (see rolled_back_condition)
     verified: Condition | None = None  # ModelVerified (None: keep what status has)
+    # What the pods of the wanted pair show (plan/pods.py), as a Degraded=True condition: it names the part
+    # that failed in Ready and Degraded while the rollout is not complete.
+    pod_problem: Condition | None = None
 
 
 def derive_conditions(obs: Observation) -> list[Condition]:
@@ -130,9 +134,19 @@ def derive_conditions(obs: Observation) -> list[Condition]:
             f"{obs.desired_replicas} desired; image {obs.release.image.short_digest}, "
             f"model {obs.release.model.version}"
         )
+        problem = obs.pod_problem if not rollout.complete else None
         if rollout.complete:
             ready = Condition(ConditionType.READY, "True", Reason.AVAILABLE, summary)
             progressing = Condition(ConditionType.PROGRESSING, "False", Reason.ROLLOUT_COMPLETE, summary)
+        elif problem is not None:
+            ready = Condition(ConditionType.READY, "False", problem.reason, problem.message)
+            stalled = rollout.deadline_exceeded
+            progressing = Condition(
+                ConditionType.PROGRESSING,
+                "False" if stalled else "True",
+                Reason.PROGRESS_DEADLINE_EXCEEDED if stalled else Reason.ROLLING_OUT,
+                summary,
+            )
         elif rollout.deadline_exceeded:
             ready = Condition(ConditionType.READY, "False", Reason.PROGRESS_DEADLINE_EXCEEDED, summary)
             progressing = Condition(ConditionType.PROGRESSING, "False", Reason.PROGRESS_DEADLINE_EXCEEDED, summary)
@@ -142,7 +156,9 @@ def derive_conditions(obs: Observation) -> list[Condition]:
         else:
             ready = Condition(ConditionType.READY, "False", Reason.ROLLING_OUT, summary)
             progressing = Condition(ConditionType.PROGRESSING, "True", Reason.ROLLING_OUT, summary)
-        if rollout.deadline_exceeded:
+        if problem is not None:
+            degraded = Condition(ConditionType.DEGRADED, "True", problem.reason, problem.message)
+        elif rollout.deadline_exceeded:
             degraded = Condition(ConditionType.DEGRADED, "True", Reason.PROGRESS_DEADLINE_EXCEEDED, summary)
         elif rollout.replica_failure is not None:
             degraded = Condition(ConditionType.DEGRADED, "True", Reason.REPLICA_FAILURE, rollout.replica_failure)
@@ -279,7 +295,9 @@ def transition_events(before: Mapping[str, Any], after: Mapping[str, Any]) -> li
         if type_ == ConditionType.READY and new.get("status") == "True":
             events.append(Event("Normal", Reason.READY, message))
         elif failed and not (
-            type_ == ConditionType.READY and new.get("reason") in (Reason.ROLLING_OUT, Reason.PENDING)
+            # Expected in-between states; and a pod problem is posted once, by its Degraded transition.
+            type_ == ConditionType.READY
+            and (new.get("reason") in (Reason.ROLLING_OUT, Reason.PENDING) or new.get("reason") in POD_PROBLEM_REASONS)
         ):
             events.append(Event("Warning", str(new.get("reason")), message))
     return events

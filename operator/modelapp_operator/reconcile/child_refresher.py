@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from modelapp_operator.clients.kube import ConflictError
-from modelapp_operator.plan.refusal import next_recheck_delay
+from modelapp_operator.plan.pods import next_recheck_delay
 from modelapp_operator.reconcile.queue import stop_all
 from modelapp_operator.reconcile.reconciler import Dependencies, refresh_status
 from modelapp_operator.redact import redact

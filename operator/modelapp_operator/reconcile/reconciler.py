@@ -25,6 +25,14 @@ from modelapp_operator.clients.registry import ImageResolver
 from modelapp_operator.metrics import METRICS
 from modelapp_operator.names import ANNOTATION_RECONCILE_REQUEST, API_VERSION, KIND
 from modelapp_operator.plan.history import kept_snapshots, snapshot_urls
+from modelapp_operator.plan.pods import (
+    PodDiagnosis,
+    diagnose_pods,
+    needs_pod_check,
+    pod_selector,
+    pods_needing_events,
+    problem_shown,
+)
 from modelapp_operator.plan.reconcile_plan import (
     Failure,
     ReconcileInputs,
@@ -35,7 +43,6 @@ from modelapp_operator.plan.reconcile_plan import (
     plan_refresh,
     refresh_applies,
 )
-from modelapp_operator.plan.refusal import needs_pod_check, pod_selector, refusal_from_pods, refusal_shown
 from modelapp_operator.plan.release import Release
 from modelapp_operator.plan.status import Event, now_utc
 from modelapp_operator.reconcile.caches import ChildCache, ModelAppCache
@@ -210,10 +217,10 @@ async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> Reco
         deps.read_child("apps/v1", "Deployment", app.namespace, app.name),
         deps.read_child("v1", "Service", app.namespace, app.name),
     )
-    refusal = await _refusal(deps, app, deployment)
+    pods = await _pod_diagnosis(deps, app, deployment)
     # Plan.
     plan = plan_reconcile(
-        ReconcileInputs(app, image, image_resolution, model, model_resolution, deployment, service, refusal),
+        ReconcileInputs(app, image, image_resolution, model, model_resolution, deployment, service, pods),
         deps.clock(),
     )
     # Apply, then write.
@@ -230,9 +237,12 @@ async def _reconcile_locked(body: Mapping[str, Any], deps: Dependencies) -> Reco
     )
 
 
-async def _refusal(deps: Dependencies, app: ModelApp, deployment: Mapping[str, Any] | None) -> str | None:
-    """Why the pods of the Deployment's pair refuse its model; pods are listed only while its
-    rollout is not complete. A failed list is logged and ignored (the rollout verdict does not need it)."""
+async def _pod_diagnosis(
+    deps: Dependencies, app: ModelApp, deployment: Mapping[str, Any] | None
+) -> PodDiagnosis | None:
+    """What the pods of the Deployment's pair show; they are listed only while its rollout is not
+    complete, and the events of a few restarted pods are read only when their exit alone cannot say
+    why (a probe's kill). A failed read is logged and ignored (the rollout verdict does not need it)."""
     if deployment is None or not needs_pod_check(deployment, app.spec.replicas):
         return None
     selector = pod_selector(deployment)
@@ -240,10 +250,13 @@ async def _refusal(deps: Dependencies, app: ModelApp, deployment: Mapping[str, A
         return None
     try:
         pods = await deps.kube.list_pods(app.namespace, selector)
+        events = {
+            name: await deps.kube.list_pod_events(app.namespace, name) for name in pods_needing_events(deployment, pods)
+        }
     except KubeError as error:
-        _log.warning("%s/%s: cannot list pods to read a model refusal: %s", app.namespace, app.name, error)
+        _log.warning("%s/%s: cannot read the pods of the rollout: %s", app.namespace, app.name, error)
         return None
-    return refusal_from_pods(deployment, pods)
+    return diagnose_pods(deployment, pods, events)
 
 
 async def _apply(
@@ -363,11 +376,11 @@ async def refresh_status(
             else await deps.read_child("apps/v1", "Deployment", namespace, name)
         )
         # Pods are read on the refresher's rechecks (5 s into a stalled rollout, then less often) and
-        # while a refusal is shown: a Deployment event of a young rollout has no refusal to find yet
+        # while a pod problem is shown: a Deployment event of a young rollout has nothing to find yet
         # (a cold start of 1,000 ModelApps listed pods 701 times for nothing).
-        look = deployment_seen is None or refusal_shown(previous)
-        refusal = await _refusal(deps, app, deployment) if look else None
-        plan = plan_refresh(app, previous, deployment, deps.clock(), refusal)
+        look = deployment_seen is None or problem_shown(previous)
+        pods = await _pod_diagnosis(deps, app, deployment) if look else None
+        plan = plan_refresh(app, previous, deployment, deps.clock(), pods, pods_read=look)
         if plan is None:
             return None
         if plan.rollback_from is not None:
