@@ -345,3 +345,24 @@ def test_an_unpinned_entry_needs_the_blob_still_at_its_etag() -> None:
 
 def test_an_entry_without_a_model_url_has_nothing_to_check() -> None:
     assert pin_to_check({"revision": 1, "modelVersion": V1}) is None
+
+
+def test_a_failed_pair_names_the_part_that_failed() -> None:
+    failed = body(
+        digest=OLD,
+        conditions=[condition("Ready", "True", "Available"), condition("Degraded", "False", "Healthy")],
+        history=[
+            {
+                "revision": 2,
+                "imageDigest": NEW,
+                "modelVersion": V1,
+                "outcome": "Failed",
+                "reason": "ImageCrashed",
+                "failure": "container app exited with code 3: boom",
+            }
+        ],
+    )
+    verdict = wait_verdict(failed, Wanted(NEW, None))
+    assert verdict.state == "failed"
+    expected = "ImageCrashed: container app exited with code 3: boom"
+    assert verdict.message == f"revision 2 (image {NEW[7:19]}) failed: {expected}"

@@ -142,9 +142,9 @@ def wait_verdict(body: Mapping[str, Any], wanted: Wanted) -> Verdict:
         for entry in status.get("history") or []:
             if wanted.matches(entry.get("imageDigest"), entry.get("modelVersion")):
                 if entry.get("outcome") == Outcome.FAILED:
-                    message = (
-                        f"revision {entry.get('revision')} ({wanted.describe()}) failed: {entry.get('reason', '')}"
-                    )
+                    # The part that failed (ModelRefused, ImageCrashed, ...) and what its pods showed.
+                    why = ": ".join(str(entry[key]) for key in ("reason", "failure") if entry.get(key))
+                    message = f"revision {entry.get('revision')} ({wanted.describe()}) failed: {why}"
                     return Verdict("failed", str(degraded.get("reason") or "RolloutFailed"), message.strip(": "))
                 break  # newest entry for this pair decides
     degraded_current = degraded.get("status") == "True" and _observed(body, degraded) >= generation
