@@ -20,6 +20,8 @@ DEFAULT_DOWNLOAD_CONCURRENCY = 8
 DEFAULT_DOWNLOAD_CHUNK_BYTES = 8 << 20
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,252}")
+"""A model name in the Open Inference Protocol's URLs (/v2/models/<name>): one path segment, nothing to quote."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class ServingConfig:
     """Threads per ONNX session; 1 because gunicorn already runs one process per core."""
     image: str | None = None
     """The image this pod runs, by digest (the operator sets it); shown by /version and /metrics."""
+    model_name: str | None = None
+    """The model's name in the Open Inference Protocol (MODELAPP_MODEL_NAME); None: oip.served_model_name's rule."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServingConfig:
@@ -86,6 +90,11 @@ class ServingConfig:
             raise ConfigError(f"MODELAPP_MODEL_PIN: {error}") from None
         public_key = env.get("MODELAPP_MODEL_SIGNATURE_PUBLIC_KEY", "").strip()
         cache_dir = Path(env.get("MODELAPP_MODEL_CACHE_DIR", "") or DEFAULT_CACHE_DIR)
+        model_name = env.get("MODELAPP_MODEL_NAME", "").strip() or None
+        if model_name is not None and not MODEL_NAME_PATTERN.fullmatch(model_name):
+            raise ConfigError(
+                f"MODELAPP_MODEL_NAME must be 1-253 letters, digits, '_', '.' or '-' (not first), not {model_name!r}"
+            )
         if not cache_dir.is_absolute():
             raise ConfigError(f"MODELAPP_MODEL_CACHE_DIR must be an absolute path, not {str(cache_dir)!r}")
         return cls(
@@ -114,4 +123,5 @@ class ServingConfig:
             ),
             onnx_threads=env_int(env, "MODELAPP_ONNX_THREADS", 1, low=0, high=256),
             image=env.get("MODELAPP_IMAGE") or None,
+            model_name=model_name,
         )

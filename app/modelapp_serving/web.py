@@ -1,9 +1,11 @@
-"""The Flask application factory: /predict, /healthz, /readyz, /version, /metrics.
+"""The Flask application factory: /predict, /healthz, /readyz, /version, /metrics and the Open Inference
+Protocol's REST endpoints under /v2 (oip.py; docs/serving-api.md).
 
-Every error is JSON `{"error": "...", "status": N}`; no trace ever reaches a client.
-A well-formed `POST /predict` is answered by a plain WSGI fast path that skips Flask's request and response
-objects (app time per request ~110 us -> 20-35 us, bench/serving/profile_predict.py); anything it does not
-answer itself goes to Flask, so error responses come from one place.
+Every error is JSON `{"error": "...", "status": N}` (under /v2 the protocol's `{"error": "..."}`); no trace
+ever reaches a client. A well-formed `POST /predict` or `POST /v2/models/<name>/infer` is answered by a plain
+WSGI fast path that skips Flask's request and response objects (app time per request ~110 us -> 20-35 us,
+bench/serving/profile_predict.py); anything it does not answer itself goes to Flask, so error responses come
+from one place.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from modelapp_serving import __version__
 from modelapp_serving.config import ServingConfig
 from modelapp_serving.metrics import ServingMetrics
 from modelapp_serving.model import LoadedModel
+from modelapp_serving.oip import BINARY_HEADER, OipApi, OipError, served_model_name, server_metadata
+from modelapp_serving.oip import error_body as oip_error_body
 from modelapp_serving.predict import BadInput, parse_features, predictions_body
 from modelapp_serving.state import ModelInfo, ModelState, model_info_from_config, start_background_load
 
@@ -36,17 +40,27 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 EXTENSION_KEY = "modelapp"
 JSON_MIMETYPE = "application/json"
-KNOWN_ENDPOINTS = frozenset({"/predict", "/healthz", "/readyz", "/version", "/metrics"})
+KNOWN_ENDPOINTS = frozenset(
+    {"/predict", "/healthz", "/readyz", "/version", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready"}
+)
+# The metrics' endpoint label for the model's /v2 endpoints: the name and version are not label values.
+V2_INFER_ENDPOINT = "/v2/models/{model}/infer"
+V2_MODEL_READY_ENDPOINT = "/v2/models/{model}/ready"
+V2_MODEL_METADATA_ENDPOINT = "/v2/models/{model}"
 _OK_BODY = b'{"status":"ok"}'
+_INTERNAL_ERROR_V2 = oip_error_body("internal error")
+# Requests with these headers go to Flask: chunked bodies, and binary tensor data (which it refuses).
+_FLASK_ANSWERS_HEADERS = frozenset({b"transfer-encoding", b"inference-header-content-length"})
 
 
 class ServingExtension:
     """What the app keeps beside Flask: its config, model state and metrics."""
 
-    def __init__(self, config: ServingConfig, state: ModelState, metrics: ServingMetrics) -> None:
+    def __init__(self, config: ServingConfig, state: ModelState, metrics: ServingMetrics, oip: OipApi) -> None:
         self.config = config
         self.state = state
         self.metrics = metrics
+        self.oip = oip
         self.predict_fast_path: PredictFastPath | None = None
 
 
@@ -81,12 +95,14 @@ def create_app(
 
     state.on_ready(publish_ready)
 
+    oip = OipApi(served_model_name(config), state)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_request_bytes
-    app.extensions[EXTENSION_KEY] = ServingExtension(config, state, metrics)
+    app.extensions[EXTENSION_KEY] = ServingExtension(config, state, metrics, oip)
     _install_error_handlers(app)
     _install_routes(app, state, metrics, config.image)
-    fast_path = PredictFastPath(app.wsgi_app, state, config.max_request_bytes)
+    _install_oip_routes(app, state, oip)
+    fast_path = PredictFastPath(app.wsgi_app, state, config.max_request_bytes, oip)
     get_serving(app).predict_fast_path = fast_path
     app.wsgi_app = MetricsMiddleware(fast_path, metrics)  # type: ignore[method-assign]
 
@@ -152,7 +168,72 @@ def _install_routes(app: Flask, state: ModelState, metrics: ServingMetrics, imag
         return Response(metrics.render(), mimetype=None, content_type=metrics.content_type)
 
 
+def _install_oip_routes(app: Flask, state: ModelState, oip: OipApi) -> None:
+    """The Open Inference Protocol's REST endpoints (oip.py): health, metadata, readiness and infer."""
+
+    def not_ready() -> Response:
+        return v2_error_response(f"model not ready: {state.reason}", 503, {"Retry-After": "5"})
+
+    @app.get("/v2")
+    def v2_server_metadata() -> Response:
+        return json_response(server_metadata(), 200)
+
+    @app.get("/v2/health/live")
+    def v2_live() -> Response:
+        return Response(b'{"live":true}', mimetype=JSON_MIMETYPE)
+
+    @app.get("/v2/health/ready")
+    def v2_ready() -> Response:
+        if state.ready:
+            return Response(b'{"ready":true}', mimetype=JSON_MIMETYPE)
+        return json_response({"ready": False, "error": f"model not ready: {state.reason}"}, 503, {"Retry-After": "5"})
+
+    @app.get("/v2/models/<model_name>")
+    @app.get("/v2/models/<model_name>/versions/<model_version>")
+    def v2_model_metadata(model_name: str, model_version: str | None = None) -> Response:
+        oip.check_model(model_name, model_version)
+        served = oip.served()
+        if served is None:
+            return not_ready()
+        return json_response(served.metadata(), 200)
+
+    @app.get("/v2/models/<model_name>/ready")
+    @app.get("/v2/models/<model_name>/versions/<model_version>/ready")
+    def v2_model_ready(model_name: str, model_version: str | None = None) -> Response:
+        oip.check_model(model_name, model_version)
+        if state.ready:
+            return json_response({"name": model_name, "ready": True}, 200)
+        reason = f"model not ready: {state.reason}"
+        return json_response({"name": model_name, "ready": False, "error": reason}, 503, {"Retry-After": "5"})
+
+    @app.post("/v2/models/<model_name>/infer")
+    @app.post("/v2/models/<model_name>/versions/<model_version>/infer")
+    def v2_infer(model_name: str, model_version: str | None = None) -> Response:
+        oip.check_model(model_name, model_version)
+        served = oip.served()
+        if served is None:
+            return not_ready()
+        if BINARY_HEADER in request.headers:
+            raise OipError(
+                "the binary tensor data extension is not supported: send the tensors as JSON "
+                "(tritonclient: binary_data=False)"
+            )
+        return Response(served.infer(request.get_data(cache=False)), mimetype=JSON_MIMETYPE)
+
+
+def v2_error_response(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
+    return Response(oip_error_body(message), status=status, mimetype=JSON_MIMETYPE, headers=headers)
+
+
+def _is_v2(path: str) -> bool:
+    return path == "/v2" or path.startswith("/v2/")
+
+
 def _install_error_handlers(app: Flask) -> None:
+    @app.errorhandler(OipError)
+    def oip_error(error: OipError) -> Response:
+        return v2_error_response(error.message, error.status)
+
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Response:
         status = error.code or 500
@@ -161,59 +242,74 @@ def _install_error_handlers(app: Flask) -> None:
             message = f"the body is larger than the limit of {app.config['MAX_CONTENT_LENGTH']} bytes"
         valid_methods = getattr(error, "valid_methods", None)
         headers = {"Allow": ", ".join(valid_methods)} if valid_methods else None
+        if _is_v2(request.path):
+            return v2_error_response(message, status, headers)
         return error_response(message, status, headers)
 
     @app.errorhandler(Exception)
     def unexpected_error(error: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.path)
+        if _is_v2(request.path):
+            return v2_error_response("internal error", 500)
         return error_response("internal error", 500)
 
 
 class PredictFastPath:
-    """WSGI: answers a well-formed `POST /predict` without Flask; hands everything else to `fallback`.
+    """WSGI: answers a well-formed `POST /predict` or `POST /v2/models/<name>/infer` without Flask; hands
+    everything else to `fallback`.
 
-    Only the success path and the unexpected-error 500 are answered here. Not ready, not JSON, no or a
-    too large Content-Length, chunked bodies and bad input all go to Flask (with the body put back), so
-    every 4xx/503 is exactly the one the Flask route gives.
+    Only the success path and the unexpected-error 500 are answered here. Not ready, not JSON (/predict), no
+    or a too large Content-Length, chunked bodies, binary tensor data (infer) and bad input all go to Flask
+    (with the body put back), so every 4xx/503 is exactly the one the Flask route gives.
     """
 
-    def __init__(self, fallback: WSGIApplication, state: ModelState, max_request_bytes: int) -> None:
+    def __init__(self, fallback: WSGIApplication, state: ModelState, max_request_bytes: int, oip: OipApi) -> None:
         self.fallback = fallback
         self._state = state
         self._max_request_bytes = max_request_bytes
+        self._oip = oip
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         model = self._state.model
-        if (
-            model is None
-            or environ.get("PATH_INFO") != "/predict"
-            or environ.get("REQUEST_METHOD") != "POST"
-            or "HTTP_TRANSFER_ENCODING" in environ
-        ):
+        if model is None or environ.get("REQUEST_METHOD") != "POST" or "HTTP_TRANSFER_ENCODING" in environ:
             return self.fallback(environ, start_response)
-        # The same mimetype rule as werkzeug's Request.mimetype (the part before ";", stripped, lowercase).
-        mimetype = environ.get("CONTENT_TYPE", "").partition(";")[0].strip(" \t").lower()
+        path = environ.get("PATH_INFO")
+        answer: Callable[[bytes], bytes]
+        if path == "/predict":
+            # The same mimetype rule as werkzeug's Request.mimetype (the part before ";", stripped, lowercase).
+            mimetype = environ.get("CONTENT_TYPE", "").partition(";")[0].strip(" \t").lower()
+            if mimetype != JSON_MIMETYPE and not mimetype.endswith("+json"):
+                return self.fallback(environ, start_response)
+            answer, internal_error = _predict_answer(model), error_body("internal error", 500)
+        else:
+            served = self._oip.served()
+            if served is None or path not in served.infer_paths or "HTTP_INFERENCE_HEADER_CONTENT_LENGTH" in environ:
+                return self.fallback(environ, start_response)
+            answer, internal_error = served.infer, _INTERNAL_ERROR_V2
         length_text = environ.get("CONTENT_LENGTH", "")
-        if (
-            (mimetype != JSON_MIMETYPE and not mimetype.endswith("+json"))
-            or not (length_text.isascii() and length_text.isdigit())
-            or not 0 < int(length_text) <= self._max_request_bytes
-        ):
+        if not (length_text.isascii() and length_text.isdigit()) or not 0 < int(length_text) <= self._max_request_bytes:
             return self.fallback(environ, start_response)
         length = int(length_text)
         body: bytes = environ["wsgi.input"].read(length)
         try:
             if len(body) != length:
                 raise BadInput("the body is shorter than its Content-Length")
-            payload = predictions_body(model.predict(parse_features(body, model)))
-        except BadInput:
+            payload = answer(body)
+        except (BadInput, OipError):
             # Flask parses it again and gives the 400 (or the 400 for a short body) with its usual message.
             environ["wsgi.input"] = io.BytesIO(body)
             return self.fallback(environ, start_response)
         except Exception:
-            log.exception("unhandled error on POST /predict")
-            return _respond(start_response, "500 INTERNAL SERVER ERROR", error_body("internal error", 500))
+            log.exception("unhandled error on POST %s", path)
+            return _respond(start_response, "500 INTERNAL SERVER ERROR", internal_error)
         return _respond(start_response, "200 OK", payload)
+
+
+def _predict_answer(model: LoadedModel) -> Callable[[bytes], bytes]:
+    def answer(body: bytes) -> bytes:
+        return predictions_body(model.predict(parse_features(body, model)))
+
+    return answer
 
 
 def _respond(start_response: StartResponse, status: str, body: bytes) -> list[bytes]:
@@ -247,14 +343,13 @@ class MetricsMiddleware:
         counter.inc()
         histogram = self._latency_histograms.get(endpoint)
         if histogram is None:
-            # endpoint is one of KNOWN_ENDPOINTS or "other": a bounded set.
+            # endpoint is one of KNOWN_ENDPOINTS, the V2_*_ENDPOINT templates or "other": a bounded set.
             histogram = self._latency_histograms[endpoint] = self._metrics.latency.labels(endpoint)
         histogram.observe(seconds)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         started = self._clock()
-        path = environ.get("PATH_INFO", "")
-        endpoint = path if path in KNOWN_ENDPOINTS else "other"
+        endpoint = endpoint_label(environ.get("PATH_INFO", ""))
         status_code = "000"
 
         def recording_start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
@@ -268,21 +363,34 @@ class MetricsMiddleware:
             self.count(endpoint, environ.get("REQUEST_METHOD", ""), status_code, self._clock() - started)
 
 
+def endpoint_label(path: str) -> str:
+    """The metrics' endpoint label of a path: itself when known, the model's /v2 endpoints as templates."""
+    if path in KNOWN_ENDPOINTS:
+        return path
+    if path.startswith("/v2/models/"):
+        if path.endswith("/infer"):
+            return V2_INFER_ENDPOINT
+        if path.endswith("/ready"):
+            return V2_MODEL_READY_ENDPOINT
+        return V2_MODEL_METADATA_ENDPOINT
+    return "other"
+
+
 def create_asgi_app(config: ServingConfig | None = None, *, model: LoadedModel | None = None) -> AsgiPredictApp:
     """The same app for an ASGI server (gunicorn with uvicorn workers, MODELAPP_WORKER_CLASS=asgi).
 
-    `POST /predict` is answered on the event loop by `AsgiPredictApp`; everything else (and every /predict
-    the fast path does not answer itself) goes to the Flask app through a2wsgi, so error responses,
-    /readyz, /metrics and /version are exactly the WSGI app's."""
+    `POST /predict` and `POST /v2/models/<name>/infer` are answered on the event loop by `AsgiPredictApp`;
+    everything else (and every request the fast path does not answer itself) goes to the Flask app through
+    a2wsgi, so error responses, /readyz, /metrics and /version are exactly the WSGI app's."""
     flask_app = create_app(config, model=model)
     serving = get_serving(flask_app)
     metrics = flask_app.wsgi_app
     assert isinstance(metrics, MetricsMiddleware)
-    return AsgiPredictApp(flask_app, serving.state, serving.config.max_request_bytes, metrics)
+    return AsgiPredictApp(flask_app, serving.state, serving.config.max_request_bytes, metrics, serving.oip)
 
 
 class AsgiPredictApp:
-    """ASGI: a well-formed `POST /predict` answered without threads or Flask; the rest through a2wsgi.
+    """ASGI: a well-formed `POST /predict` or V2 infer answered without threads or Flask; the rest through a2wsgi.
 
     The WSGI fast path under gunicorn's gthread workers spent about three quarters of each request in the
     server (writing the response, waking the poll loop through a pipe, handing the connection between
@@ -290,35 +398,48 @@ class AsgiPredictApp:
     work without thread hand-overs; the model is CPU-bound and tiny per request, so it runs on the loop.
     """
 
-    def __init__(self, flask_app: Flask, state: ModelState, max_request_bytes: int, metrics: MetricsMiddleware) -> None:
+    def __init__(
+        self, flask_app: Flask, state: ModelState, max_request_bytes: int, metrics: MetricsMiddleware, oip: OipApi
+    ) -> None:
         # a2wsgi types scopes and messages as TypedDicts; this class passes them on as it got them.
         self._fallback: Callable[[Any, Any, Any], Awaitable[None]] = WSGIMiddleware(flask_app)  # type: ignore[arg-type]
         self._state = state
         self._max_request_bytes = max_request_bytes
         self._metrics = metrics
+        self._oip = oip
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
             return
         model = self._state.model
-        if scope["type"] != "http" or model is None or scope["path"] != "/predict" or scope["method"] != "POST":
+        if scope["type"] != "http" or model is None or scope["method"] != "POST":
             await self._fallback(scope, receive, send)
             return
+        path = scope["path"]
+        answer: Callable[[bytes], bytes]
+        if path == "/predict":
+            answer, endpoint, internal_error = _predict_answer(model), path, error_body("internal error", 500)
+        else:
+            served = self._oip.served()
+            if served is None or path not in served.infer_paths:
+                await self._fallback(scope, receive, send)
+                return
+            answer, endpoint, internal_error = served.infer, V2_INFER_ENDPOINT, _INTERNAL_ERROR_V2
         started = time.perf_counter()
-        content_type, length_text, chunked = b"", b"", False
+        content_type, length_text, refused = b"", b"", False
         for key, value in scope["headers"]:
             if key == b"content-type":
                 content_type = value
             elif key == b"content-length":
                 length_text = value
-            elif key == b"transfer-encoding":
-                chunked = True
+            elif key in _FLASK_ANSWERS_HEADERS:
+                refused = True
         # The same mimetype rule as werkzeug's Request.mimetype (the part before ";", stripped, lowercase).
         mimetype = content_type.partition(b";")[0].strip(b" \t").lower()
         if (
-            chunked
-            or (mimetype != b"application/json" and not mimetype.endswith(b"+json"))
+            refused
+            or (endpoint == "/predict" and mimetype != b"application/json" and not mimetype.endswith(b"+json"))
             or not (length_text.isascii() and length_text.isdigit())
             or not 0 < int(length_text) <= self._max_request_bytes
         ):
@@ -336,15 +457,15 @@ class AsgiPredictApp:
         try:
             if len(body) != length:
                 raise BadInput("the body is not as long as its Content-Length")
-            payload = predictions_body(model.predict(parse_features(body, model)))
+            payload = answer(body)
             status = 200
-        except BadInput:
+        except (BadInput, OipError):
             # Flask parses it again and gives the 400 with its usual message (the metrics count it there).
             await self._fallback(scope, _replay(body), send)
             return
         except Exception:
-            log.exception("unhandled error on POST /predict")
-            payload, status = error_body("internal error", 500), 500
+            log.exception("unhandled error on POST %s", path)
+            payload, status = internal_error, 500
         await send(
             {
                 "type": "http.response.start",
@@ -353,7 +474,7 @@ class AsgiPredictApp:
             }
         )
         await send({"type": "http.response.body", "body": payload})
-        self._metrics.count("/predict", "POST", str(status), time.perf_counter() - started)
+        self._metrics.count(endpoint, "POST", str(status), time.perf_counter() - started)
 
 
 def _replay(body: bytes) -> Receive:

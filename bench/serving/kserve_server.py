@@ -31,11 +31,11 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
 
 import joblib  # type: ignore[import-untyped]  # noqa: E402
-import kserve  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
+import kserve  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: E402
 import numpy as np  # noqa: E402
 import onnxruntime  # type: ignore[import-untyped,unused-ignore]  # noqa: E402
-from kserve.model_server import parser as kserve_parser  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
-from kserve.protocol.rest import server as rest_server  # type: ignore[import-not-found,unused-ignore]  # noqa: E402
+from kserve.model_server import parser as kserve_parser  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: E402
+from kserve.protocol.rest import server as rest_server  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 
