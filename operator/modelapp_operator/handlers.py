@@ -1,9 +1,9 @@
-"""kopf handlers: thin wrappers around the reconciler, all registered here.
+"""kopf handlers and indexes, all registered here; each is a thin call into the queue, the caches or the refresher.
 
 Importing this module registers the handlers in kopf's default registry. Start-up builds the
-running operator (runtime.py: clients, the watch hub and its poll loop, the webhook receiver);
-every ModelApp event that asks for a reconcile goes through the one idempotent reconcile, queued
-per ModelApp (reconcile/queue.py).
+running operator (runtime.py: clients, the watch hub and its poll loop, the webhook receiver, the
+queue). A ModelApp event that asks for a reconcile, and a deleted child, submit to the one queue
+(reconcile/queue.py); a child Deployment's events go to the child refresher, which submits too.
 """
 
 from __future__ import annotations
@@ -100,7 +100,6 @@ async def configure(
         config, logger, runtime.index_lookup(indexes["child_deployments"], indexes["child_services"])
     )
     memo["runtime"] = running
-    memo["deps"] = running.deps
     logger.info(
         "ModelApp operator configured: namespaces=%s registry CA=%s poll every %gs, webhook receiver %s",
         ",".join(config.namespaces) or "<all>",
@@ -133,10 +132,11 @@ async def on_modelapp(event: kopf.RawEvent, body: kopf.Body, memo: Any, **_: Any
         # A deleted ModelApp stops following its tag and blob (no finalizer needed for that).
         running.forget(key)
         return
-    running.deps.modelapps.observe(key, event["object"])  # the raw dict: kopf's Body is a view of it
-    if running.queue.requested(key, body) and running.deps.watch is not None:
+    running.deps.state.modelapps.observe(key, event["object"])  # the raw dict: kopf's Body is a view of it
+    watch = running.deps.clients.watch
+    if running.queue.requested(key, body) and watch is not None:
         # Someone asked for a reconcile: resolve the tag and the blob again instead of from the cache.
-        running.deps.watch.invalidate_app(key)
+        watch.invalidate_app(key)
     running.queue.observe(key, body)
 
 
@@ -159,8 +159,8 @@ def _owning_app(body: kopf.Body, memo: Any) -> tuple[runtime.Runtime, AppKey] | 
 
 def _recreate(running: runtime.Runtime, app: AppKey) -> None:
     """A child was deleted: forget what we applied there and reconcile, which applies it again."""
-    running.deps.children.forget(*app)
-    running.queue.submit(app)
+    running.deps.state.children.forget(*app)
+    running.queue.submit(app, "recreate")
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={LABEL_MANAGED_BY: MANAGED_BY})

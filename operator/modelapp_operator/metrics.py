@@ -7,15 +7,14 @@ where it happens. Label values are bounded: no digests, no ModelApp names, no UR
 and storage account names are the endpoints an operator is configured to reach.
 
 Change → Ready: the watch hub reports each followed tag or blob that moved (`change_learned`: the
-app, which side, the new version, and how it was learned, from the `trigger` context); when a
-status the operator writes shows Ready=True with that version on that side, the time since the
-first of those changes is observed once, and the records are dropped.
+app, which side, the new version, and the `Source` of the fetch that learned it, passed along as an
+argument); when a status the operator writes shows Ready=True with that version on that side, the
+time since the first of those changes is observed once, and the records are dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -27,12 +26,11 @@ from modelapp_serving.model_blob import normalize_etag
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 AppKey = tuple[str, str]
-Trigger = Literal["poll", "webhook", "reconcile"]
+# Who asked a registry or blob service, and so how a change was learned: the poll loop, a webhook's
+# notification, or a reconcile's own read (the `trigger` label). Callers pass it; nothing reads it
+# from the task's context.
+Source = Literal["poll", "webhook", "reconcile"]
 Side = Literal["image", "model"]
-
-# Why the current task talks to a registry or blob service: set on the poll loop's task and on the
-# receiver's hand-off tasks; tasks they start inherit it. Anything else is a reconcile's own read.
-TRIGGER: contextvars.ContextVar[Trigger] = contextvars.ContextVar("modelapp_metrics_trigger", default="reconcile")
 
 PROMETHEUS_CONDITIONS = (ConditionType.READY, ConditionType.DEGRADED)
 CONDITION_STATUSES = ("True", "False", "Unknown")
@@ -62,11 +60,11 @@ class _Change:
     side: Side
     version: str
     learned_at: float
-    trigger: Trigger
+    source: Source
 
 
 class ReconcileTracking:
-    """One reconcile: waiting for its lock and slot, then running; errors counted by reason."""
+    """One reconcile: waiting for a slot, then running; errors counted by reason."""
 
     def __init__(self, metrics: OperatorMetrics) -> None:
         self._metrics = metrics
@@ -100,17 +98,17 @@ class OperatorMetrics:
         self._clock = clock
         r = self.registry
         p = "modelapp_operator_"
-        self.reconciles = Counter(p + "reconciles", "Reconciles run (kopf events and upstream changes).", registry=r)
+        self.reconciles = Counter(p + "reconciles", "Reconciles run, whatever asked for them.", registry=r)
         self.reconcile_errors = Counter(
             p + "reconcile_errors", "Reconciles that ended in an error, by condition reason.", ["reason"], registry=r
         )
         self.reconcile_duration = Histogram(
-            p + "reconcile_duration_seconds", "Time one reconcile took once it held its lock and slot.",
+            p + "reconcile_duration_seconds", "Time one reconcile took once it held its slot.",
             buckets=RECONCILE_BUCKETS, registry=r,
         )  # fmt: skip
         self.reconciles_in_flight = Gauge(p + "reconciles_in_flight", "Reconciles running now.", registry=r)
         self.reconciles_waiting = Gauge(
-            p + "reconciles_waiting", "Reconciles waiting for their ModelApp's lock or a slot (queue depth).",
+            p + "reconciles_waiting", "Reconciles waiting for a slot (queue depth).",
             registry=r,
         )  # fmt: skip
         self.rollouts_started = Counter(
@@ -165,7 +163,7 @@ class OperatorMetrics:
 
     @contextlib.contextmanager
     def reconcile(self) -> Iterator[ReconcileTracking]:
-        """`with METRICS.reconcile() as tracked: async with lock: tracked.started(); ...`"""
+        """`with METRICS.reconcile() as tracked: async with slot: tracked.started(); ...`"""
         self.reconciles_waiting.inc()
         tracking = ReconcileTracking(self)
         try:
@@ -209,7 +207,7 @@ class OperatorMetrics:
             self.rollouts_completed.labels(cause).inc()
         if matched:
             first = min(matched, key=lambda change: change.learned_at)
-            self.change_to_ready.labels(first.trigger).observe(max(0.0, self._clock() - first.learned_at))
+            self.change_to_ready.labels(first.source).observe(max(0.0, self._clock() - first.learned_at))
 
     def _set_state(self, app: AppKey, state: tuple[str, str] | None) -> None:
         previous = self._states.pop(app, None)
@@ -229,15 +227,15 @@ class OperatorMetrics:
 
     # --- change → Ready ----------------------------------------------------------------------------
 
-    def change_learned(self, apps: Iterable[AppKey], side: Side, version: str) -> None:
-        """These apps follow a tag or blob that now shows `version` (first sight of it for them)."""
-        now, trigger = self._clock(), TRIGGER.get()
+    def change_learned(self, apps: Iterable[AppKey], side: Side, version: str, source: Source) -> None:
+        """These apps follow a tag or blob that now shows `version` (first seen by them), learned by `source`."""
+        now = self._clock()
         for app in apps:
             changes = self._changes.setdefault(app, {})
             known = changes.get(side)
             if known is None or known.version != version:
                 # A newer version of the same side supersedes the older one, which can never be Ready.
-                changes[side] = _Change(side, version, now, trigger)
+                changes[side] = _Change(side, version, now, source)
 
     def _ready_changes(self, app: AppKey, status: Mapping[str, Any]) -> list[_Change]:
         changes = self._changes.get(app)
@@ -261,8 +259,8 @@ class OperatorMetrics:
 
     # --- upstream and webhooks -----------------------------------------------------------------------
 
-    def upstream_request(self, key: Endpoint, failed: bool) -> None:
-        labels = (key.kind, key.endpoint, TRIGGER.get())
+    def upstream_request(self, key: Endpoint, failed: bool, source: Source) -> None:
+        labels = (key.kind, key.endpoint, source)
         self.upstream_requests.labels(*labels).inc()
         if failed:
             self.upstream_errors.labels(*labels).inc()
@@ -273,13 +271,6 @@ class OperatorMetrics:
     def set_active(self, active: bool) -> None:
         """Whether this replica is the one reconciling (runtime sets 1 at start; leader election may flip it)."""
         self.active.set(1 if active else 0)
-
-
-def triggered_by(trigger: Trigger) -> contextvars.Context:
-    """A context for a task whose upstream requests count as `trigger` (asyncio.create_task(..., context=))."""
-    context = contextvars.copy_context()
-    context.run(TRIGGER.set, trigger)
-    return context
 
 
 def _template(deployment: Mapping[str, Any]) -> Any:

@@ -41,11 +41,12 @@ ANNOTATION_MODEL_SHA256: Final = f"{GROUP}/model-sha256"
 ANNOTATION_MODEL_PIN: Final = f"{GROUP}/model-pin"  # versionid=... or snapshot=... (absent: ETag only)
 # On each child: a hash of what we applied, so an unchanged child is not applied again.
 ANNOTATION_APPLIED_HASH: Final = f"{GROUP}/applied-hash"
-# On the ModelApp, written by request_reconcile(); any change of it queues a reconcile (reconcile/queue.py).
+# On the ModelApp, set by a person or a tool (kubectl annotate, the demo); any change of it queues a
+# reconcile that resolves the tag and the blob afresh (reconcile/queue.py). The operator never writes it.
 ANNOTATION_RECONCILE_REQUEST: Final = f"{GROUP}/reconcile-requested-at"
-# kopf keeps its bookkeeping in annotations under this prefix. Not `modelapp.io` itself:
-# kopf leaves annotations under its own prefix out of the diff it compares, and
-# modelapp.io/reconcile-requested-at must count as a change.
+# Where kopf would keep its bookkeeping annotations (progress, finalizer). The operator has event
+# handlers only and no diff base (handlers.py NoDiffBase), so kopf writes none; a prefix of its own
+# keeps anything it might write apart from ours.
 KOPF_PERSISTENCE_PREFIX: Final = f"operator.{GROUP}"
 
 

@@ -1,7 +1,10 @@
-"""The running operator: its clients, the watch hub and its poll loop, the webhook receiver, the child refresher.
+"""The running operator: its clients, the watch hub and its poll loop, the webhook receiver, the child refresher
+and the reconcile queue.
 
-`start` builds them from the configuration at kopf's start-up; a change the hub sees reconciles
-the ModelApps that follow it; `Runtime.stop` closes everything at clean-up.
+`start` builds them from the configuration at kopf's start-up and wires every trigger to the one
+queue (reconcile/queue.py): the hub and the child refresher submit to it, handlers.py too;
+`Runtime.forget` drops what each keeps for a deleted ModelApp; `Runtime.stop` closes everything at
+clean-up.
 """
 
 from __future__ import annotations
@@ -18,20 +21,15 @@ from modelapp_operator.clients.blob_storage import AzureBlobResolver
 from modelapp_operator.clients.kube import AiohttpKubeClient
 from modelapp_operator.clients.registry import RegistryClient
 from modelapp_operator.config import OperatorConfig, WatchConfig
-from modelapp_operator.metrics import METRICS, triggered_by
+from modelapp_operator.metrics import METRICS
 from modelapp_operator.peering import PeeringView
 from modelapp_operator.receiver.server import Receiver
-from modelapp_operator.reconcile.caches import ChildCache, IndexLookup, Stored
+from modelapp_operator.reconcile.caches import AppState, ChildCache, IndexLookup, Stored
 from modelapp_operator.reconcile.child_refresher import ChildRefresher
 from modelapp_operator.reconcile.events import EventRecorder
 from modelapp_operator.reconcile.queue import ReconcileQueue, stop_all
-from modelapp_operator.reconcile.reconciler import (
-    Dependencies,
-    ReconcileError,
-    ReconcileResult,
-    reconcile,
-)
-from modelapp_operator.watch.hub import WatchHub
+from modelapp_operator.reconcile.reconciler import Clients, Dependencies, ReconcileResult, Trigger, reconcile
+from modelapp_operator.watch.hub import Submit, WatchHub
 from modelapp_operator.watch.keys import AppKey
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -46,32 +44,35 @@ class Runtime:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def forget(self, app: AppKey) -> None:
-        """The ModelApp is gone: stop following its tag and blob, drop what is kept for it."""
+        """The ModelApp is gone: stop following its tag and blob, drop everything kept for it."""
         self.queue.forget(app)
-        if self.deps.watch is not None:
-            self.deps.watch.untrack(app)
-        self.deps.forget(*app)
+        self.child_refresher.forget(app)
+        if self.deps.clients.watch is not None:
+            self.deps.clients.watch.untrack(app)
+        self.deps.state.forget(app)
+        METRICS.forget(app)
 
     async def stop(self) -> None:
         if self.receiver is not None:
             await self.receiver.stop()
         await self.queue.close()
         await self.child_refresher.close()
-        if self.deps.events is not None:
-            await self.deps.events.close()
+        clients = self.deps.clients
+        if clients.events is not None:
+            await clients.events.close()
         await stop_all((), self.tasks)
-        deps = self.deps
-        if deps.watch is not None:
-            await deps.watch.close()
-        for client in (deps.kube, deps.images, deps.models):
+        if clients.watch is not None:
+            await clients.watch.close()
+        for client in (clients.kube, clients.images, clients.models):
             close = getattr(client, "close", None)
             if close is not None:
                 await close()
 
 
-def build_hub(config: OperatorConfig) -> WatchHub:
+def build_hub(config: OperatorConfig, submit: Submit | None = None) -> WatchHub:
     """One hub: reconcile resolves through its caches, so 1,000 ModelApps sharing 10 images
-    cost 10 registry requests per poll interval, and the poller sees what reconcile saw."""
+    cost 10 registry requests per poll interval, and the poller sees what reconcile saw.
+    submit: where the ModelApps whose tag or blob changed go (the reconcile queue)."""
     watch_config = config.watch or WatchConfig()
     return WatchHub(
         RegistryClient(
@@ -88,6 +89,7 @@ def build_hub(config: OperatorConfig) -> WatchHub:
             azure_identity_hosts=config.registry_azure_identity_hosts,
         ),
         AzureBlobResolver(timeout_seconds=config.registry_timeout_seconds),
+        submit=submit,
         ttl_seconds=config.poll_interval_seconds,
         error_ttl_seconds=watch_config.error_ttl_seconds,
         coalesce_seconds=watch_config.coalesce_seconds,
@@ -110,30 +112,23 @@ def index_lookup(deployments: ChildIndex, services: ChildIndex) -> IndexLookup:
 
 
 async def start(config: OperatorConfig, logger: Logger, children: IndexLookup | None = None) -> Runtime:
-    hub = build_hub(config)
+    async def run(app: AppKey, trigger: Trigger) -> ReconcileResult:
+        return await reconcile(app, trigger, deps)
+
+    queue = ReconcileQueue(run, logger)  # the one caller of reconcile()
+    hub = build_hub(config, submit=queue.submit)
     blobs = hub.models.inner
     kube = AiohttpKubeClient.connect(secret_ttl_seconds=config.secret_cache_seconds)
-    deps = Dependencies(
+    clients = Clients(
         kube=kube,
         images=hub.images,
         models=hub.models,
         watch=hub,
         pins=blobs if isinstance(blobs, AzureBlobResolver) else None,
-        children=ChildCache(children),
         events=EventRecorder(kube.post_event),
     )
-
-    async def reconcile_queued(app: AppKey) -> ReconcileResult:
-        return await reconcile({"metadata": {"namespace": app[0], "name": app[1]}}, deps)
-
-    runtime = Runtime(
-        deps=deps, child_refresher=ChildRefresher(deps, logger), queue=ReconcileQueue(reconcile_queued, logger)
-    )
-
-    async def reconcile_changed(app: AppKey) -> None:
-        await _reconcile_changed(app, deps, runtime.queue, logger)
-
-    hub.set_on_change(reconcile_changed)
+    deps = Dependencies(clients, AppState(children=ChildCache(children)))
+    runtime = Runtime(deps=deps, child_refresher=ChildRefresher(deps, queue.submit, logger), queue=queue)
     peering: PeeringView | None = None
     if config.peering is not None:
         # Two replicas, one active: kopf pauses its handlers on the standby; our own loops ask the view.
@@ -141,8 +136,7 @@ async def start(config: OperatorConfig, logger: Logger, children: IndexLookup | 
         hub.set_active_check(lambda: peering is not None and peering.active)
         runtime.queue.set_active_check(lambda: peering is not None and peering.active)
         runtime.tasks.append(asyncio.create_task(peering.run(), name="modelapp-peering-view"))
-    polling = hub.run_polling(config.poll_interval_seconds)
-    runtime.tasks.append(asyncio.create_task(polling, name="modelapp-watch-poll", context=triggered_by("poll")))
+    runtime.tasks.append(asyncio.create_task(hub.run_polling(config.poll_interval_seconds), name="modelapp-watch-poll"))
     if config.receiver is not None and config.receiver.enabled:
         receiver = Receiver.from_config(
             hub,
@@ -159,27 +153,3 @@ async def start(config: OperatorConfig, logger: Logger, children: IndexLookup | 
     if peering is None:
         METRICS.set_active(True)  # one replica: always; with peering, the view sets it when this replica acts
     return runtime
-
-
-async def _reconcile_changed(app: AppKey, deps: Dependencies, queue: ReconcileQueue, logger: Logger) -> None:
-    """A followed tag or blob changed: reconcile that ModelApp now.
-
-    Called directly rather than through the queue, so the change's trigger (poll, webhook) stays
-    with the reconcile for the metrics; reconcile serializes with the queue's through the
-    per-object lock and reads the newest copy of the object. A resolution that failed is written to
-    the status and the hub asks again when that tag or blob answers. Anything else that fails (the
-    API server down during a push) is the queue's to retry: the hub has already recorded the new
-    versions as seen (the reconcile resolved them), so it would not ask again until the next change."""
-    namespace, name = app
-    try:
-        result = await reconcile({"metadata": {"namespace": namespace, "name": name}}, deps)
-    except ReconcileError as error:
-        logger.info("reconcile of %s/%s after a change: %s", namespace, name, error)  # the status says why
-        return
-    except Exception:
-        queue.retry(app)
-        raise  # the hub logs and counts it
-    if not result.found and deps.watch is not None:
-        deps.watch.untrack(app)
-    elif result.applied:
-        logger.info("%s/%s changed upstream: applied %s", namespace, name, ", ".join(result.applied))

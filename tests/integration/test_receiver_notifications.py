@@ -26,6 +26,7 @@ from modelapp_operator.clients.blob_storage import (
     ConnectionStringCredential,
 )
 from modelapp_operator.clients.registry import RegistryClient, RegistryCredentials
+from modelapp_operator.metrics import Source
 from modelapp_operator.receiver.server import Receiver
 from modelapp_operator.watch.hub import WatchHub
 from modelapp_operator.watch.keys import AppKey
@@ -92,10 +93,10 @@ async def setup(registry: Registry, registry_notify_port: int, registry_notify_t
     images, models = CountingImages(registry_client), CountingModels(blob_resolver)
     requested: list[tuple[AppKey, float]] = []
 
-    async def on_change(app: AppKey) -> None:
+    def submit(app: AppKey, source: Source) -> None:
         requested.append((app, time.monotonic()))
 
-    hub = WatchHub(images, models, on_change=on_change, coalesce_seconds=0.05, ttl_seconds=300)
+    hub = WatchHub(images, models, submit=submit, coalesce_seconds=0.05, ttl_seconds=300)
     receiver = Receiver(hub, registry_notify_token, bind="127.0.0.1", port=registry_notify_port)
     await receiver.start()
     session = aiohttp.ClientSession()

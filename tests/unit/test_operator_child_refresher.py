@@ -1,98 +1,159 @@
-"""ChildRefresher: Deployment events collapse to one status refresh per ModelApp, from the newest copy."""
+"""ChildRefresher: Deployment events collapse to one status refresh per ModelApp, from the newest copy; a refresh
+that finds drift or a missed deadline submits a reconcile to the queue. Every wait is on a virtual scheduler."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from modelapp_operator.reconcile import child_refresher as handlers
+from modelapp_operator.clients.kube import ConflictError
+from modelapp_operator.reconcile import child_refresher as refresher_module
+from modelapp_operator.reconcile.child_refresher import CHILD_REFRESH_COALESCE_SECONDS, ChildRefresher
+from modelapp_operator.reconcile.reconciler import Refresh, Trigger
+from modelapp_operator.watch.keys import AppKey
+
+from tests.unit.virtual_time import VirtualScheduler
 
 pytestmark = pytest.mark.unit
 
+Call = tuple[AppKey, Mapping[str, Any] | None]
 
-class _RecordingRefresh:
-    def __init__(self, fail: bool = False) -> None:
-        self.calls: list[tuple[str, str, Mapping[str, Any] | None]] = []
-        self.fail = fail
 
-    async def __call__(
-        self, namespace: str, name: str, deps: Any, deployment_seen: Mapping[str, Any] | None = None
-    ) -> None:
-        self.calls.append((namespace, name, deployment_seen))
-        if self.fail:
-            raise RuntimeError("apiserver went away")
+class RecordingRefresh:
+    """A refresh_status double: records its calls and answers from `answers` in turn (then `Refresh()`)."""
+
+    def __init__(self, *answers: Refresh | Exception) -> None:
+        self.calls: list[Call] = []
+        self.answers = list(answers)
+
+    async def __call__(self, app: AppKey, deps: Any, deployment_seen: Mapping[str, Any] | None) -> Refresh:
+        self.calls.append((app, deployment_seen))
+        answer = self.answers.pop(0) if self.answers else Refresh()
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+class Submitted(list[tuple[AppKey, Trigger]]):
+    def __call__(self, app: AppKey, trigger: Trigger) -> None:
+        self.append((app, trigger))
+
+
+def make_refresher(
+    refresh: RecordingRefresh, clock: VirtualScheduler, submitted: Submitted | None = None
+) -> ChildRefresher:
+    return ChildRefresher(
+        deps=None,  # type: ignore[arg-type]  # only handed to the refresh double
+        submit=submitted if submitted is not None else Submitted(),
+        logger=logging.getLogger("test"),
+        scheduler=clock,
+        refresh=refresh,
+    )
 
 
 def _deployment(generation: int) -> dict[str, Any]:
     return {"metadata": {"generation": generation}}
 
 
-async def test_a_burst_of_events_becomes_one_refresh_with_the_newest_copy(monkeypatch: pytest.MonkeyPatch) -> None:
-    refresh = _RecordingRefresh()
-    monkeypatch.setattr(handlers, "refresh_status", refresh)
-    monkeypatch.setattr(handlers, "CHILD_REFRESH_COALESCE_SECONDS", 0.05)
-    refresher = handlers.ChildRefresher(deps=None, logger=logging.getLogger("test"))  # type: ignore[arg-type]
+@pytest.fixture
+def clock() -> VirtualScheduler:
+    return VirtualScheduler()
+
+
+async def test_a_burst_of_events_becomes_one_refresh_with_the_newest_copy(clock: VirtualScheduler) -> None:
+    refresh = RecordingRefresh()
+    refresher = make_refresher(refresh, clock)
     for generation in range(1, 6):
         refresher.submit(("ml", "a"), _deployment(generation))
     refresher.submit(("ml", "b"), _deployment(1))
-    await asyncio.sleep(0.2)
-    assert sorted(refresh.calls, key=lambda call: call[1]) == [
-        ("ml", "a", _deployment(5)),
-        ("ml", "b", _deployment(1)),
+    await clock.advance(CHILD_REFRESH_COALESCE_SECONDS - 0.1)
+    assert refresh.calls == []  # still collecting the rollout's steps
+    await clock.advance(0.1)
+    assert sorted(refresh.calls, key=lambda call: call[0]) == [
+        (("ml", "a"), _deployment(5)),
+        (("ml", "b"), _deployment(1)),
     ]
     await refresher.close()
 
 
 async def test_a_failed_refresh_is_logged_and_the_next_event_starts_again(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    clock: VirtualScheduler, caplog: pytest.LogCaptureFixture
 ) -> None:
-    refresh = _RecordingRefresh(fail=True)
-    monkeypatch.setattr(handlers, "refresh_status", refresh)
-    monkeypatch.setattr(handlers, "CHILD_REFRESH_COALESCE_SECONDS", 0.01)
-    refresher = handlers.ChildRefresher(deps=None, logger=logging.getLogger("test"))  # type: ignore[arg-type]
+    refresh = RecordingRefresh(RuntimeError("apiserver went away"), RuntimeError("apiserver went away"))
+    refresher = make_refresher(refresh, clock)
     with caplog.at_level(logging.WARNING):
         refresher.submit(("ml", "a"), _deployment(1))
-        await asyncio.sleep(0.1)
+        await clock.advance(CHILD_REFRESH_COALESCE_SECONDS)
         refresher.submit(("ml", "a"), _deployment(2))
-        await asyncio.sleep(0.1)
-    assert [call[2] for call in refresh.calls] == [_deployment(1), _deployment(2)]
+        await clock.advance(CHILD_REFRESH_COALESCE_SECONDS)
+    assert [call[1] for call in refresh.calls] == [_deployment(1), _deployment(2)]
     assert "status refresh of ModelApp ml/a failed: apiserver went away" in caplog.text
     await refresher.close()
 
 
-async def test_close_cancels_pending_refreshes(monkeypatch: pytest.MonkeyPatch) -> None:
-    refresh = _RecordingRefresh()
-    monkeypatch.setattr(handlers, "refresh_status", refresh)
-    monkeypatch.setattr(handlers, "CHILD_REFRESH_COALESCE_SECONDS", 10.0)
-    refresher = handlers.ChildRefresher(deps=None, logger=logging.getLogger("test"))  # type: ignore[arg-type]
+async def test_a_conflict_refreshes_again_from_a_fresh_read(clock: VirtualScheduler) -> None:
+    refresh = RecordingRefresh(ConflictError(409, "the ModelApp changed"), Refresh({"conditions": []}))
+    refresher = make_refresher(refresh, clock)
     refresher.submit(("ml", "a"), _deployment(1))
-    await asyncio.sleep(0)
+    await clock.advance(CHILD_REFRESH_COALESCE_SECONDS)
+    assert [call[1] for call in refresh.calls] == [_deployment(1), _deployment(1)]
     await refresher.close()
+
+
+async def test_close_cancels_pending_refreshes(clock: VirtualScheduler) -> None:
+    refresh = RecordingRefresh()
+    refresher = make_refresher(refresh, clock)
+    refresher.submit(("ml", "a"), _deployment(1))
+    await clock.settle()
+    await refresher.close()
+    await clock.advance(CHILD_REFRESH_COALESCE_SECONDS)
     assert refresh.calls == []
 
 
-async def test_a_stalled_rollout_is_refreshed_again_from_a_fresh_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A pod refusing its model changes nothing in the Deployment: no event follows, so the refresher
-    # looks again (plan.refusal.next_recheck_delay decides) with the Deployment read anew (None).
-    progressing = {"history": [{"revision": 2, "outcome": "Progressing"}], "conditions": []}
-    calls: list[Mapping[str, Any] | None] = []
-
-    async def refresh(
-        namespace: str, name: str, deps: Any, deployment_seen: Mapping[str, Any] | None = None
-    ) -> dict[str, Any]:
-        calls.append(deployment_seen)
-        return progressing if len(calls) < 3 else {"history": [{"revision": 2, "outcome": "Ready"}]}
-
-    monkeypatch.setattr(handlers, "refresh_status", refresh)
-    monkeypatch.setattr(handlers, "CHILD_REFRESH_COALESCE_SECONDS", 0.01)
-    monkeypatch.setattr(
-        handlers, "next_recheck_delay", lambda status, previous: 0.02 if status is progressing else None
-    )
-    refresher = handlers.ChildRefresher(deps=None, logger=logging.getLogger("test"))  # type: ignore[arg-type]
+async def test_drift_and_a_missed_deadline_are_submitted_to_the_queue(clock: VirtualScheduler) -> None:
+    refresh = RecordingRefresh(Refresh({"conditions": []}, reconcile="drift"), Refresh(reconcile="rollback"))
+    submitted = Submitted()
+    refresher = make_refresher(refresh, clock, submitted)
     refresher.submit(("ml", "a"), _deployment(1))
-    await asyncio.sleep(0.3)
-    assert calls == [_deployment(1), None, None]  # the third refresh saw it Ready: no more rechecks
+    refresher.submit(("ml", "b"), _deployment(1))
+    refresher.submit(("ml", "c"), _deployment(1))  # nothing to do: nothing submitted
+    await clock.advance(CHILD_REFRESH_COALESCE_SECONDS)
+    assert submitted == [(("ml", "a"), "drift"), (("ml", "b"), "rollback")]
+    await refresher.close()
+
+
+async def test_a_stalled_rollout_is_refreshed_again_from_a_fresh_read(
+    clock: VirtualScheduler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pod refusing its model changes nothing in the Deployment: no event follows, so the refresher
+    # looks again (plan.pods.next_recheck_delay decides) with the Deployment read anew (None).
+    progressing = {"history": [{"revision": 2, "outcome": "Progressing"}], "conditions": []}
+    ready = {"history": [{"revision": 2, "outcome": "Ready"}]}
+    refresh = RecordingRefresh(Refresh(progressing), Refresh(progressing), Refresh(ready))
+    monkeypatch.setattr(
+        refresher_module, "next_recheck_delay", lambda status, previous: 5.0 if status is progressing else None
+    )
+    refresher = make_refresher(refresh, clock)
+    refresher.submit(("ml", "a"), _deployment(1))
+    await clock.advance(CHILD_REFRESH_COALESCE_SECONDS + 5.0)
+    assert [call[1] for call in refresh.calls] == [_deployment(1)]  # the recheck's own coalescing wait
+    await clock.advance(CHILD_REFRESH_COALESCE_SECONDS + 5.0 + CHILD_REFRESH_COALESCE_SECONDS)
+    assert [call[1] for call in refresh.calls] == [_deployment(1), None, None]  # the third saw it Ready
+    await clock.advance(3600)
+    assert len(refresh.calls) == 3 and clock.timers == 0  # no more rechecks
+    await refresher.close()
+
+
+async def test_a_forgotten_modelapp_is_not_rechecked(clock: VirtualScheduler, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(refresher_module, "next_recheck_delay", lambda status, previous: 5.0)
+    refresh = RecordingRefresh(Refresh({"conditions": []}))
+    refresher = make_refresher(refresh, clock)
+    refresher.submit(("ml", "a"), _deployment(1))
+    await clock.advance(CHILD_REFRESH_COALESCE_SECONDS)
+    assert clock.timers == 1
+    refresher.forget(("ml", "a"))
+    await clock.advance(60)
+    assert len(refresh.calls) == 1 and clock.timers == 0
     await refresher.close()

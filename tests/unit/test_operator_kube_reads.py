@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 from modelapp_operator.clients.kube import AiohttpKubeClient
-from modelapp_operator.reconcile.reconciler import Dependencies
+from modelapp_operator.reconcile.caches import AppState, ChildCache
 
 pytestmark = pytest.mark.unit
 
@@ -74,16 +74,19 @@ async def test_a_cancelled_leader_does_not_cancel_the_readers_that_joined_it() -
         await client.close()
 
 
-def test_a_deployment_copy_older_than_our_last_apply_is_recognised() -> None:
-    deps = Dependencies(kube=None, images=None, models=None)  # type: ignore[arg-type]
-    assert not deps.predates_apply("ns", "app", {"metadata": {"generation": 1}})  # nothing applied yet
-    deps.record_applied("ns", "app", {"metadata": {"generation": 3}})
-    assert deps.predates_apply("ns", "app", {"metadata": {"generation": 2}})
-    assert not deps.predates_apply("ns", "app", {"metadata": {"generation": 3}})
-    assert not deps.predates_apply("ns", "app", {"metadata": {"generation": 4}})  # someone else's edit: look
-    assert not deps.predates_apply("ns", "other", {"metadata": {"generation": 1}})
-    deps.forget("ns", "app")
-    assert not deps.predates_apply("ns", "app", {"metadata": {"generation": 2}})
+def test_a_deployment_copy_older_than_our_last_apply_is_recognised_until_the_app_is_forgotten() -> None:
+    state, app = AppState(children=ChildCache(lambda kind, ns, name: None)), ("ns", "app")
+    assert not state.predates_apply(app, {"metadata": {"generation": 1}})  # nothing applied yet
+    state.record_applied(app, {"metadata": {"generation": 3}})
+    assert state.predates_apply(app, {"metadata": {"generation": 2}})
+    assert not state.predates_apply(app, {"metadata": {"generation": 3}})
+    assert not state.predates_apply(app, {"metadata": {"generation": 4}})  # someone else's edit: look
+    assert not state.predates_apply(("ns", "other"), {"metadata": {"generation": 1}})
+    state.modelapps.observe(app, {"metadata": {"name": "app", "resourceVersion": "1"}})
+    state.children.applied("Deployment", *app, {"metadata": {"generation": 3}})
+    state.forget(app)
+    assert not state.predates_apply(app, {"metadata": {"generation": 2}})
+    assert state.modelapps.get(app) is None and state.children.get("Deployment", *app) is None
 
 
 async def test_an_existing_secret_is_reused_for_its_ttl() -> None:

@@ -4,7 +4,6 @@ requests by trigger, webhook requests by source, the config of the port, and the
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
 import re
 import urllib.request
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 from modelapp_operator.config import ConfigError, OperatorConfig
-from modelapp_operator.metrics import TRIGGER, OperatorMetrics, serve, triggered_by
+from modelapp_operator.metrics import OperatorMetrics, serve
 from modelapp_operator.names import ANNOTATION_IMAGE_DIGEST, ANNOTATION_MODEL_VERSION
 from modelapp_operator.reconcile.reconciler import TemporaryReconcileError
 from modelapp_operator.watch.keys import ImageKey, ModelKey
@@ -131,9 +130,9 @@ def test_modelapps_by_condition_follow_the_latest_status_and_deletion() -> None:
 def test_change_to_ready_from_first_sight_until_ready_with_that_version() -> None:
     metrics, clock = fresh()
     metrics.status_observed(APP, status("True"))  # Ready on the old pair: nothing pending
-    metrics.change_learned([APP], "image", D2)  # default trigger: a reconcile's own read
+    metrics.change_learned([APP], "image", D2, "reconcile")  # a reconcile's own read
     clock.now += 1
-    triggered_by("poll").run(metrics.change_learned, [APP], "model", "0x2")
+    metrics.change_learned([APP], "model", "0x2", "poll")
     clock.now += 2
     metrics.status_observed(APP, status("True", D2, '"0x1"'))  # image Ready, model not yet
     assert value(metrics, "modelapp_operator_change_to_ready_seconds_sum", trigger="reconcile") == 3
@@ -148,8 +147,8 @@ def test_change_to_ready_from_first_sight_until_ready_with_that_version() -> Non
 
 def test_a_superseded_or_stale_change_is_never_observed() -> None:
     metrics, clock = fresh()
-    metrics.change_learned([APP], "image", D1)
-    metrics.change_learned([APP], "image", D2)  # pushed again before the first was Ready
+    metrics.change_learned([APP], "image", D1, "reconcile")
+    metrics.change_learned([APP], "image", D2, "reconcile")  # pushed again before the first was Ready
     metrics.status_observed(APP, status("True", D1))
     assert metrics.pending_changes(APP) == 1
     clock.now += 7200
@@ -162,15 +161,14 @@ def test_upstream_requests_by_kind_endpoint_and_trigger() -> None:
     metrics, _ = fresh()
     image = ImageKey("registry.example:5000", "apps/iris", "stable", "")
     model = ModelKey("https://acct.blob.core.windows.net", "models", "iris.onnx", "operator-identity")
-    metrics.upstream_request(image, failed=False)
-    triggered_by("poll").run(metrics.upstream_request, model, True)
-    triggered_by("webhook").run(metrics.upstream_request, image, False)
+    metrics.upstream_request(image, False, "reconcile")
+    metrics.upstream_request(model, True, "poll")
+    metrics.upstream_request(image, False, "webhook")
     labels = {"kind": "registry", "endpoint": "registry.example:5000"}
     assert value(metrics, "modelapp_operator_upstream_requests_total", **labels, trigger="reconcile") == 1
     assert value(metrics, "modelapp_operator_upstream_requests_total", **labels, trigger="webhook") == 1
     storage = {"kind": "storage", "endpoint": "acct", "trigger": "poll"}
     assert value(metrics, "modelapp_operator_upstream_errors_total", **storage) == 1
-    assert contextvars.copy_context().run(TRIGGER.get) == "reconcile"
 
 
 def test_metrics_port_setting() -> None:

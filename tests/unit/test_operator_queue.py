@@ -1,4 +1,6 @@
-"""The reconcile queue and the watch caches: which events reconcile, one run at a time, backoff, newest copies."""
+"""The reconcile queue and the watch caches: which events reconcile, one run at a time, backoff, newest copies.
+
+Every wait is on a virtual scheduler (tests/unit/virtual_time.py): no test sleeps in real time."""
 
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ from modelapp_operator.reconcile.reconciler import (
     PermanentReconcileError,
     ReconcileResult,
     TemporaryReconcileError,
+    Trigger,
 )
 from modelapp_operator.watch.keys import AppKey
+
+from tests.unit.virtual_time import VirtualScheduler
 
 pytestmark = pytest.mark.unit
 
@@ -41,16 +46,22 @@ def test_first_sight_spec_changes_and_requests_reconcile_status_writes_do_not() 
 
 
 class Recorder:
+    """The reconcile the queue runs: records each run's trigger; `outcomes` are raised in turn."""
+
     def __init__(self, outcomes: list[BaseException | None]) -> None:
         self.outcomes = outcomes
-        self.calls = 0
+        self.triggers: list[Trigger] = []
         self.running = 0
         self.most_at_once = 0
         self.gate = asyncio.Event()
         self.gate.set()
 
-    async def __call__(self, key: AppKey) -> ReconcileResult:
-        self.calls += 1
+    @property
+    def calls(self) -> int:
+        return len(self.triggers)
+
+    async def __call__(self, key: AppKey, trigger: Trigger) -> ReconcileResult:
+        self.triggers.append(trigger)
         self.running += 1
         self.most_at_once = max(self.most_at_once, self.running)
         try:
@@ -63,70 +74,86 @@ class Recorder:
             self.running -= 1
 
 
-async def settle() -> None:
-    for _ in range(20):
-        await asyncio.sleep(0)
+@pytest.fixture
+def clock() -> VirtualScheduler:
+    return VirtualScheduler()
 
 
-async def test_requests_during_a_run_make_exactly_one_more_run() -> None:
+def make_queue(recorder: Recorder, clock: VirtualScheduler) -> ReconcileQueue:
+    return ReconcileQueue(recorder, logging.getLogger("test"), scheduler=clock)
+
+
+async def test_requests_during_a_run_make_exactly_one_more_run_named_by_the_first(clock: VirtualScheduler) -> None:
     recorder = Recorder([])
-    queue = ReconcileQueue(recorder, logging.getLogger("test"))
+    queue = make_queue(recorder, clock)
     recorder.gate.clear()
-    queue.submit(KEY)
-    await settle()
-    for _ in range(5):
-        queue.submit(KEY)
+    queue.submit(KEY, "event")
+    await clock.settle()
+    for trigger in ("drift", "poll", "rollback", "webhook", "recreate"):
+        queue.submit(KEY, trigger)
     recorder.gate.set()
-    await settle()
-    assert recorder.calls == 2 and recorder.most_at_once == 1
+    await clock.settle()
+    assert recorder.triggers == ["event", "drift"] and recorder.most_at_once == 1
     await queue.close()
 
 
-async def test_status_only_events_do_not_queue() -> None:
+async def test_status_only_events_do_not_queue(clock: VirtualScheduler) -> None:
     recorder = Recorder([])
-    queue = ReconcileQueue(recorder, logging.getLogger("test"))
+    queue = make_queue(recorder, clock)
     assert queue.observe(KEY, body())
-    await settle()
+    await clock.settle()
     assert not queue.observe(KEY, body(rv="11", phase="Ready"))
     assert not queue.requested(KEY, body(rv="11"))
     assert queue.requested(KEY, body(rv="12", request="now"))
     assert queue.observe(KEY, body(rv="12", request="now"))
-    await settle()
-    assert recorder.calls == 2
+    await clock.settle()
+    assert recorder.triggers == ["event", "event"]
     await queue.close()
 
 
-async def test_temporary_errors_retry_after_their_delay_and_a_new_request_skips_the_wait() -> None:
-    recorder = Recorder([TemporaryReconcileError("BlobNotFound", "later", delay=0.05)])
-    queue = ReconcileQueue(recorder, logging.getLogger("test"))
-    queue.submit(KEY)
-    await settle()
+async def test_temporary_errors_retry_after_their_delay_and_a_new_request_skips_the_wait(
+    clock: VirtualScheduler,
+) -> None:
+    recorder = Recorder([TemporaryReconcileError("BlobNotFound", "later", delay=30)])
+    queue = make_queue(recorder, clock)
+    queue.submit(KEY, "webhook")
+    await clock.settle()
     assert recorder.calls == 1 and queue.waiting_retries == 1
-    await asyncio.sleep(0.1)
-    await settle()
-    assert recorder.calls == 2 and queue.waiting_retries == 0
+    await clock.advance(29.9)
+    assert recorder.calls == 1
+    await clock.advance(0.1)
+    assert recorder.triggers == ["webhook", "webhook"] and queue.waiting_retries == 0  # a retry keeps its trigger
 
     recorder.outcomes = [TemporaryReconcileError("BlobNotFound", "later", delay=3600)]
-    queue.submit(KEY)
-    await settle()
+    queue.submit(KEY, "event")
+    await clock.settle()
     assert recorder.calls == 3 and queue.waiting_retries == 1
-    queue.submit(KEY)  # someone fixed it: no hour-long wait
-    await settle()
-    assert recorder.calls == 4 and queue.waiting_retries == 0
+    queue.submit(KEY, "event")  # someone fixed it: no hour-long wait
+    await clock.settle()
+    assert recorder.calls == 4 and queue.waiting_retries == 0 and clock.timers == 0
     await queue.close()
 
 
-async def test_permanent_errors_wait_for_a_change_and_bugs_back_off() -> None:
-    recorder = Recorder([PermanentReconcileError("InvalidSpec", "bad"), RuntimeError("bug")])
-    queue = ReconcileQueue(recorder, logging.getLogger("test"))
-    queue.submit(KEY)
-    await settle()
+async def test_permanent_errors_wait_for_a_change_and_bugs_back_off_doubling(clock: VirtualScheduler) -> None:
+    recorder = Recorder([PermanentReconcileError("InvalidSpec", "bad"), RuntimeError("bug"), RuntimeError("bug")])
+    queue = make_queue(recorder, clock)
+    queue.submit(KEY, "event")
+    await clock.settle()
     assert recorder.calls == 1 and queue.waiting_retries == 0
-    queue.submit(KEY)
-    await settle()
+    queue.submit(KEY, "drift")
+    await clock.settle()
     assert recorder.calls == 2 and queue.waiting_retries == 1  # the bug is retried, not raised
+    await clock.advance(queue_module.UNEXPECTED_ERROR_DELAY)
+    assert recorder.calls == 3  # the same bug again: the next wait is twice as long
+    await clock.advance(queue_module.UNEXPECTED_ERROR_DELAY * 2 - 0.1)
+    assert recorder.calls == 3
+    await clock.advance(0.1)
+    assert recorder.triggers == ["event", "drift", "drift", "drift"] and queue.waiting_retries == 0
+    recorder.outcomes = [RuntimeError("bug")]
+    queue.submit(KEY, "event")
+    await clock.settle()
     queue.forget(KEY)
-    assert queue.waiting_retries == 0
+    assert queue.waiting_retries == 0 and clock.timers == 0
     await queue.close()
 
 
@@ -145,6 +172,7 @@ def test_the_modelapp_cache_never_goes_back_to_an_older_copy() -> None:
 
 def test_child_cache_prefers_our_apply_until_the_watch_catches_up() -> None:
     watched: dict[tuple[str, str, str], dict[str, Any]] = {}
+
     def lookup(kind: str, ns: str, name: str) -> Stored | None:
         found = watched.get((kind, ns, name))
         return Stored.of(found) if found is not None else None
@@ -165,7 +193,7 @@ def test_child_cache_prefers_our_apply_until_the_watch_catches_up() -> None:
     assert not ChildCache().enabled
 
 
-async def test_events_are_posted_in_the_background_in_order_and_a_failure_is_dropped() -> None:
+async def test_events_are_posted_in_the_background_in_order_and_a_failure_is_dropped(clock: VirtualScheduler) -> None:
     posted: list[str] = []
     gate = asyncio.Event()
 
@@ -179,7 +207,7 @@ async def test_events_are_posted_in_the_background_in_order_and_a_failure_is_dro
     involved = {"metadata": {"namespace": "ns", "name": "app"}}
     for reason in ("RolloutStarted", "Broken", "Ready", "Dropped?"):
         recorder.record(involved, "Normal", reason, "m")  # returns at once: nothing posted yet
-    await settle()
+    await clock.settle()
     assert posted == [] and recorder.backlog == 2 and recorder.dropped == 1  # full at 3; one taken by the worker
     gate.set()
     await recorder.close()
@@ -196,33 +224,17 @@ def test_a_name_whose_apply_conflicted_is_read_from_the_api_server_once() -> Non
     assert children.get("Deployment", "ns", "app") is None  # our apply's answer went with the conflict
 
 
-async def test_a_reconcile_that_failed_outside_the_queue_is_retried_by_it() -> None:
-    recorder = Recorder([])
-    queue = ReconcileQueue(recorder, logging.getLogger("test"))
-    queue.retry(KEY, 0.05)
-    queue.retry(KEY, 3600)  # a later retry does not replace a sooner one
-    assert queue.waiting_retries == 1 and recorder.calls == 0
-    await asyncio.sleep(0.1)
-    await settle()
-    assert recorder.calls == 1 and queue.waiting_retries == 0
-    queue.retry(KEY)  # an API hiccup: the backoff's first step
-    assert queue.waiting_retries == 1
-    await queue.close()
-
-
 async def test_a_standby_replica_runs_no_reconcile_but_keeps_it_for_when_it_is_active(
-    monkeypatch: pytest.MonkeyPatch,
+    clock: VirtualScheduler,
 ) -> None:
-    monkeypatch.setattr(queue_module, "STANDBY_RECHECK_SECONDS", 0.05)
     recorder = Recorder([])
-    queue = ReconcileQueue(recorder, logging.getLogger("test"))
+    queue = make_queue(recorder, clock)
     active = False
     queue.set_active_check(lambda: active)
-    queue.submit(KEY)
-    await settle()
+    queue.submit(KEY, "poll")
+    await clock.settle()
     assert recorder.calls == 0 and queue.waiting_retries == 1
     active = True
-    await asyncio.sleep(0.1)
-    await settle()
-    assert recorder.calls == 1 and queue.waiting_retries == 0
+    await clock.advance(queue_module.STANDBY_RECHECK_SECONDS)
+    assert recorder.triggers == ["poll"] and queue.waiting_retries == 0
     await queue.close()

@@ -1,4 +1,7 @@
-"""The watch hub: single-flight caches, subscriptions, polling, coalescing and notifications."""
+"""The watch hub: single-flight caches, subscriptions, polling, coalescing and notifications.
+
+Every wait (TTLs, the coalescing window, retries after a notification, poll intervals and bounds) is on a
+virtual scheduler (tests/unit/virtual_time.py): no test sleeps in real time."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import contextlib
 import itertools
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from modelapp_operator.api.modelapp_types import BlobLocation
@@ -19,6 +23,7 @@ from modelapp_operator.clients.blob_storage import (
 )
 from modelapp_operator.clients.registry import ImageResolutionError, RegistryCredentials
 from modelapp_operator.config import ConfigError, WatchConfig
+from modelapp_operator.metrics import Source
 from modelapp_operator.watch import hub as watch
 from modelapp_operator.watch import polling
 from modelapp_operator.watch.hub import WatchHub
@@ -26,6 +31,8 @@ from modelapp_operator.watch.keys import AppKey, ImageKey, image_key, model_key
 from modelapp_operator.watch.resolvers import track_resolutions
 from modelapp_serving.model_blob import BlobAddress
 from modelapp_serving.model_blob import try_parse_blob_url as parse_blob_url
+
+from tests.unit.virtual_time import VirtualScheduler
 
 pytestmark = pytest.mark.unit
 
@@ -75,30 +82,16 @@ class Models:
         return BlobProperties(etag=etag, size=10, last_modified=None, metadata={"sha256": "0" * 64})
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @dataclass
 class Requests:
+    """The reconcile queue's door as the hub sees it: what was submitted, and who learned of the change."""
+
     apps: list[AppKey] = field(default_factory=list)
-    fail: set[AppKey] = field(default_factory=set)
-    status: int = 500
+    sources: list[Source] = field(default_factory=list)
 
-    async def __call__(self, app: AppKey) -> None:
+    def __call__(self, app: AppKey, source: Source) -> None:
         self.apps.append(app)
-        if app in self.fail:
-            raise _StatusError(self.status)
-
-
-class _StatusError(Exception):
-    def __init__(self, status: int) -> None:
-        super().__init__(f"HTTP {status}")
-        self.status = status
+        self.sources.append(source)
 
 
 def location(name: str) -> BlobLocation:
@@ -108,16 +101,12 @@ def location(name: str) -> BlobLocation:
 CREDENTIAL = OperatorIdentityCredential()
 
 
-def make_hub(images: Images, models: Models, requests: Requests, clock: Clock | None = None) -> WatchHub:
-    return WatchHub(
-        images,
-        models,
-        on_change=requests,
-        ttl_seconds=30.0,
-        error_ttl_seconds=5.0,
-        coalesce_seconds=0.01,
-        clock=clock or Clock(),
-    )
+COALESCE_SECONDS = 0.01
+
+
+def make_hub(images: Any, models: Any, requests: Requests, clock: VirtualScheduler, **options: Any) -> WatchHub:
+    settings: dict[str, Any] = {"ttl_seconds": 30.0, "error_ttl_seconds": 5.0, "coalesce_seconds": COALESCE_SECONDS}
+    return WatchHub(images, models, submit=requests, scheduler=clock, **(settings | options))
 
 
 async def reconcile_like(hub: WatchHub, app: AppKey, repo: str, tag: str, blob: str) -> tuple[str | None, str | None]:
@@ -140,21 +129,23 @@ async def reconcile_like(hub: WatchHub, app: AppKey, repo: str, tag: str, blob: 
     return digest, etag
 
 
-async def settle(hub: WatchHub) -> None:
-    """Let the coalescing window pass and the dispatch finish."""
-    await asyncio.sleep(0.05)
-    await asyncio.gather(*list(hub._tasks))
+async def settle(clock: VirtualScheduler) -> None:
+    """Let the coalescing window pass (the hub then submits what changed)."""
+    await clock.advance(COALESCE_SECONDS)
+
+
+Parts = tuple[Images, Models, Requests, VirtualScheduler]
 
 
 @pytest.fixture
-async def parts() -> tuple[Images, Models, Requests, Clock]:
+async def parts() -> Parts:
     images = Images({(f"{REGISTRY}/team/app{i}", "stable"): DIGEST_A for i in range(10)})
     models = Models({f"{ACCOUNT}/models/m{i}.onnx": '"0x1"' for i in range(10)})
-    return images, models, Requests(), Clock()
+    return images, models, Requests(), VirtualScheduler()
 
 
 async def test_thousand_apps_sharing_ten_images_and_ten_models_cost_twenty_requests(
-    parts: tuple[Images, Models, Requests, Clock],
+    parts: Parts,
 ) -> None:
     images, models, requests, clock = parts
     hub = make_hub(images, models, requests, clock)
@@ -172,13 +163,13 @@ async def test_thousand_apps_sharing_ten_images_and_ten_models_cost_twenty_reque
     assert (report.image_keys, report.model_keys, report.requests) == (10, 10, 40)  # 20 cold + 20 poll
     report = await hub.poll_once()
     assert report.requests == 20 and report.changed_keys == 0
-    await settle(hub)
+    await settle(clock)
     assert requests.apps == []
     await hub.close()
 
 
 async def test_cache_serves_until_ttl_and_keys_include_credentials(
-    parts: tuple[Images, Models, Requests, Clock],
+    parts: Parts,
 ) -> None:
     images, models, requests, clock = parts
     hub = make_hub(images, models, requests, clock)
@@ -199,7 +190,7 @@ async def test_cache_serves_until_ttl_and_keys_include_credentials(
 
 
 async def test_errors_are_shared_cached_briefly_and_first_success_triggers(
-    parts: tuple[Images, Models, Requests, Clock],
+    parts: Parts,
 ) -> None:
     images, models, requests, clock = parts
     hub = make_hub(images, models, requests, clock)
@@ -215,12 +206,12 @@ async def test_errors_are_shared_cached_briefly_and_first_success_triggers(
     images.digests[(f"{REGISTRY}/team/missing", "v1")] = DIGEST_B
     clock.now += 6
     await hub.poll_once()
-    await settle(hub)
+    await settle(clock)
     assert requests.apps == [app]
     await hub.close()
 
 
-async def test_poll_change_requests_each_following_app_once(parts: tuple[Images, Models, Requests, Clock]) -> None:
+async def test_poll_change_requests_each_following_app_once(parts: Parts) -> None:
     images, models, requests, clock = parts
     hub = make_hub(images, models, requests, clock)
     followers = [("ns", f"a{i}") for i in range(5)]
@@ -232,36 +223,38 @@ async def test_poll_change_requests_each_following_app_once(parts: tuple[Images,
     images.digests[(f"{REGISTRY}/team/app1", "stable")] = DIGEST_B
     report = await hub.poll_once()
     assert report.changed_keys == 1
-    await settle(hub)
+    await settle(clock)
     assert sorted(requests.apps) == followers
     # A second poll before the reconciles ran does not ask again.
     await hub.poll_once()
-    await settle(hub)
+    await settle(clock)
     assert len(requests.apps) == 5
     await hub.close()
 
 
-async def test_image_and_model_changed_together_make_one_request(parts: tuple[Images, Models, Requests, Clock]) -> None:
+async def test_image_and_model_changed_together_make_one_request(parts: Parts) -> None:
     images, models, requests, clock = parts
-    hub = WatchHub(images, models, on_change=requests, coalesce_seconds=0.2, clock=clock)
+    hub = make_hub(images, models, requests, clock, coalesce_seconds=0.25)
     app = ("ns", "both")
     await reconcile_like(hub, app, "team/app3", "stable", "m3.onnx")
     images.digests[(f"{REGISTRY}/team/app3", "stable")] = DIGEST_B
     models.etags[f"{ACCOUNT}/models/m3.onnx"] = '"0x2"'
     await hub.notify_image_pushed(REGISTRY, "team/app3", "stable", DIGEST_B)
-    await asyncio.sleep(0.05)  # the model's event lands a moment later, inside the window
+    await clock.advance(0.125)  # the model's event lands a moment later, inside the window
+    assert requests.apps == []
     await hub.notify_blob_changed(ACCOUNT, "models", "m3.onnx", "0x2")
-    await asyncio.sleep(0.3)
-    await asyncio.gather(*list(hub._tasks))
+    await clock.advance(0.125)  # the window (0.25 s from the first change) closes
+    assert requests.apps == [app] and requests.sources == ["webhook"]
+    await clock.advance(1.0)
     assert requests.apps == [app]
     await hub.close()
 
 
 async def test_reconcile_that_already_saw_the_change_is_not_asked_again(
-    parts: tuple[Images, Models, Requests, Clock],
+    parts: Parts,
 ) -> None:
     images, models, requests, clock = parts
-    hub = WatchHub(images, models, on_change=requests, coalesce_seconds=0.1, clock=clock)
+    hub = make_hub(images, models, requests, clock, coalesce_seconds=0.1)
     app = ("ns", "quick")
     await reconcile_like(hub, app, "team/app4", "stable", "m4.onnx")
     images.digests[(f"{REGISTRY}/team/app4", "stable")] = DIGEST_B
@@ -269,12 +262,12 @@ async def test_reconcile_that_already_saw_the_change_is_not_asked_again(
     # The reconcile (e.g. a spec edit) runs inside the window and sees the new digest.
     digest, _ = await reconcile_like(hub, app, "team/app4", "stable", "m4.onnx")
     assert digest == DIGEST_B
-    await asyncio.sleep(0.15)
+    await clock.advance(0.1)
     assert requests.apps == []
     await hub.close()
 
 
-async def test_flood_of_push_events_costs_one_request(parts: tuple[Images, Models, Requests, Clock]) -> None:
+async def test_flood_of_push_events_costs_one_request(parts: Parts) -> None:
     images, models, requests, clock = parts
     hub = make_hub(images, models, requests, clock)
     app = ("ns", "flood")
@@ -286,19 +279,19 @@ async def test_flood_of_push_events_costs_one_request(parts: tuple[Images, Model
         asyncio.create_task(hub.notify_image_pushed(REGISTRY.upper(), "team/app5", "stable", DIGEST_B))
         for _ in range(20)
     ]
-    await asyncio.sleep(0.01)
+    await clock.settle()
     images.gate.set()
     await asyncio.gather(*pending)
     # Late duplicates: the digest is known now.
     assert await hub.notify_image_pushed(REGISTRY, "team/app5", "stable", DIGEST_B) == 1
     assert images.calls[(repository, "stable")] == 2  # the reconcile's + one re-resolution
-    await settle(hub)
+    await settle(clock)
     assert requests.apps == [app]
     await hub.close()
 
 
 async def test_notification_does_not_join_a_fetch_started_before_it(
-    parts: tuple[Images, Models, Requests, Clock],
+    parts: Parts,
 ) -> None:
     images, models, requests, clock = parts
     hub = make_hub(images, models, requests, clock)
@@ -307,20 +300,20 @@ async def test_notification_does_not_join_a_fetch_started_before_it(
     await reconcile_like(hub, app, "team/app6", "stable", "m6.onnx")
     images.gate = asyncio.Event()
     polling = asyncio.create_task(hub.poll_once())  # starts a fetch that will answer the old digest
-    await asyncio.sleep(0.01)
+    await clock.settle()
     images.digests[(repository, "stable")] = DIGEST_B
     notified = asyncio.create_task(hub.notify_image_pushed(REGISTRY, "team/app6", "stable", DIGEST_B))
-    await asyncio.sleep(0.01)
+    await clock.settle()
     images.gate.set()
     await asyncio.gather(polling, notified)
     assert await hub.images.resolve(repository, "stable", None) == DIGEST_B
-    await settle(hub)
+    await settle(clock)
     assert requests.apps == [app]
     await hub.close()
 
 
 async def test_notifications_without_digest_and_for_unfollowed_keys(
-    parts: tuple[Images, Models, Requests, Clock],
+    parts: Parts,
 ) -> None:
     images, models, requests, clock = parts
     hub = make_hub(images, models, requests, clock)
@@ -337,12 +330,12 @@ async def test_notifications_without_digest_and_for_unfollowed_keys(
     assert await hub.notify_image_pushed(REGISTRY, "team/app7", "stable", DIGEST_B) == 0
     assert images.calls[(repository, "stable")] == 2
     assert await hub.images.resolve(repository, "stable", None) == DIGEST_B
-    await settle(hub)
+    await settle(clock)
     assert requests.apps == []
     await hub.close()
 
 
-async def test_blob_notifications_match_by_account_url_or_name(parts: tuple[Images, Models, Requests, Clock]) -> None:
+async def test_blob_notifications_match_by_account_url_or_name(parts: Parts) -> None:
     images, models, requests, clock = parts
     hub = make_hub(images, models, requests, clock)
     app = ("ns", "blob")
@@ -354,12 +347,12 @@ async def test_blob_notifications_match_by_account_url_or_name(parts: tuple[Imag
     assert await hub.notify_blob_changed(ACCOUNT.upper() + "/", "models", "m8.onnx", "0x9") == 1
     assert await hub.notify_blob_changed("other", "models", "m8.onnx", "0x9") == 0
     assert models.calls[url] == 2
-    await settle(hub)
+    await settle(clock)
     assert requests.apps == [app]
     await hub.close()
 
 
-async def test_retracking_and_untracking(parts: tuple[Images, Models, Requests, Clock]) -> None:
+async def test_retracking_and_untracking(parts: Parts) -> None:
     images, models, requests, clock = parts
     hub = make_hub(images, models, requests, clock)
     app = ("ns", "moves")
@@ -368,7 +361,7 @@ async def test_retracking_and_untracking(parts: tuple[Images, Models, Requests, 
     assert {k.path for k in hub.tracked(app) if isinstance(k, ImageKey)} == {"team/app2"}
     images.digests[(f"{REGISTRY}/team/app1", "stable")] = DIGEST_B
     await hub.notify_image_pushed(REGISTRY, "team/app1", "stable", DIGEST_B)
-    await settle(hub)
+    await settle(clock)
     assert requests.apps == []
     hub.untrack(app)
     assert hub.stats().tracked_apps == 0
@@ -380,36 +373,32 @@ async def test_retracking_and_untracking(parts: tuple[Images, Models, Requests, 
     await hub.close()
 
 
-async def test_failed_request_is_retried_on_next_fetch_and_404_untracks(
-    parts: tuple[Images, Models, Requests, Clock],
-) -> None:
-    images, models, _, clock = parts
-    requests = Requests(fail={("ns", "flaky")})
+async def test_a_deleted_app_or_a_standby_replica_submits_nothing(parts: Parts) -> None:
+    images, models, requests, clock = parts
     hub = make_hub(images, models, requests, clock)
-    await reconcile_like(hub, ("ns", "flaky"), "team/app9", "stable", "m9.onnx")
-    await reconcile_like(hub, ("ns", "fine"), "team/app9", "stable", "m9.onnx")
+    await reconcile_like(hub, ("ns", "deleted"), "team/app9", "stable", "m9.onnx")
+    await reconcile_like(hub, ("ns", "kept"), "team/app9", "stable", "m9.onnx")
     images.digests[(f"{REGISTRY}/team/app9", "stable")] = DIGEST_B
     await hub.poll_once()
-    await settle(hub)
-    assert sorted(requests.apps) == [("ns", "fine"), ("ns", "flaky")]
-    requests.fail = set()
-    await hub.poll_once()  # only the app whose request failed is asked again
-    await settle(hub)
-    assert sorted(requests.apps) == [("ns", "fine"), ("ns", "flaky"), ("ns", "flaky")]
-    assert hub.stats().reconcile_requests == 2 and hub.stats().reconcile_request_failures == 1
+    hub.untrack(("ns", "deleted"))  # deleted inside the coalescing window
+    await settle(clock)
+    assert requests.apps == [("ns", "kept")] and requests.sources == ["poll"]
+    assert hub.stats().submitted == 1
 
-    requests404 = Requests(fail={("ns", "deleted")}, status=404)
-    hub.set_on_change(requests404)
-    await reconcile_like(hub, ("ns", "deleted"), "team/app0", "stable", "m0.onnx")
-    images.digests[(f"{REGISTRY}/team/app0", "stable")] = DIGEST_B
+    active = False
+    hub.set_active_check(lambda: active)
+    images.digests[(f"{REGISTRY}/team/app9", "stable")] = DIGEST_A
     await hub.poll_once()
-    await settle(hub)
-    assert requests404.apps == [("ns", "deleted")]
-    assert hub.tracked(("ns", "deleted")) == {}
+    await settle(clock)
+    assert requests.apps == [("ns", "kept")]  # the active replica reconciles
+    active = True
+    await hub.poll_once()
+    await settle(clock)
+    assert requests.apps == [("ns", "kept")] * 2
     await hub.close()
 
 
-async def test_invalidate_and_purge(parts: tuple[Images, Models, Requests, Clock]) -> None:
+async def test_invalidate_and_purge(parts: Parts) -> None:
     images, models, requests, clock = parts
     hub = make_hub(images, models, requests, clock)
     repository = f"{REGISTRY}/team/app1"
@@ -426,7 +415,7 @@ async def test_invalidate_and_purge(parts: tuple[Images, Models, Requests, Clock
 
 
 async def test_invalidate_app_makes_its_next_reconcile_ask_afresh(
-    parts: tuple[Images, Models, Requests, Clock],
+    parts: Parts,
 ) -> None:
     images, models, requests, clock = parts
     hub = make_hub(images, models, requests, clock)
@@ -440,33 +429,32 @@ async def test_invalidate_app_makes_its_next_reconcile_ask_afresh(
     await hub.close()
 
 
-async def test_run_polling_polls_and_stops_on_cancel(parts: tuple[Images, Models, Requests, Clock]) -> None:
-    images, models, requests, _ = parts
-    hub = WatchHub(images, models, on_change=requests, coalesce_seconds=0.0)
+async def test_run_polling_polls_and_stops_on_cancel(parts: Parts) -> None:
+    images, models, requests, clock = parts
+    hub = make_hub(images, models, requests, clock, coalesce_seconds=0.0)
     app = ("ns", "loop")
     await reconcile_like(hub, app, "team/app1", "stable", "m1.onnx")
     images.digests[(f"{REGISTRY}/team/app1", "stable")] = DIGEST_B
-    task = asyncio.create_task(hub.run_polling(0.05))
-    for _ in range(100):
-        await asyncio.sleep(0.01)
-        if requests.apps:
-            break
+    task = asyncio.create_task(hub.run_polling(5.0))
+    await clock.advance(4.9)
+    assert requests.apps == []
+    await clock.advance(0.1)
+    assert requests.apps == [app] and requests.sources == ["poll"]
+    assert hub.stats().polls >= 1
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    assert requests.apps == [app]
-    assert hub.stats().polls >= 1
     await hub.close()
 
 
-async def test_cancelled_waiter_does_not_cancel_the_shared_fetch(parts: tuple[Images, Models, Requests, Clock]) -> None:
+async def test_cancelled_waiter_does_not_cancel_the_shared_fetch(parts: Parts) -> None:
     images, models, requests, clock = parts
     hub = make_hub(images, models, requests, clock)
     repository = f"{REGISTRY}/team/app2"
     images.gate = asyncio.Event()
     first = asyncio.create_task(hub.images.resolve(repository, "stable", None))
     second = asyncio.create_task(hub.images.resolve(repository, "stable", None))
-    await asyncio.sleep(0.01)
+    await clock.settle()
     first.cancel()
     images.gate.set()
     assert await second == DIGEST_A
@@ -509,7 +497,7 @@ def test_watch_config_from_env() -> None:
 
 
 async def test_failed_or_hubless_blocks_leave_subscriptions_alone(
-    parts: tuple[Images, Models, Requests, Clock],
+    parts: Parts,
 ) -> None:
     images, models, requests, clock = parts
     hub = make_hub(images, models, requests, clock)
@@ -526,21 +514,18 @@ async def test_failed_or_hubless_blocks_leave_subscriptions_alone(
     await hub.close()
 
 
-async def test_close_cancels_fetches_under_way(parts: tuple[Images, Models, Requests, Clock]) -> None:
+async def test_close_cancels_fetches_under_way(parts: Parts) -> None:
     images, models, requests, clock = parts
     hub = make_hub(images, models, requests, clock)
     images.gate = asyncio.Event()
     waiting = asyncio.create_task(hub.images.resolve(f"{REGISTRY}/team/app1", "stable", None))
-    await asyncio.sleep(0.01)
+    await clock.settle()
     await hub.close()
     with pytest.raises(asyncio.CancelledError):
         await waiting
 
 
-async def test_registry_lagging_its_event_is_retried_until_it_shows_the_digest(
-    parts: tuple[Images, Models, Requests, Clock], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(watch, "NOTIFY_RETRY_DELAYS", (0.01, 0.01, 0.01))
+async def test_registry_lagging_its_event_is_retried_until_it_shows_the_digest(parts: Parts) -> None:
     images, models, requests, clock = parts
     hub = make_hub(images, models, requests, clock)
     repository = f"{REGISTRY}/team/app3"
@@ -549,20 +534,24 @@ async def test_registry_lagging_its_event_is_retried_until_it_shows_the_digest(
     # distribution notifies before it writes the tag link: old digest, then a 500, then the new one.
     images.digests[(repository, "stable")] = DIGEST_B
     images.script = [DIGEST_A, ImageResolutionError("RegistryUnavailable", "registry answered 500")]
-    events = [hub.notify_image_pushed(REGISTRY, "team/app3", "stable", DIGEST_B) for _ in range(5)]
-    assert await asyncio.gather(*events) == [1] * 5
+    events = asyncio.gather(*(hub.notify_image_pushed(REGISTRY, "team/app3", "stable", DIGEST_B) for _ in range(5)))
+    first, second = watch.NOTIFY_RETRY_DELAYS[:2]
+    await clock.advance(first + second)  # asked at once, after the first delay, and after the second
+    assert await events == [1] * 5
     assert images.calls[(repository, "stable")] == 1 + 3  # the reconcile's, then one job for all 5 events
-    await settle(hub)
+    await settle(clock)
     assert requests.apps == [app]
 
     # A registry that never shows the announced digest: give up, say so, leave it to the poll loop.
     images.script = [DIGEST_B] * 10
-    assert await hub.notify_image_pushed(REGISTRY, "team/app3", "stable", "sha256:" + "c" * 64) == 0
+    gave_up = asyncio.ensure_future(hub.notify_image_pushed(REGISTRY, "team/app3", "stable", "sha256:" + "c" * 64))
+    await clock.advance(sum(watch.NOTIFY_RETRY_DELAYS))
+    assert await gave_up == 0
     await hub.close()
 
 
 async def test_an_unavailable_registry_reaches_every_follower_once_and_recovery_too(
-    parts: tuple[Images, Models, Requests, Clock],
+    parts: Parts,
 ) -> None:
     images, models, requests, clock = parts
     hub = make_hub(images, models, requests, clock)
@@ -571,18 +560,18 @@ async def test_an_unavailable_registry_reaches_every_follower_once_and_recovery_
         await reconcile_like(hub, app, "team/app1", "stable", f"m{app[1]}.onnx")
     images.failure = ImageResolutionError("RegistryUnavailable", "cannot reach the registry")
     await hub.poll_once()
-    await settle(hub)
+    await settle(clock)
     assert sorted(requests.apps) == apps  # both say so, not only the one being reconciled
     for app in apps:  # their reconciles see the failure (the status says RegistryUnavailable)
         await reconcile_like(hub, app, "team/app1", "stable", f"m{app[1]}.onnx")
     requests.apps.clear()
     clock.now += 10
     await hub.poll_once()  # still down: nothing new to say
-    await settle(hub)
+    await settle(clock)
     assert requests.apps == []
     images.failure = None
     await hub.poll_once()  # back, same digest: the status recovers by itself
-    await settle(hub)
+    await settle(clock)
     assert sorted(requests.apps) == apps
     await hub.close()
 
@@ -597,28 +586,33 @@ class HangingModels:
 
 
 async def test_a_hanging_storage_account_does_not_delay_the_registry_polls() -> None:
+    clock = VirtualScheduler()
     images = Images({(f"{REGISTRY}/team/app1", "stable"): DIGEST_A})
-    hub = WatchHub(images, HangingModels(), on_change=Requests(), coalesce_seconds=0.01)
+    hub = make_hub(images, HangingModels(), Requests(), clock)
     app = ("ns", "app")
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(0.05):
-            await reconcile_like(hub, app, "team/app1", "stable", "m1.onnx")
+    resolving = asyncio.create_task(reconcile_like(hub, app, "team/app1", "stable", "m1.onnx"))
+    await clock.settle()
+    resolving.cancel()  # the model never answers
+    with contextlib.suppress(asyncio.CancelledError):
+        await resolving
     hub.track(app, image_key(f"{REGISTRY}/team/app1", "stable", None), model_key(location("m1.onnx"), CREDENTIAL))
     stamps: list[float] = []
     resolve = images.resolve
 
     async def stamped(repository: str, tag: str, credentials: RegistryCredentials | None) -> str:
-        stamps.append(asyncio.get_running_loop().time())
+        stamps.append(clock.time())
         return await resolve(repository, tag, credentials)
 
     images.resolve = stamped  # type: ignore[method-assign]
-    task = asyncio.create_task(hub.run_polling(0.05))
-    await asyncio.sleep(0.6)
+    interval = 5.0
+    task = asyncio.create_task(hub.run_polling(interval))
+    await clock.advance(12 * interval)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
-    assert len(stamps) >= 6 and max(gaps) < 0.15, gaps
+    # Each storage cycle waits out its bound (the interval); the registry's keep their own pace.
+    assert len(stamps) == 12 and max(gaps) == pytest.approx(interval), gaps
     await hub.close()
 
 

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 from modelapp_operator.config import DEFAULT_RECEIVER_PORT, ConfigError, ReceiverConfig, TokenSource
-from modelapp_operator.metrics import METRICS, triggered_by
+from modelapp_operator.metrics import METRICS
 from modelapp_operator.receiver.payloads import (
     Change,
     ImagePushed,
@@ -291,7 +291,7 @@ class Receiver:
             work = self._sink.notify_image_pushed(change.host, change.repository, change.tag, change.digest)
         else:
             work = self._sink.notify_blob_changed(change.account, change.container, change.blob, change.etag)
-        task = asyncio.create_task(work, name="modelapp-receiver-change", context=triggered_by("webhook"))
+        task = asyncio.create_task(work, name="modelapp-receiver-change")
         self._tasks.add(task)
         task.add_done_callback(self._done)
 

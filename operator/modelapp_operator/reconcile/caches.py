@@ -153,3 +153,34 @@ class ChildCache:
         for key in [key for key in self._applied if key[1:] == (namespace, name)]:
             del self._applied[key]
         self._distrusted -= {key for key in self._distrusted if key[1:] == (namespace, name)}
+
+
+@dataclass
+class AppState:
+    """Everything the operator keeps per ModelApp for reconciles and status refreshes; `forget` drops all of it.
+
+    (The queue, the child refresher, the watch hub and the metrics keep their own per-app state and
+    forget it too: runtime.Runtime.forget calls each.)"""
+
+    modelapps: ModelAppCache = field(default_factory=ModelAppCache)
+    children: ChildCache = field(default_factory=ChildCache)
+    # metadata.generation of the child Deployment as our last apply left it: a watch event
+    # that shows an older generation predates that apply (a newer event follows).
+    _applied_generations: dict[AppKey, int] = field(default_factory=dict)
+
+    def record_applied(self, key: AppKey, deployment: Body) -> None:
+        generation = (deployment.get("metadata") or {}).get("generation")
+        if isinstance(generation, int):
+            self._applied_generations[key] = generation
+
+    def predates_apply(self, key: AppKey, deployment: Body) -> bool:
+        """Whether this copy of the child Deployment is older than what our last apply wrote."""
+        applied = self._applied_generations.get(key)
+        generation = (deployment.get("metadata") or {}).get("generation")
+        return applied is not None and isinstance(generation, int) and generation < applied
+
+    def forget(self, key: AppKey) -> None:
+        """The ModelApp is gone."""
+        self._applied_generations.pop(key, None)
+        self.modelapps.forget(key)
+        self.children.forget(*key)

@@ -1,19 +1,26 @@
-"""The reconcile work queue: which ModelApps need a reconcile, one at a time each, retried with backoff.
+"""The one door into reconcile: every trigger submits `(key, trigger)` here, and only this queue runs it.
 
-kopf's create/update/resume handlers cost more than the reconcile they call at scale: on every
-event of every ModelApp (most of them the MODIFIED events our own status writes cause) kopf
-detected causes and deep-copied the body for its diff base, and after each handled change it
+The triggers: a ModelApp watch event that asks for a reconcile (handlers.py, through `observe`), a
+tag or blob change the watch hub learned (poll, webhook), a child Deployment that drifted or whose
+rollout missed its deadline (the child refresher), a deleted child (handlers.py). The queue keeps at
+most one pending request and one running reconcile per ModelApp, so reconciles of one ModelApp never
+overlap and need no lock; it retries on our own backoff (its timers on an injectable scheduler), and
+runs nothing on a standby replica.
+
+Why not kopf's create/update/resume handlers: at scale they cost more than the reconcile they call.
+On every event of every ModelApp (most of them the MODIFIED events our own status writes cause)
+kopf detected causes and deep-copied the body for its diff base, and after each handled change it
 PATCHed its `last-handled-configuration` annotation (py-spy and the API server's request counts in
 bench/scale.py, 1,000 ModelApps: about three times the reconcile's own CPU, and one extra write per
-ModelApp). The ModelApp watch now feeds this queue instead: `wants_reconcile` (pure) tells the
-events that ask for a reconcile from the ones our own writes cause, the queue keeps at most one
-pending request and one running reconcile per ModelApp, and retries on our own backoff.
+ModelApp). `wants_reconcile` (pure) tells the events that ask for a reconcile from the ones our own
+writes cause.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -21,8 +28,14 @@ from typing import Any
 
 from modelapp_operator.names import ANNOTATION_RECONCILE_REQUEST
 from modelapp_operator.reconcile.caches import generation_of
-from modelapp_operator.reconcile.reconciler import PermanentReconcileError, ReconcileResult, TemporaryReconcileError
+from modelapp_operator.reconcile.reconciler import (
+    PermanentReconcileError,
+    ReconcileResult,
+    TemporaryReconcileError,
+    Trigger,
+)
 from modelapp_operator.redact import redact
+from modelapp_operator.scheduler import LOOP, Scheduler, Timer
 from modelapp_operator.watch.keys import AppKey
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -59,7 +72,7 @@ def reconcile_requested(body: Mapping[str, Any], last: Handled | None) -> bool:
     return last is not None and handled_state(body).reconcile_request != last.reconcile_request
 
 
-Reconcile = Callable[[AppKey], Awaitable[ReconcileResult]]
+Reconcile = Callable[[AppKey, Trigger], Awaitable[ReconcileResult]]
 
 
 class ReconcileQueue:
@@ -67,14 +80,16 @@ class ReconcileQueue:
 
     A new request for a ModelApp that waits out a retry runs at once (a person who fixed the spec
     or the Secret should not wait out the old delay); requests that arrive while its reconcile
-    runs make one more run after it."""
+    runs make one more run after it. A pending request keeps the trigger of its first submission
+    (the one that made it pending); a retry keeps the trigger of the run it repeats."""
 
-    def __init__(self, reconcile: Reconcile, logger: Logger) -> None:
+    def __init__(self, reconcile: Reconcile, logger: Logger, *, scheduler: Scheduler = LOOP) -> None:
         self._reconcile = reconcile
         self._logger = logger
-        self._pending: set[AppKey] = set()
+        self._scheduler = scheduler
+        self._pending: dict[AppKey, Trigger] = {}
         self._tasks: dict[AppKey, asyncio.Task[None]] = {}
-        self._retries: dict[AppKey, asyncio.TimerHandle] = {}
+        self._retries: dict[AppKey, Timer] = {}
         self._unexpected_delays: dict[AppKey, float] = {}
         self._last: dict[AppKey, Handled] = {}
         self._active: Callable[[], bool] = lambda: True
@@ -90,35 +105,21 @@ class ReconcileQueue:
         if not wants_reconcile(body, last):
             return False
         self._last[key] = handled_state(body)
-        self.submit(key)
+        self.submit(key, "event")
         return True
 
     def requested(self, key: AppKey, body: Mapping[str, Any]) -> bool:
         """Whether this event of a ModelApp seen before carries a new reconcile request."""
         return reconcile_requested(body, self._last.get(key))
 
-    def submit(self, key: AppKey) -> None:
+    def submit(self, key: AppKey, trigger: Trigger) -> None:
+        """The door: reconcile this ModelApp (now, or after the run under way), because of `trigger`."""
         retry = self._retries.pop(key, None)
         if retry is not None:
             retry.cancel()
-        self._pending.add(key)
+        self._pending.setdefault(key, trigger)
         if key not in self._tasks:
             self._tasks[key] = asyncio.create_task(self._drain(key), name=f"reconcile {key[0]}/{key[1]}")
-
-    def retry(self, key: AppKey, delay: float | None = None) -> None:
-        """Reconcile again after delay (default: the unexpected-error backoff, doubling), unless a run is
-        pending or running (it retries itself) or a retry is due sooner."""
-        if key in self._pending or key in self._tasks:
-            return
-        if delay is None:
-            delay = self._next_unexpected_delay(key)
-        loop = asyncio.get_running_loop()
-        scheduled = self._retries.get(key)
-        if scheduled is not None:
-            if scheduled.when() <= loop.time() + delay:
-                return
-            scheduled.cancel()
-        self._retries[key] = loop.call_later(delay, self.submit, key)
 
     def _next_unexpected_delay(self, key: AppKey) -> float:
         delay = self._unexpected_delays.get(key, UNEXPECTED_ERROR_DELAY / 2) * 2
@@ -130,7 +131,7 @@ class ReconcileQueue:
         retry = self._retries.pop(key, None)
         if retry is not None:
             retry.cancel()
-        self._pending.discard(key)
+        self._pending.pop(key, None)
         self._last.pop(key, None)
         self._unexpected_delays.pop(key, None)
 
@@ -141,20 +142,20 @@ class ReconcileQueue:
     async def _drain(self, key: AppKey) -> None:
         try:
             while key in self._pending:
-                self._pending.discard(key)
-                delay = await self._run(key)
+                trigger = self._pending.pop(key)
+                delay = await self._run(key, trigger)
                 if delay is not None and key not in self._pending:
-                    self._retries[key] = asyncio.get_running_loop().call_later(delay, self.submit, key)
+                    self._retries[key] = self._scheduler.call_later(delay, functools.partial(self.submit, key, trigger))
         finally:
             del self._tasks[key]
 
-    async def _run(self, key: AppKey) -> float | None:
+    async def _run(self, key: AppKey, trigger: Trigger) -> float | None:
         """One reconcile; returns the delay before retrying it, or None."""
         namespace, name = key
         if not self._active():
             return STANDBY_RECHECK_SECONDS  # kept, not dropped: it runs once this replica is the active one
         try:
-            result = await self._reconcile(key)
+            result = await self._reconcile(key, trigger)
         except PermanentReconcileError as error:
             self._logger.warning("%s/%s: %s (waiting for the ModelApp to change)", namespace, name, error)
         except TemporaryReconcileError as error:
@@ -179,7 +180,7 @@ class ReconcileQueue:
                 self.forget(key)
             else:
                 applied = ", ".join(result.applied) or "nothing to apply"
-                self._logger.info("%s/%s: reconciled: %s", namespace, name, applied)
+                self._logger.info("%s/%s: reconciled (%s): %s", namespace, name, trigger, applied)
         return None
 
     async def close(self) -> None:
@@ -188,7 +189,7 @@ class ReconcileQueue:
         self._pending.clear()
 
 
-async def stop_all(timers: Iterable[asyncio.TimerHandle], tasks: Iterable[asyncio.Task[None]]) -> None:
+async def stop_all(timers: Iterable[Timer], tasks: Iterable[asyncio.Task[None]]) -> None:
     """Cancel the timers and the tasks, and wait for the tasks to end."""
     for timer in timers:
         timer.cancel()

@@ -14,10 +14,12 @@ credentials), with single-flight: concurrent calls for one key share one request
   old one). `hub.track` / `hub.untrack` do the same explicitly.
 - Change detection: whenever any fetch of a key succeeds (poll loop, webhook
   notification, a reconcile's cache miss) and the version differs from what a
-  subscribed app last saw, that app is asked to reconcile (`on_change`, which the
-  wiring maps to `request_reconcile`).
-- Coalescing: requests wait `coalesce_seconds` after the first change of a batch, so an
-  image and a model changed together become one reconcile request, hence one rollout.
+  subscribed app last saw, or fails where it answered before, that app is submitted to
+  the reconcile queue: `submit(app, source)`, the source being who fetched (poll,
+  webhook, reconcile). The queue runs it and retries it; the hub never reconciles.
+- Coalescing: submissions wait `coalesce_seconds` after the first change of a batch (a
+  timer on the hub's scheduler), so an image and a model changed together become one
+  reconcile, hence one rollout.
   The reconcile re-resolves both from the (already refreshed) cache. Trade-off: every
   change is delayed by up to the window; changes further apart than the window plus the
   reconcile's own latency roll twice (the Deployment controller then goes straight to
@@ -33,16 +35,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 from modelapp_operator.clients.blob_storage import BlobProperties, ModelResolutionError, ModelResolver
 from modelapp_operator.clients.registry import ImageResolutionError, ImageResolver
 from modelapp_operator.config import DEFAULT_COALESCE_SECONDS, DEFAULT_CONCURRENCY, DEFAULT_ERROR_TTL_SECONDS
-from modelapp_operator.metrics import METRICS
-from modelapp_operator.redact import redact
+from modelapp_operator.metrics import METRICS, Source
+from modelapp_operator.scheduler import LOOP, Scheduler, Timer
 from modelapp_operator.watch.keys import AppKey, ImageKey, ModelKey, WatchKey
 from modelapp_operator.watch.polling import HubPolling, describe_error
 from modelapp_operator.watch.resolvers import CachingImageResolver, CachingModelResolver
@@ -51,7 +52,8 @@ from modelapp_serving.model_blob import normalize_account_url, normalize_etag
 
 _log = logging.getLogger(__name__)
 
-ChangeCallback = Callable[[AppKey], Awaitable[None]]
+# The reconcile queue's door (reconcile/queue.py ReconcileQueue.submit): this app, and who learned of its change.
+Submit = Callable[[AppKey, Source], None]
 K = TypeVar("K", ImageKey, ModelKey)
 V = TypeVar("V")
 
@@ -66,8 +68,7 @@ class WatchStats:
     polls: int = 0
     notifications: int = 0
     changes: int = 0  # keys whose version moved while someone followed them
-    reconcile_requests: int = 0
-    reconcile_request_failures: int = 0
+    submitted: int = 0  # ModelApps handed to the reconcile queue after a change
     tracked_apps: int = 0
     tracked_image_keys: int = 0
     tracked_model_keys: int = 0
@@ -81,17 +82,18 @@ class WatchHub(HubPolling):
         images: ImageResolver,
         models: ModelResolver,
         *,
-        on_change: ChangeCallback | None = None,
+        submit: Submit | None = None,
         ttl_seconds: float = 30.0,
         error_ttl_seconds: float = DEFAULT_ERROR_TTL_SECONDS,
         coalesce_seconds: float = DEFAULT_COALESCE_SECONDS,
         concurrency: int = DEFAULT_CONCURRENCY,
-        clock: Callable[[], float] = time.monotonic,
+        scheduler: Scheduler = LOOP,
     ) -> None:
-        self._on_change = on_change
+        self._submit = submit
         self._coalesce = coalesce_seconds
         self._concurrency = concurrency
-        self._clock = clock
+        self._scheduler = scheduler
+        clock = scheduler.time
         self.image_cache: SingleFlightCache[ImageKey, str] = SingleFlightCache(
             version_of=lambda digest: digest,
             on_success=self._fetched,
@@ -115,18 +117,14 @@ class WatchHub(HubPolling):
         # app -> {key: version the app last saw (None: its resolution failed)}
         self._apps: dict[AppKey, dict[WatchKey, str | None]] = {}
         self._followers: dict[WatchKey, set[AppKey]] = {}
-        self._pending: set[AppKey] = set()
-        self._flush: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._pending: dict[AppKey, Source] = {}  # to submit when the window closes, with who learned first
+        self._flush: Timer | None = None
         self._expecting: dict[tuple[WatchKey, str], asyncio.Task[bool]] = {}
         self._stats = WatchStats()
         self._requests_at_last_poll = 0
         self._failing: set[WatchKey] = set()  # keys whose newest fetch failed
         self._changes_at_last_poll = 0
         self._active: Callable[[], bool] = lambda: True  # False on a standby replica: it neither polls nor acts
-
-    def set_on_change(self, on_change: ChangeCallback | None) -> None:
-        self._on_change = on_change
 
     def set_active_check(self, active: Callable[[], bool]) -> None:
         self._active = active
@@ -159,7 +157,7 @@ class WatchHub(HubPolling):
 
     def untrack(self, app: AppKey) -> None:
         self._unfollow(app)
-        self._pending.discard(app)
+        self._pending.pop(app, None)
 
     def _unfollow(self, app: AppKey) -> None:
         for key in self._apps.pop(app, {}):
@@ -201,7 +199,7 @@ class WatchHub(HubPolling):
                 return True
         return False
 
-    def _failed(self, key: WatchKey, error: Exception) -> None:
+    def _failed(self, key: WatchKey, error: Exception, source: Source) -> None:
         """A fetch failed: followers whose last reconcile saw this key answer must say it no longer does.
 
         Once their reconcile records the failure (seen None), further failures ask nothing; the
@@ -213,71 +211,42 @@ class WatchHub(HubPolling):
         if not stale:
             return
         _log.warning("%s: %s; %d ModelApp(s) to update", key.reference, describe_error(error), len(stale))
-        self._pending |= stale
-        if self._flush is None:
-            self._flush = asyncio.get_running_loop().call_later(self._coalesce, self._start_flush)
+        self._collect(stale, source)
 
-    def _fetched(self, key: WatchKey, version: str) -> None:
+    def _fetched(self, key: WatchKey, version: str, source: Source) -> None:
         """Every successful fetch lands here: followers that saw another version must reconcile."""
         self._failing.discard(key)
         stale = {app for app in self._followers.get(key, ()) if self._apps[app].get(key) != version}
         if not stale:
             return
         self._stats.changes += 1
-        METRICS.change_learned(stale, "image" if isinstance(key, ImageKey) else "model", version)
+        METRICS.change_learned(stale, "image" if isinstance(key, ImageKey) else "model", version, source)
         _log.info("%s is now %s: %d ModelApp(s) to reconcile", key.reference, version, len(stale))
-        self._pending |= stale
+        self._collect(stale, source)
+
+    def _collect(self, apps: set[AppKey], source: Source) -> None:
+        """Submit these apps when the coalescing window closes (the first source to learn of a change names it)."""
+        for app in apps:
+            self._pending.setdefault(app, source)
         if self._flush is None:
-            loop = asyncio.get_running_loop()
-            self._flush = loop.call_later(self._coalesce, self._start_flush)
+            self._flush = self._scheduler.call_later(self._coalesce, self._submit_pending)
 
-    def _start_flush(self) -> None:
+    def _submit_pending(self) -> None:
         self._flush = None
-        apps, self._pending = self._pending, set()
-        # Re-check: a reconcile that ran meanwhile may already have seen the new versions.
-        stale = sorted(app for app in apps if self._is_stale(app))
-        if not stale:
-            return
-        task = asyncio.create_task(self._dispatch(stale), name="modelapp-watch-dispatch")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _dispatch(self, apps: Iterable[AppKey]) -> None:
-        on_change = self._on_change
-        if on_change is None:
-            return
-        limit = asyncio.Semaphore(self._concurrency)
-
-        async def request(app: AppKey) -> None:
+        pending, self._pending = self._pending, {}
+        if self._submit is None or not self._active():
+            return  # a standby replica: the active one reconciles (its own polls find the change)
+        for app in sorted(pending):
             seen = self._apps.get(app)
-            if seen is None:
-                return  # untracked meanwhile (deleted)
-            if not self._active():
-                return  # a standby replica: the active one reconciles (self._pending is re-derived by polls)
-            before = dict(seen)
-            # Optimistic: another event for the same change must not ask again before this reconcile runs.
+            # Untracked meanwhile (deleted), or a reconcile that ran meanwhile already saw the new versions.
+            if seen is None or not self._is_stale(app):
+                continue
+            # Optimistic: another event for the same change must not submit it again before its reconcile
+            # runs. That reconcile records what it saw as the subscription; if it fails, the queue retries it.
             for key in seen:
                 seen[key] = None if key in self._failing else self._version(key) or seen[key]
-            async with limit:
-                try:
-                    await on_change(app)
-                except Exception as error:
-                    self._stats.reconcile_request_failures += 1
-                    if getattr(error, "status", None) == 404:
-                        self.untrack(app)  # the ModelApp is gone
-                        return
-                    _log.warning(
-                        "cannot request a reconcile of %s/%s: %s",
-                        app[0],
-                        app[1],
-                        redact(f"{type(error).__name__}: {error}")[:300],
-                    )
-                    if self._apps.get(app) is seen:  # not re-tracked meanwhile: ask again on the next fetch
-                        seen.update(before)
-                else:
-                    self._stats.reconcile_requests += 1
-
-        await asyncio.gather(*(request(app) for app in apps))
+            self._stats.submitted += 1
+            self._submit(app, pending[app])
 
     # notifications -------------------------------------------------------------------------
 
@@ -354,12 +323,12 @@ class WatchHub(HubPolling):
         problem = ""
         for delay in (0.0, *NOTIFY_RETRY_DELAYS):
             if delay:
-                await asyncio.sleep(delay)
+                await self._scheduler.sleep(delay)
             try:
                 if expect is None:
-                    await cache.get(key, fresh=True)
+                    await cache.get(key, fresh=True, source="webhook")
                     return True
-                await cache.get(key, expect=expect)
+                await cache.get(key, expect=expect, source="webhook")
             except Exception as error:
                 problem = describe_error(error)
                 continue
@@ -385,11 +354,12 @@ class WatchHub(HubPolling):
         return WatchStats(**vars(self._stats))
 
     async def close(self) -> None:
-        """Stop pending flushes, dispatches and fetches (the wrapped resolvers are closed by their owner)."""
+        """Stop the pending submissions and the fetches (the wrapped resolvers are closed by their owner)."""
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
-        tasks: list[asyncio.Task[None] | asyncio.Task[bool]] = [*self._tasks, *self._expecting.values()]
+        self._pending.clear()
+        tasks = list(self._expecting.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from modelapp_operator.clients.errors import ResolutionError
 from modelapp_operator.metrics import METRICS
 from modelapp_operator.redact import redact
+from modelapp_operator.scheduler import Scheduler, within
 from modelapp_operator.watch.keys import AppKey, ImageKey, ModelKey, WatchKey
 from modelapp_operator.watch.single_flight import SingleFlightCache
 
@@ -95,14 +96,14 @@ class EndpointPoller:
         *,
         concurrency: int,
         bound: float | None = None,
-        clock: Callable[[], float],
+        scheduler: Scheduler,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._target = target
         self._interval = interval
         self._bound = bound if bound is not None else interval
         self._concurrency = concurrency
-        self._clock = clock
+        self._scheduler = scheduler
         self._rand = rand
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cycles: list[EndpointCycle] = []
@@ -120,7 +121,7 @@ class EndpointPoller:
                         )
                 for endpoint in set(self._tasks) - endpoints:
                     self._tasks.pop(endpoint).cancel()
-                await asyncio.sleep(self._interval)
+                await self._scheduler.sleep(self._interval)
                 cycles, self._cycles = self._cycles, []
                 self._target.poll_finished(cycles)
         finally:
@@ -134,19 +135,19 @@ class EndpointPoller:
         failures = 0
         previous: float | None = None
         delay = self._interval
+        clock = self._scheduler.time
         while True:
-            await asyncio.sleep(delay)
+            await self._scheduler.sleep(delay)
             if not self._target.is_active():
                 delay = self._interval  # a standby replica: the active one polls
                 continue
             keys = [key for key in self._target.followed_keys() if endpoint_of(key) == endpoint]
             if not keys:
                 return
-            started = self._clock()
+            started = clock()
             timed_out = False
             try:
-                async with asyncio.timeout(self._bound):
-                    errors = await self._target.poll_keys(keys, limit)
+                errors = await within(self._scheduler, self._bound, self._target.poll_keys(keys, limit))
             except TimeoutError:
                 timed_out, errors = True, len(keys)
             except Exception as error:  # the loop must outlive any bug in one cycle
@@ -157,7 +158,7 @@ class EndpointPoller:
                 endpoint=endpoint,
                 keys=len(keys),
                 errors=errors,
-                seconds=self._clock() - started,
+                seconds=clock() - started,
                 since_previous=None if previous is None else started - previous,
                 timed_out=timed_out,
                 failures=failures,
@@ -186,7 +187,7 @@ class HubPolling:
     _followers: dict[WatchKey, set[AppKey]]
     _apps: dict[AppKey, dict[WatchKey, str | None]]
     _concurrency: int
-    _clock: Callable[[], float]
+    _scheduler: Scheduler
     _stats: Any  # hub.WatchStats
     _requests_at_last_poll: int
     _changes_at_last_poll: int
@@ -197,7 +198,7 @@ class HubPolling:
 
     async def poll_once(self) -> PollReport:
         """Re-resolve every followed key once, all endpoints together (run_polling polls each on its own)."""
-        started, changes_before = self._clock(), self._stats.changes
+        started, changes_before = self._scheduler.time(), self._stats.changes
         keys = self.followed_keys()
         errors = await self.poll_keys(keys, asyncio.Semaphore(self._concurrency))
         image_keys = sum(1 for k in keys if isinstance(k, ImageKey))
@@ -207,7 +208,7 @@ class HubPolling:
             requests=self._requests_since_last_poll(),
             changed_keys=self._stats.changes - changes_before,
             errors=errors,
-            seconds=self._clock() - started,
+            seconds=self._scheduler.time() - started,
         )
         self._purge()
         self._stats.polls += 1
@@ -226,7 +227,7 @@ class HubPolling:
 
     async def run_polling(self, interval: float, *, bound: float | None = None) -> None:
         """Poll until cancelled, each registry host and storage account in its own task (watch/polling.py)."""
-        poller = EndpointPoller(self, interval, concurrency=self._concurrency, bound=bound, clock=self._clock)
+        poller = EndpointPoller(self, interval, concurrency=self._concurrency, bound=bound, scheduler=self._scheduler)
         await poller.run()
 
     def followed_keys(self) -> list[WatchKey]:
@@ -243,9 +244,9 @@ class HubPolling:
             async with limit:
                 try:
                     if isinstance(key, ImageKey):
-                        await self.image_cache.get(key, fresh=True)
+                        await self.image_cache.get(key, fresh=True, source="poll")
                     else:
-                        await self.model_cache.get(key, fresh=True)
+                        await self.model_cache.get(key, fresh=True, source="poll")
                 except Exception as error:
                     errors += 1
                     _log.debug("polling %s failed: %s", key.reference, describe_error(error))

@@ -2,20 +2,24 @@
 
 `CachingImageResolver` / `CachingModelResolver` implement the same Protocols as the registry and
 blob clients and answer through the hub's single-flight caches. Inside `track_resolutions`,
-what they resolve (and the version seen) becomes the ModelApp's subscription.
+what they resolve (and the version seen) becomes the ModelApp's subscription. Their requests count
+as a reconcile's own (`Source` "reconcile") unless `asked_by` names who the reconcile runs for (a
+poll or a webhook that learned a change).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 from modelapp_operator.api.modelapp_types import BlobLocation
 from modelapp_operator.clients.blob_storage import BlobCredential, BlobProperties, ModelResolver
 from modelapp_operator.clients.registry import ImageResolver, RegistryCredentials
+from modelapp_operator.metrics import Source
 from modelapp_operator.watch.keys import AppKey, ImageKey, ModelKey, WatchKey, image_key, model_key
 from modelapp_operator.watch.single_flight import SingleFlightCache
 from modelapp_serving.model_blob import normalize_etag
@@ -78,10 +82,17 @@ class _CachingResolver(Generic[K, V]):
         self._cache: SingleFlightCache[K, V] = cache
         self._version_of = version_of
         self.inner = inner
+        self.source: Source = "reconcile"
+
+    def asked_by(self, source: Source) -> Self:
+        """The same resolver (same cache, same recording) whose requests count as `source`'s."""
+        view = copy.copy(self)
+        view.source = source
+        return view
 
     async def _get(self, key: K, fetch: Callable[[], Awaitable[V]]) -> V:
         try:
-            value = await self._cache.get(key, fetch)
+            value = await self._cache.get(key, fetch, source=self.source)
         except Exception:
             _record(self._subscriptions, key, None)
             raise

@@ -2,7 +2,8 @@
 
 Values expire after a TTL (errors the resolver marks as cacheable after a shorter one);
 `invalidate` makes older fetches unable to satisfy new callers; every successful fetch
-reports the key's new version to `on_success` (the hub's change detection), every failure to `on_failure`.
+reports the key's new version to `on_success` (the hub's change detection), every failure to `on_failure`,
+each with the `Source` that started the fetch (poll, webhook, reconcile: passed by the caller of `get`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from modelapp_operator.metrics import METRICS
+from modelapp_operator.metrics import METRICS, Source
 from modelapp_operator.watch.keys import ImageKey, ModelKey
 
 K = TypeVar("K", ImageKey, ModelKey)
@@ -49,8 +50,8 @@ class SingleFlightCache(Generic[K, V]):
         self,
         *,
         version_of: Callable[[V], str],
-        on_success: Callable[[K, str], None],
-        on_failure: Callable[[K, Exception], None] | None = None,
+        on_success: Callable[[K, str, Source], None],
+        on_failure: Callable[[K, Exception, Source], None] | None = None,
         ttl: float,
         error_ttl: float,
         cacheable_errors: tuple[type[Exception], ...],
@@ -60,8 +61,8 @@ class SingleFlightCache(Generic[K, V]):
         self.requests = 0
         self.ttl = ttl
         self._version_of = version_of
-        self._on_success: Callable[[K, str], None] = on_success
-        self._on_failure: Callable[[K, Exception], None] | None = on_failure
+        self._on_success: Callable[[K, str, Source], None] = on_success
+        self._on_failure: Callable[[K, Exception, Source], None] | None = on_failure
         self._error_ttl = error_ttl
         self._cacheable = cacheable_errors
         self._clock = clock
@@ -82,9 +83,11 @@ class SingleFlightCache(Generic[K, V]):
         *,
         fresh: bool = False,
         expect: str | None = None,
+        source: Source = "reconcile",
     ) -> V:
         """The value for key.
 
+        source: who asks (a fetch this call starts is counted and reported as theirs).
         fresh: skip the cache but join a fetch already under way (the poll loop).
         expect: a version an event announced; when it is already known, or a fetch started
         for the same announcement is under way, no new request is made; otherwise the
@@ -113,16 +116,16 @@ class SingleFlightCache(Generic[K, V]):
             return self._unwrap(state.outcome)
         task = state.inflight
         if task is None or state.inflight_generation != state.generation:
-            task = self._start(key, state, expect)
+            task = self._start(key, state, expect, source)
         return self._unwrap(await asyncio.shield(task))
 
-    def _start(self, key: K, state: _KeyState[V], expect: str | None) -> asyncio.Task[_Outcome[V]]:
+    def _start(self, key: K, state: _KeyState[V], expect: str | None, source: Source) -> asyncio.Task[_Outcome[V]]:
         generation = state.generation
-        task = asyncio.create_task(self._fetch(key, state, generation), name=f"modelapp-watch-fetch:{key}")
+        task = asyncio.create_task(self._fetch(key, state, generation, source), name=f"modelapp-watch-fetch:{key}")
         state.inflight, state.inflight_generation, state.inflight_expect = task, generation, expect
         return task
 
-    async def _fetch(self, key: K, state: _KeyState[V], generation: int) -> _Outcome[V]:
+    async def _fetch(self, key: K, state: _KeyState[V], generation: int, source: Source) -> _Outcome[V]:
         self.requests += 1
         outcome: _Outcome[V]
         try:
@@ -136,15 +139,15 @@ class SingleFlightCache(Generic[K, V]):
         finally:
             if state.inflight is asyncio.current_task():
                 state.inflight = None
-        METRICS.upstream_request(key, failed=outcome.error is not None)
+        METRICS.upstream_request(key, failed=outcome.error is not None, source=source)
         if generation >= state.outcome_generation:
             state.outcome, state.outcome_generation = outcome, generation
             state.expires_at = self._clock() + ttl
         if outcome.version is not None and generation >= state.value_generation:
             state.value, state.version, state.value_generation = outcome.value, outcome.version, generation
-            self._on_success(key, outcome.version)
+            self._on_success(key, outcome.version, source)
         if outcome.error is not None and generation >= state.value_generation and self._on_failure is not None:
-            self._on_failure(key, outcome.error)
+            self._on_failure(key, outcome.error, source)
         return outcome
 
     @staticmethod
