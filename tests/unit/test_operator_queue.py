@@ -1,6 +1,6 @@
 """The reconcile queue and the watch caches: which events reconcile, one run at a time, backoff, newest copies.
 
-Every wait is on a virtual scheduler (tests/unit/virtual_time.py): no test sleeps in real time."""
+Every wait is on a virtual scheduler (tests/unit/virtual_time.py): no test waits in real time."""
 
 from __future__ import annotations
 

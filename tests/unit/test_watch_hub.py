@@ -1,7 +1,7 @@
 """The watch hub: single-flight caches, subscriptions, polling, coalescing and notifications.
 
 Every wait (TTLs, the coalescing window, retries after a notification, poll intervals and bounds) is on a
-virtual scheduler (tests/unit/virtual_time.py): no test sleeps in real time."""
+virtual scheduler (tests/unit/virtual_time.py): no test waits in real time."""
 
 from __future__ import annotations
 
@@ -395,6 +395,25 @@ async def test_a_deleted_app_or_a_standby_replica_submits_nothing(parts: Parts) 
     await hub.poll_once()
     await settle(clock)
     assert requests.apps == [("ns", "kept")] * 2
+    await hub.close()
+
+
+async def test_a_change_is_submitted_with_who_fetched_it(parts: Parts) -> None:
+    images, models, requests, clock = parts
+    hub = make_hub(images, models, requests, clock)
+    repository = f"{REGISTRY}/team/app1"
+    await reconcile_like(hub, ("ns", "a"), "team/app1", "stable", "m1.onnx")
+    await reconcile_like(hub, ("ns", "b"), "team/app1", "stable", "m1.onnx")
+    images.digests[(repository, "stable")] = DIGEST_B
+    clock.now += 31  # expired: the next read asks the registry
+    await hub.images.resolve(repository, "stable", None)  # a reconcile's own read (of another ModelApp, say)
+    await settle(clock)
+    assert requests.sources == ["reconcile", "reconcile"]
+    images.digests[(repository, "stable")] = DIGEST_A
+    clock.now += 31
+    await hub.images.asked_by("webhook").resolve(repository, "stable", None)  # a reconcile run for a webhook
+    await settle(clock)
+    assert requests.sources[2:] == ["webhook", "webhook"]
     await hub.close()
 
 
