@@ -112,10 +112,14 @@ def index_lookup(deployments: ChildIndex, services: ChildIndex) -> IndexLookup:
 
 
 async def start(config: OperatorConfig, logger: Logger, children: IndexLookup | None = None) -> Runtime:
+    # The queue's two calls out; `deps` and `runtime` are built below, before anything is submitted.
     async def run(app: AppKey, trigger: Trigger) -> ReconcileResult:
         return await reconcile(app, trigger, deps)
 
-    queue = ReconcileQueue(run, logger)  # the one caller of reconcile()
+    def gone(app: AppKey) -> None:
+        runtime.forget(app)
+
+    queue = ReconcileQueue(run, logger, on_gone=gone)  # the one caller of reconcile()
     hub = build_hub(config, submit=queue.submit)
     blobs = hub.models.inner
     kube = AiohttpKubeClient.connect(secret_ttl_seconds=config.secret_cache_seconds)

@@ -83,7 +83,7 @@ class Operator:
         self.clock = VirtualScheduler()
         self.triggers: list[Trigger] = []
         logger = logging.getLogger("test")
-        self.queue = ReconcileQueue(self.run, logger, scheduler=self.clock)
+        self.queue = ReconcileQueue(self.run, logger, scheduler=self.clock, on_gone=self.gone)
         self.hub = WatchHub(self.registry, Storage(), submit=self.queue.submit, scheduler=self.clock) if hub else None
         if self.hub is not None:
             clients = Clients(kube=self.kube, images=self.hub.images, models=self.hub.models, watch=self.hub)
@@ -97,6 +97,9 @@ class Operator:
     async def run(self, key: AppKey, trigger: Trigger) -> ReconcileResult:
         self.triggers.append(trigger)
         return await reconcile(key, trigger, self.deps)
+
+    def gone(self, key: AppKey) -> None:
+        self.runtime.forget(key)
 
     def get(self, kind: str) -> dict[str, Any]:
         return self.kube.objects[(kind, *APP)]
@@ -255,4 +258,18 @@ async def test_a_deleted_modelapp_is_forgotten_everywhere(operator: Operator) ->
     assert state.modelapps.get(APP) is None
     assert not state.predates_apply(APP, {"metadata": {"generation": 0}})
     assert operator.clock.timers == 0  # no retry, no recheck left behind
+    await operator.close()
+
+
+async def test_a_modelapp_a_reconcile_finds_gone_is_forgotten_everywhere_without_its_event() -> None:
+    operator = Operator(hub=True)
+    assert operator.hub is not None
+    await operator.created_and_ready()
+    assert operator.hub.tracked(APP)
+    operator.kube.delete(KIND, *APP)  # deleted, and no DELETED event comes (a watch restarted across it)
+    operator.deps.state.modelapps.forget(APP)  # no copy kept either: the reconcile GETs it and finds it gone
+    operator.queue.submit(APP, "poll")
+    await operator.clock.advance()
+    assert operator.hub.tracked(APP) == {}  # its tag and blob are no longer polled for it
+    assert operator.deps.state.modelapps.get(APP) is None and operator.clock.timers == 0
     await operator.close()

@@ -83,10 +83,20 @@ class ReconcileQueue:
     runs make one more run after it. A pending request keeps the trigger of its first submission
     (the one that made it pending); a retry keeps the trigger of the run it repeats."""
 
-    def __init__(self, reconcile: Reconcile, logger: Logger, *, scheduler: Scheduler = LOOP) -> None:
+    def __init__(
+        self,
+        reconcile: Reconcile,
+        logger: Logger,
+        *,
+        scheduler: Scheduler = LOOP,
+        on_gone: Callable[[AppKey], None] | None = None,
+    ) -> None:
+        """on_gone: called when a reconcile finds the ModelApp gone (its watch event may never come: a
+        watch restarted across the deletion), to forget what everyone keeps for it (runtime.Runtime.forget)."""
         self._reconcile = reconcile
         self._logger = logger
         self._scheduler = scheduler
+        self._on_gone = on_gone
         self._pending: dict[AppKey, Trigger] = {}
         self._tasks: dict[AppKey, asyncio.Task[None]] = {}
         self._retries: dict[AppKey, Timer] = {}
@@ -178,6 +188,8 @@ class ReconcileQueue:
             self._unexpected_delays.pop(key, None)
             if not result.found:
                 self.forget(key)
+                if self._on_gone is not None:
+                    self._on_gone(key)
             else:
                 applied = ", ".join(result.applied) or "nothing to apply"
                 self._logger.info("%s/%s: reconciled (%s): %s", namespace, name, trigger, applied)
