@@ -1,4 +1,5 @@
-"""/predict requests per second and p50/p99 latency: ModelApp against MLServer and KServe (issue 5).
+"""Requests per second and p50/p99 latency: ModelApp against MLServer and KServe, on /predict (issue 5) and on
+the Open Inference Protocol's (V2) infer endpoint (issue 21).
 
 All three serve the same iris LogisticRegression (trained here with `modelapp_serving.sample_model`, fixed
 random_state) on loopback with the same number of worker processes, and face the same load generator
@@ -16,6 +17,10 @@ Like for like (--runtimes, default both): for each runtime, ModelApp and KServe 
 the same runtime: `sklearn` (ModelApp the skops file, KServe the joblib file; both call the estimator's
 predict) and `onnx` (both run the same iris.onnx through onnxruntime with the same session options).
 MLServer (scikit-learn, V2 protocol) is the third peer in both comparisons.
+
+Like for like by protocol too (--protocols, default both): `v1` measures ModelApp's `POST /predict` and KServe's
+V1 `:predict` (the same bytes); `v2` measures ModelApp's, KServe's and MLServer's `POST /v2/models/iris/infer`
+with one and the same V2 body. MLServer speaks only V2: it is a peer of both.
 """
 
 from __future__ import annotations
@@ -73,11 +78,13 @@ READY_TIMEOUT_S = 180.0
 STOP_GRACE_S = 10.0
 GOAL_RATIO = 1.5
 
-# What a client of each protocol sends for one row; KServe V1 and ModelApp take the same bytes.
+# What a client of each protocol sends for one row; KServe V1 and ModelApp take the same bytes, and every V2
+# server the same V2 bytes: the input as ModelApp's metadata names it (KServe and MLServer take any name).
 V1_BODY = json.dumps({"instances": [list(SAMPLE_ROW)]}).encode()
 V2_BODY = json.dumps(
-    {"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64", "data": list(SAMPLE_ROW)}]}
+    {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": list(SAMPLE_ROW)}]}
 ).encode()
+PROTOCOLS = ("v1", "v2")
 
 
 # --------------------------------------------------------------------------------------------- the model
@@ -163,6 +170,8 @@ class ServerSpec:
     is_modelapp: bool = False
     runtime: str = "sklearn"
     """sklearn or onnx: what runs the model behind the server."""
+    api: str = "v1"
+    """v1 (`/predict`, KServe's `:predict`) or v2 (the Open Inference Protocol's infer): what is measured."""
 
 
 @dataclass
@@ -354,7 +363,7 @@ def run_wrk(settings: LoadSettings, url: str, body_file: Path, duration_s: int) 
 # Where a sampled stack of a ModelApp worker is, judged by the first of these frames found in it.
 PROFILE_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model predict (onnxruntime / estimator)", ("OnnxModel.predict", "SklearnModel.predict")),
-    ("app: parse body, build answer", ("parse_features", "predictions_body")),
+    ("app: parse body, build answer", ("parse_features", "predictions_body", "ServedModel.infer")),
     (
         "WSGI around the app (the /predict fast path or Flask/werkzeug, and metrics)",
         ("PredictFastPath.__call__", "Flask.__call__", "MetricsMiddleware.__call__"),
@@ -482,15 +491,16 @@ def build_report(
 ) -> str:
     """The markdown report: settings, one row per server, the verdict against the goal."""
     lines = [
-        "# /predict: ModelApp vs KServe vs MLServer (issue 5)",
+        "# /predict and V2 infer: ModelApp vs KServe vs MLServer (issues 5 and 21)",
         "",
         f"Command: `{command}`",
         "",
         f"- Machine: {os.cpu_count()} CPUs, shared with the load generator; load average "
         f"{load_before[0]:.2f} before, {load_after[0]:.2f} after ({elapsed_s:.0f} s run).",
         f"- Load: `wrk -t{load.threads} -c{load.connections} -d{load.duration_s}s` on loopback, one-row body "
-        f"`{V1_BODY.decode()}` (V1) or its V2 equivalent, {load.warmup_s} s warm-up before every "
-        f"measurement, {rounds} interleaved rounds; req/s, p50 and p99 are medians over the rounds.",
+        f"`{V1_BODY.decode()}` (V1) or `{V2_BODY.decode()}` (V2, the same for every V2 server), "
+        f"{load.warmup_s} s warm-up before every measurement, {rounds} interleaved rounds; req/s, p50 and p99 "
+        "are medians over the rounds.",
         f"- Model: iris LogisticRegression (`modelapp_serving.sample_model`, random_state "
         f"{_sample_random_state()}), every server checked to predict {model_files.expected_prediction!r} for "
         f"{list(SAMPLE_ROW)} first. sha256: onnx {model_files.sha256(model_files.onnx)[:12]}…, "
@@ -529,13 +539,15 @@ def build_report(
 
 
 def comparisons(summaries: Sequence[ServerSummary]) -> list[dict[str, Any]]:
-    """Per ModelApp server: against the better peer of its runtime (KServe with that runtime, or MLServer)."""
+    """Per ModelApp server: against the better peer of its runtime and protocol (KServe with that runtime and
+    protocol, or MLServer, which is the peer of both protocols)."""
     found = []
     for ours in (s for s in summaries if s.spec.is_modelapp):
         peers = [
             s
             for s in summaries
-            if not s.spec.is_modelapp and (s.spec.runtime == ours.spec.runtime or s.spec.key == "mlserver")
+            if not s.spec.is_modelapp
+            and (s.spec.key == "mlserver" or (s.spec.runtime == ours.spec.runtime and s.spec.api == ours.spec.api))
         ]
         if not peers:
             continue
@@ -544,6 +556,7 @@ def comparisons(summaries: Sequence[ServerSummary]) -> list[dict[str, Any]]:
         found.append(
             {
                 "runtime": ours.spec.runtime,
+                "api": ours.spec.api,
                 "modelapp": ours.spec.name,
                 "best_peer": best.spec.name,
                 "ratio": round(ratio, 3),
@@ -579,6 +592,7 @@ def write_figures(summaries: Sequence[ServerSummary], command: str, load: LoadSe
                 "key": s.spec.key,
                 "name": s.spec.name,
                 "runtime": s.spec.runtime,
+                "api": s.spec.api,
                 "is_modelapp": s.spec.is_modelapp,
                 "processes": s.spec.processes,
                 "protocol": s.spec.protocol,
@@ -633,7 +647,7 @@ def plot_distributions(servers: Sequence[dict[str, Any]]) -> None:
         axes.set_xscale("logit")
         axes.set_xlabel("percentile of requests")
         axes.set_ylabel("latency ms (wrk, request sent to response read)")
-        axes.set_title(f"/predict latency distribution, {runtime}")
+        axes.set_title(f"latency distribution (/predict and V2 infer), {runtime}")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
     figure.tight_layout()
@@ -678,8 +692,9 @@ def modelapp_spec(
     worker_class: str | None,
     threads: int,
     reuse_port: bool = False,
+    api: str = "v1",
 ) -> ServerSpec:
-    """The app as it runs in a pod whose cache already holds the verified file.
+    """The app as it runs in a pod whose cache already holds the verified file; `api` v2 measures its V2 infer.
 
     The app only loads pinned blobs; a file named after its sha256 in MODELAPP_MODEL_CACHE_DIR is re-hashed
     and reused without any download, so the blob URL below (loopback, nothing listens there) is never
@@ -714,6 +729,8 @@ def modelapp_spec(
         tuning["MODELAPP_REUSE_PORT"] = "true" if reuse_port else "false"
         if reuse_port:
             name, key, worker_text = f"{name} reuse-port", f"{key}-reuse-port", f"{worker_text}, reuse-port"
+    if api == "v2":
+        name, key = name.replace("ModelApp", "ModelApp V2", 1), key.replace("modelapp", "modelapp-v2", 1)
     name, key = f"{name} [{runtime}]", f"{key}-{runtime}"
     cache_dir = RUN_DIR / f"cache-{key}"
     shutil.rmtree(cache_dir, ignore_errors=True)
@@ -723,7 +740,12 @@ def modelapp_spec(
         name=name,
         key=key,
         is_modelapp=True,
-        protocol="V1 JSON `instances` (`POST /predict`)",
+        api=api,
+        protocol=(
+            f"**V2** inference protocol (`POST /v2/models/{MODEL_NAME}/infer`)"
+            if api == "v2"
+            else "V1 JSON `instances` (`POST /predict`)"
+        ),
         processes=f"gunicorn, {workers} {worker_text}",
         model_file=model_path.name,
         argv=[
@@ -744,15 +766,16 @@ def modelapp_spec(
             "MODELAPP_MODEL_CACHE_DIR": str(cache_dir),
             "MODELAPP_MODEL_CONNECTION_STRING": "",
             "MODELAPP_PORT": str(port),
+            "MODELAPP_MODEL_NAME": MODEL_NAME,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(APP_SOURCE_ROOT), os.environ.get("PYTHONPATH")])),
             "MODELAPP_WORKERS": str(workers),
             **tuning,
         },
         unset_env=unset,
-        predict_url=f"{base}/predict",
+        predict_url=f"{base}/v2/models/{MODEL_NAME}/infer" if api == "v2" else f"{base}/predict",
         ready_url=f"{base}/readyz",
-        body=V1_BODY,
-        read_prediction=lambda document: document["predictions"][0],
+        body=V2_BODY if api == "v2" else V1_BODY,
+        read_prediction=read_v2_prediction if api == "v2" else read_v1_prediction,
         versions={"modelapp": modelapp_serving.__version__, **distribution_versions(Path(sys.executable), _APP_DISTS)},
         runtime=runtime,
     )
@@ -788,19 +811,34 @@ def parse_gunicorn_defaults(stdout: str) -> GunicornDefaults:
 _APP_DISTS = ("flask", "gunicorn", "onnxruntime", "scikit-learn")
 
 
+def read_v1_prediction(document: Any) -> Any:
+    return document["predictions"][0]
+
+
+def read_v2_prediction(document: Any) -> Any:
+    return document["outputs"][0]["data"][0]
+
+
 def kserve_spec(
-    model_files: ModelFiles, workers: int, port: int, venv_bin: Path, runtime: str = "sklearn"
+    model_files: ModelFiles, workers: int, port: int, venv_bin: Path, runtime: str = "sklearn", api: str = "v1"
 ) -> ServerSpec:
-    """KServe's ModelServer with a `kserve.Model` calling the estimator (sklearn) or onnxruntime (onnx)."""
+    """KServe's ModelServer with a `kserve.Model` calling the estimator (sklearn) or onnxruntime (onnx); `api` v2
+    measures its V2 infer endpoint (the same server answers both)."""
     base = f"http://{LOOPBACK}:{port}"
+    v2 = api == "v2"
     model_file = model_files.onnx if runtime == "onnx" else model_files.joblib
     extra_dists = ("onnxruntime",) if runtime == "onnx" else ("scikit-learn",)
     log_config = RUN_DIR / "kserve-logging.json"
     log_config.write_text(json.dumps(KSERVE_QUIET_LOGGING, indent=1))
     return ServerSpec(
-        name=f"KServe [{runtime}]",
-        key=f"kserve-{runtime}",
-        protocol=f"V1 JSON `instances` (`POST /v1/models/{MODEL_NAME}:predict`)",
+        name=f"KServe V2 [{runtime}]" if v2 else f"KServe [{runtime}]",
+        key=f"kserve-v2-{runtime}" if v2 else f"kserve-{runtime}",
+        api=api,
+        protocol=(
+            f"**V2** inference protocol (`POST /v2/models/{MODEL_NAME}/infer`)"
+            if v2
+            else f"V1 JSON `instances` (`POST /v1/models/{MODEL_NAME}:predict`)"
+        ),
         processes=f"kserve ModelServer, {workers} uvicorn workers",
         model_file=model_file.name,
         runtime=runtime,
@@ -822,10 +860,10 @@ def kserve_spec(
             "--log_config_file",
             str(log_config),
         ],
-        predict_url=f"{base}/v1/models/{MODEL_NAME}:predict",
-        ready_url=f"{base}/v1/models/{MODEL_NAME}",
-        body=V1_BODY,
-        read_prediction=lambda document: document["predictions"][0],
+        predict_url=f"{base}/v2/models/{MODEL_NAME}/infer" if v2 else f"{base}/v1/models/{MODEL_NAME}:predict",
+        ready_url=f"{base}/v2/models/{MODEL_NAME}/ready" if v2 else f"{base}/v1/models/{MODEL_NAME}",
+        body=V2_BODY if v2 else V1_BODY,
+        read_prediction=read_v2_prediction if v2 else read_v1_prediction,
         versions=distribution_versions(venv_bin / "python", ("kserve", "fastapi", "uvicorn", *extra_dists)),
     )
 
@@ -878,6 +916,7 @@ def mlserver_spec(
     return ServerSpec(
         name="MLServer",
         key="mlserver",
+        api="v2",
         protocol=f"**V2** inference protocol (`POST /v2/models/{MODEL_NAME}/infer`)",
         processes=processes,
         model_file=model_files.joblib.name,
@@ -885,7 +924,7 @@ def mlserver_spec(
         predict_url=f"{base}/v2/models/{MODEL_NAME}/infer",
         ready_url=f"{base}/v2/models/{MODEL_NAME}/ready",
         body=V2_BODY,
-        read_prediction=lambda document: document["outputs"][0]["data"][0],
+        read_prediction=read_v2_prediction,
         versions=distribution_versions(
             venv_bin / "python", ("mlserver", "mlserver-sklearn", "fastapi", "uvicorn", "scikit-learn")
         ),
@@ -982,6 +1021,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(default: %(default)s)",
     )
     parser.add_argument(
+        "--protocols",
+        default="v1,v2",
+        help="protocols compared like for like: v1 (ModelApp POST /predict, KServe V1 :predict), v2 (the Open\n"
+        "Inference Protocol's infer on ModelApp and KServe); MLServer (V2 only) is a peer of both\n"
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--mlserver-parallel-workers",
         type=int,
         default=None,
@@ -1005,6 +1051,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.runtime_list = [r.strip() for r in args.runtimes.split(",") if r.strip()]
     if not args.runtime_list or set(args.runtime_list) - {"sklearn", "onnx"}:
         parser.error("--runtimes: sklearn, onnx or both")
+    args.protocol_list = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    if not args.protocol_list or set(args.protocol_list) - set(PROTOCOLS):
+        parser.error("--protocols: v1, v2 or both")
     if args.connections < args.threads:
         parser.error("--connections must be at least --threads")
     return args
@@ -1026,33 +1075,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     model_files = write_model_files(RUN_DIR / "models")
     specs: list[ServerSpec] = []
-    for runtime in args.runtime_list:
-        for entry in args.server_entries:
-            if entry.kind == "modelapp":
-                port = free_loopback_port()
-                spec = modelapp_spec(
-                    model_files,
-                    args.workers,
-                    port,
-                    "onnx" if runtime == "onnx" else "skops",
-                    entry.worker_class,
-                    entry.threads,
-                    entry.reuse_port,
-                )
-            elif entry.kind == "kserve":
-                venv_bin = ensure_venv("kserve", SERVING_BENCH_DIR / "requirements-kserve.txt", sys.stderr)
-                spec = kserve_spec(model_files, args.workers, free_loopback_port(), venv_bin, runtime)
-            else:
-                if any(existing.key == "mlserver" for existing in specs):
-                    continue  # one MLServer (scikit-learn) is the third peer of every runtime
-                venv_bin = ensure_venv("mlserver", SERVING_BENCH_DIR / "requirements-mlserver.txt", sys.stderr)
-                parallel = args.workers if args.mlserver_parallel_workers is None else args.mlserver_parallel_workers
-                ports = (free_loopback_port(), free_loopback_port(), free_loopback_port())
-                spec = mlserver_spec(model_files, parallel, ports, venv_bin)
-            if any(existing.key == spec.key for existing in specs):
-                print(f"--servers: {spec.name} named twice", file=sys.stderr)
-                return 2
-            specs.append(spec)
+    combinations = [(a, r, e) for a in args.protocol_list for r in args.runtime_list for e in args.server_entries]
+    for api, runtime, entry in combinations:
+        if entry.kind == "modelapp":
+            port = free_loopback_port()
+            spec = modelapp_spec(
+                model_files,
+                args.workers,
+                port,
+                "onnx" if runtime == "onnx" else "skops",
+                entry.worker_class,
+                entry.threads,
+                entry.reuse_port,
+                api,
+            )
+        elif entry.kind == "kserve":
+            venv_bin = ensure_venv("kserve", SERVING_BENCH_DIR / "requirements-kserve.txt", sys.stderr)
+            spec = kserve_spec(model_files, args.workers, free_loopback_port(), venv_bin, runtime, api)
+        else:
+            if any(existing.key == "mlserver" for existing in specs):
+                continue  # one MLServer (scikit-learn) is the third peer of every runtime and protocol
+            venv_bin = ensure_venv("mlserver", SERVING_BENCH_DIR / "requirements-mlserver.txt", sys.stderr)
+            parallel = args.workers if args.mlserver_parallel_workers is None else args.mlserver_parallel_workers
+            ports = (free_loopback_port(), free_loopback_port(), free_loopback_port())
+            spec = mlserver_spec(model_files, parallel, ports, venv_bin)
+        if any(existing.key == spec.key for existing in specs):
+            print(f"--servers: {spec.name} named twice", file=sys.stderr)
+            return 2
+        specs.append(spec)
 
     fleet = ServerFleet(RUN_DIR / "logs")
     results: dict[str, list[LoadResult]] = {spec.key: [] for spec in specs}

@@ -51,6 +51,7 @@ _DATATYPE_OF = {dtype: name for name, dtype in DATATYPES.items() if name != "BYT
 _INTEGER_DATATYPES = frozenset(name for name, dtype in DATATYPES.items() if dtype.kind in "iu")
 _FLOAT_DATATYPES = frozenset({"FP16", "FP32", "FP64"})
 _NUMBER_DATATYPES = _INTEGER_DATATYPES | _FLOAT_DATATYPES
+_FLOAT_MAX = {name: float(np.finfo(DATATYPES[name]).max) for name in _FLOAT_DATATYPES}
 # The element kinds numpy gives JSON data of each kind of datatype (bools inside numbers are checked apart).
 _KINDS_FOR = {
     "BOOL": "b",
@@ -142,11 +143,14 @@ class ServedModel:
     version: str | None
     signature: ModelSignature
     input: TensorMetadata
+    input_datatype: str
     output_name: str
     output_datatype: str | None
     """None: known only from the answers (a model without a signature)."""
     infer_paths: frozenset[str]
     """The exact (decoded) paths of this model's infer endpoint, for the fast paths' one lookup."""
+    response_head: str
+    """The answer's JSON up to its outputs: `{"model_name":...,"model_version":...`."""
 
     @classmethod
     def describe(cls, model: LoadedModel, name: str, version: str | None) -> ServedModel:
@@ -156,15 +160,18 @@ class ServedModel:
         paths = {f"/v2/models/{name}/infer"}
         if version:
             paths |= {f"/v2/models/{name}/versions/{version}/infer", f'/v2/models/{name}/versions/"{version}"/infer'}
+        head = {"model_name": name, **({"model_version": version} if version else {})}
         return cls(
             model=model,
             name=name,
             version=version,
             signature=signature,
             input=model_input,
+            input_datatype=datatype_of(model_input.dtype),
             output_name=output.name if output is not None else "output",
             output_datatype=datatype_of(output.dtype) if output is not None else None,
             infer_paths=frozenset(paths),
+            response_head=_json(head)[:-1],
         )
 
     def metadata(self) -> dict[str, Any]:
@@ -189,14 +196,9 @@ class ServedModel:
             raise OipError('"id" must be a string')
         self._check_requested_outputs(document.get("outputs"))
         features = self._features(document.get("inputs"), body)
-        predictions = self.model.predict(features)
-        response: dict[str, Any] = {"model_name": self.name}
-        if self.version:
-            response["model_version"] = self.version
-        if request_id is not None:
-            response["id"] = request_id
-        response["outputs"] = [self._output(predictions)]
-        return json.dumps(response, separators=(",", ":")).encode()
+        outputs = _json([self._output(self.model.predict(features))])
+        request_id_part = "" if request_id is None else f',"id":{_json(request_id)}'
+        return f'{self.response_head}{request_id_part},"outputs":{outputs}}}'.encode()
 
     def _check_requested_outputs(self, requested: Any) -> None:
         if requested is None:
@@ -229,7 +231,7 @@ class ServedModel:
             raise OipError(
                 f"unknown datatype {_shown(datatype)} for input {name!r}: the protocol's are {', '.join(DATATYPES)}"
             )
-        model_datatype = datatype_of(expected.dtype)
+        model_datatype = self.input_datatype
         takes_numbers = expected.dtype.kind == "f"
         if datatype != model_datatype and not (takes_numbers and datatype in _NUMBER_DATATYPES):
             also = " (or any integer or float datatype, converted to it)" if takes_numbers else ""
@@ -239,15 +241,24 @@ class ServedModel:
             raise OipError(
                 f"shape {shape} of input {name!r} holds {math.prod(shape)} values; its data has {array.size}"
             )
-        return _converted(array.reshape(shape), expected.dtype, name)
+        if array.dtype.kind == "f":
+            # One check against the narrower range: the declared datatype's or the model's.
+            if _FLOAT_MAX[datatype] <= _FLOAT_MAX.get(model_datatype, math.inf):
+                _check_finite_within(array, datatype, f"{datatype} data of input {name!r}")
+            else:
+                _check_finite_within(array, model_datatype, f"input {name!r} ({model_datatype})")
+        return array.reshape(shape).astype(expected.dtype, copy=False)
 
     def _checked_shape(self, shape: Any) -> list[int]:
         expected = self.input
-        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+        if type(shape) is not list:
             raise OipError(f'"shape" of input {expected.name!r} must be a list of non-negative integers')
-        fits = len(shape) == len(expected.shape) and all(
-            w in (-1, d) for w, d in zip(expected.shape, shape, strict=True)
-        )
+        for size in shape:
+            if type(size) is not int or size < 0:
+                raise OipError(f'"shape" of input {expected.name!r} must be a list of non-negative integers')
+        fits = len(shape) == len(expected.shape)
+        for wanted, size in zip(expected.shape, shape, strict=False):
+            fits = fits and wanted in (-1, size)
         if not fits:
             raise OipError(
                 f"input {expected.name!r} takes shape {list(expected.shape)} (-1: any size), not {_shown(shape)}"
@@ -292,21 +303,17 @@ def _decoded(data: Any, datatype: str, name: str, body: bytes) -> npt.NDArray[An
         limits = np.iinfo(declared)
         if int(array.min()) < limits.min or int(array.max()) > limits.max:
             raise OipError(f"{datatype} data of input {name!r} must lie within [{limits.min}, {limits.max}]")
-    elif declared.kind == "f" and array.dtype.kind == "f":
-        _check_finite_within(array, declared, f"{datatype} data of input {name!r}")
     return array
 
 
-def _converted(array: npt.NDArray[Any], dtype: np.dtype[Any], name: str) -> npt.NDArray[Any]:
-    if dtype.kind == "f" and array.dtype.kind == "f":
-        _check_finite_within(array, dtype, f"input {name!r} ({datatype_of(dtype)})")
-    return array.astype(dtype, copy=False)
-
-
-def _check_finite_within(array: npt.NDArray[Any], dtype: np.dtype[Any], what: str) -> None:
+def _check_finite_within(array: npt.NDArray[Any], datatype: str, what: str) -> None:
     """NaN fails the comparison too (Python's json reads NaN and Infinity, which JSON does not have)."""
-    if not bool(np.all(np.abs(array) <= np.finfo(dtype).max)):
-        raise OipError(f"{what} must be finite numbers within {datatype_of(dtype)} range (no NaN or Infinity)")
+    if array.size and not float(np.abs(array).max()) <= _FLOAT_MAX[datatype]:
+        raise OipError(f"{what} must be finite numbers within {datatype} range (no NaN or Infinity)")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _leaves_are(data: list[Any], *types: type) -> bool:

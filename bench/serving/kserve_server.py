@@ -1,10 +1,12 @@
-"""KServe peer for the /predict benchmark: kserve's own ModelServer serving a joblib scikit-learn model, or the
-same estimator's ONNX file through onnxruntime (`--model_file iris.onnx`).
+"""KServe peer for the serving benchmark: kserve's own ModelServer serving a joblib scikit-learn model, or the
+same estimator's ONNX file through onnxruntime (`--model_file iris.onnx`), on its V1 (`:predict`) and V2
+(`/v2/models/<name>/infer`) endpoints at once.
 
 Runs inside the kserve virtualenv that `bench/serving_rps.py` builds from `requirements-kserve.txt`,
 never in the project venv. It mirrors what KServe's sklearn server does (a `kserve.Model` whose
-`predict` calls the estimator on the V1 `instances`), but loads the local file itself because
-kserve 0.21 no longer ships `kserve.storage`.
+`predict` calls the estimator on the V1 `instances`, or on a V2 request's first input through kserve's own
+`get_predict_input` / `get_predict_response`), but loads the local file itself because kserve 0.21 no longer
+ships `kserve.storage`.
 
     python bench/serving/kserve_server.py --model_file iris.joblib --http_port 8080 --workers 2 \
         --enable_grpc false --enable_latency_logging false
@@ -36,12 +38,14 @@ import numpy as np  # noqa: E402
 import onnxruntime  # type: ignore[import-untyped,unused-ignore]  # noqa: E402
 from kserve.model_server import parser as kserve_parser  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: E402
 from kserve.protocol.rest import server as rest_server  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: E402
+from kserve.utils.utils import get_predict_input, get_predict_response  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
 
 
 class SKLearnJoblibModel(kserve.Model):  # type: ignore[misc,unused-ignore]
-    """V1 `{"instances": [[...], ...]}` in, `{"predictions": [...]}` out, like KServe's sklearn server.
+    """V1 `{"instances": [[...], ...]}` in, `{"predictions": [...]}` out, like KServe's sklearn server; a V2
+    request (an InferRequest) answered as that server answers it.
 
     Module level (not local to main) because kserve pickles the model registry into spawned workers.
     """
@@ -56,13 +60,15 @@ class SKLearnJoblibModel(kserve.Model):  # type: ignore[misc,unused-ignore]
         self.ready = True
         return True
 
-    def predict(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
-        instances = np.asarray(payload["instances"], dtype=np.float64)
-        return {"predictions": self.estimator.predict(instances).tolist()}
+    def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
+        if isinstance(payload, dict):
+            instances = np.asarray(payload["instances"], dtype=np.float64)
+            return {"predictions": self.estimator.predict(instances).tolist()}
+        return get_predict_response(payload, self.estimator.predict(get_predict_input(payload)), self.name)
 
 
 class OnnxModel(kserve.Model):  # type: ignore[misc,unused-ignore]
-    """V1 `{"instances": [[...], ...]}` in, `{"predictions": [...]}` out, through onnxruntime."""
+    """V1 `{"instances": [[...], ...]}` in, `{"predictions": [...]}` out, through onnxruntime; V2 as above."""
 
     def __init__(self, name: str, model_file: Path) -> None:
         super().__init__(name)
@@ -98,10 +104,14 @@ class OnnxModel(kserve.Model):  # type: ignore[misc,unused-ignore]
         if self.ready:
             self.load()
 
-    def predict(self, payload: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
-        instances = np.asarray(payload["instances"], dtype=self.input_dtype)
+    def predict(self, payload: Any, headers: dict[str, str] | None = None) -> Any:
+        if isinstance(payload, dict):
+            instances = np.asarray(payload["instances"], dtype=self.input_dtype)
+            (outputs,) = self.session.run([self.output_name], {self.input_name: instances})
+            return {"predictions": np.asarray(outputs).tolist()}
+        instances = np.asarray(get_predict_input(payload), dtype=self.input_dtype)
         (outputs,) = self.session.run([self.output_name], {self.input_name: instances})
-        return {"predictions": np.asarray(outputs).tolist()}
+        return get_predict_response(payload, np.asarray(outputs), self.name)
 
 
 def force_loopback_bind() -> None:

@@ -1,4 +1,4 @@
-"""Where ModelApp's /predict spends its CPU inside one worker: per-stage microseconds, no network.
+"""Where ModelApp's /predict and V2 infer spend their CPU inside one worker: per-stage microseconds, no network.
 
 Calls the Flask app's WSGI entry directly with a prepared environ (what gunicorn hands it), so the numbers
 are the app's own cost per request, without the HTTP server. Compare with the req/s that
@@ -32,6 +32,11 @@ from modelapp_serving.predict import parse_features, predictions_body  # noqa: E
 from modelapp_serving.web import create_app, get_serving  # noqa: E402
 
 BODY = json.dumps({"instances": [[5.1, 3.5, 1.4, 0.2]]}).encode()
+# The serving benchmark's V2 body (bench/serving_rps.py V2_BODY).
+V2_BODY = json.dumps(
+    {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
+).encode()
+V2_INFER = "/v2/models/iris/infer"
 
 
 def wsgi_environ(method: str, path: str, body: bytes = b"") -> dict[str, Any]:
@@ -81,13 +86,19 @@ def main(argv: list[str] | None = None) -> int:
         files = sample_model.write_sample_models(Path(directory))
         path = files.onnx if args.format == "onnx" else files.skops
         model = load_model_file(path, ModelFormat(args.format), allow_pickle=False)
-    app = create_app(ServingConfig(model=None), model=model)
+    app = create_app(ServingConfig(model=None, model_name="iris"), model=model)
     wsgi = app  # the full stack gunicorn calls, metrics middleware included
     metrics = get_serving(app).metrics
+    served = get_serving(app).oip.served()
+    assert served is not None
     features = parse_features(BODY, model)
 
     def predict_request() -> None:
         chunks: Iterable[bytes] = wsgi(wsgi_environ("POST", "/predict", BODY), _start_response)
+        b"".join(chunks)
+
+    def infer_request() -> None:
+        chunks: Iterable[bytes] = wsgi(wsgi_environ("POST", V2_INFER, V2_BODY), _start_response)
         b"".join(chunks)
 
     def healthz_request() -> None:
@@ -103,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         ("  parse_features (json.loads + checks)", lambda: parse_features(BODY, model)),
         (f"  model.predict ({args.format})", lambda: model.predict(features)),
         ("  predictions_body (json.dumps)", lambda: predictions_body([0])),
+        (f"POST {V2_INFER} through the whole WSGI app", infer_request),
+        (
+            f"  ServedModel.infer (json.loads + checks + model.predict + json.dumps), {args.format}",
+            lambda: served.infer(V2_BODY),
+        ),
         ("  metrics: counter inc + histogram observe", record_metrics),
     ]
     print(f"| stage ({args.format}, {args.repeat} calls each) | us per call |")
