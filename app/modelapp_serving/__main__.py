@@ -18,13 +18,14 @@ model (set by the ModelApp operator):
   MODELAPP_MODEL_CONNECTION_STRING  optional; else DefaultAzureCredential (workload identity)
   MODELAPP_MODEL_CACHE_DIR          default /var/cache/modelapp
   MODELAPP_ALLOW_PICKLE             true to allow pickle/joblib models (loading them runs code)
+  MODELAPP_MODEL_NAME               the model's name under /v2 (default: the blob's file name without extension)
 serving:
   MODELAPP_PORT                     default 8080
   MODELAPP_WORKERS                  default one per CPU (cgroup quota), at least 2
   MODELAPP_WORKER_CLASS             asgi (default: uvicorn workers, /predict on the event loop), gthread or sync
   MODELAPP_THREADS                  threads per gthread worker (MODELAPP_WORKER_CLASS=gthread), default 4
   MODELAPP_REUSE_PORT               true (default): one SO_REUSEPORT socket per worker
-  MODELAPP_MAX_REQUEST_BYTES        /predict body limit, default 1048576 (413 above)
+  MODELAPP_MAX_REQUEST_BYTES        request body limit (/predict, /v2), default 1048576 (413 above)
   MODELAPP_ACCESS_LOG               true to log every request (off by default)
   MODELAPP_DOWNLOAD_CONCURRENCY     parallel ranged GETs, default 8
   MODELAPP_DOWNLOAD_CHUNK_BYTES     bytes per ranged GET, default 8388608
@@ -32,6 +33,9 @@ serving:
 
 endpoints: POST /predict  {"instances": [[...], ...]} or {"instance": [...]} -> {"predictions": [...]}
            GET /healthz, /readyz, /version, /metrics
+           the Open Inference Protocol (V2): GET /v2, /v2/health/live, /v2/health/ready,
+           /v2/models/<name>[/versions/<etag>][/ready]; POST /v2/models/<name>[/versions/<etag>]/infer
+           (docs/serving-api.md)
 """
 
 
