@@ -192,7 +192,7 @@ class ReconcileQueue:
                     self._on_gone(key)
             else:
                 applied = ", ".join(result.applied) or "nothing to apply"
-                self._logger.info("%s/%s: reconciled (%s): %s", namespace, name, trigger, applied)
+                self._logger.info("%s/%s: reconciled: %s (%s)", namespace, name, applied, trigger)
         return None
 
     async def close(self) -> None:
