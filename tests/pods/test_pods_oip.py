@@ -55,14 +55,14 @@ def served_by_pods(
     incluster_operator: InClusterOperator,
     model_files: dict[str, Path],
 ) -> Served:
-    """A ModelApp on the sample model (blob `<name>/model.onnx`: the model's name is `model`), through its Service."""
+    """A ModelApp on the sample model, through its Service: the model's name in /v2 is the ModelApp's."""
     name, _, body = _running_on_v1(kube, azurite, app_image, incluster_operator, model_files["v1"], "oip")
     host, port = _service_address(kube, name)
     base_url = f"http://{host}:{port}"
     _every_worker_ready(base_url)
     return Served(
         base_url=base_url,
-        name="model",
+        name=name,
         version=normalize_etag(body["status"]["model"]["version"]),
         platform="onnxruntime_onnx",
         output="label",

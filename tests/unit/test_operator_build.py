@@ -85,6 +85,7 @@ def test_deployment_runs_image_by_digest_with_contract_env() -> None:
         "MODELAPP_PORT": "8080",
         "MODELAPP_LIVENESS_PORT": "8081",
         "MODELAPP_IMAGE": f"127.0.0.1:5000/team/iris@{DIGEST}",
+        "MODELAPP_MODEL_NAME": "iris",
         "MODELAPP_MODEL_CONNECTION_STRING": {"secretKeyRef": {"name": "storage", "key": "connectionString"}},
         "LOG_LEVEL": "debug",
     }

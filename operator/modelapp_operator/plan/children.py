@@ -64,6 +64,9 @@ def container_env(app: ModelApp, release: Release) -> list[dict[str, Any]]:
         {"name": LIVENESS_PORT_ENV, "value": str(default_liveness_port(spec.port))},
         # The image by digest, so the app's /version and /metrics say which pair this pod serves.
         {"name": "MODELAPP_IMAGE", "value": release.image.reference},
+        # The model's name in the Open Inference Protocol (/v2/models/<name>): the ModelApp's, as KServe
+        # names it after the InferenceService.
+        {"name": "MODELAPP_MODEL_NAME", "value": app.name},
     ]
     signature = spec.model.signature
     if signature is not None and release.model.verified_by == "signature":
