@@ -1,4 +1,5 @@
-"""`python -m modelapp_serving` / `modelapp-serve`: check the config, then exec gunicorn with our settings."""
+"""`python -m modelapp_serving` / `modelapp-serve`: check the config (every variable, `config.VARIABLES`, in
+`--help`), then exec gunicorn with our settings."""
 
 from __future__ import annotations
 
@@ -6,32 +7,23 @@ import argparse
 import os
 import sys
 
+from modelapp_contract.settings import environment_help
+
 from modelapp_serving import __version__
-from modelapp_serving.config import ConfigError, ServingConfig
+from modelapp_serving.config import (
+    INTERNAL_VARIABLES,
+    MODEL_VARIABLES,
+    SERVING_VARIABLES,
+    ConfigError,
+    ServerConfig,
+    ServingConfig,
+)
 
-ENV_HELP = """\
-model (set by the ModelApp operator):
-  MODELAPP_MODEL_URL                full blob URL (no credential is shown anywhere)
-  MODELAPP_MODEL_ETAG               ETag to download (If-Match): a changed blob is refused
-  MODELAPP_MODEL_SHA256             expected sha256 (hex) of the file: a mismatch is refused
-  MODELAPP_MODEL_FORMAT             onnx | skops | pickle
-  MODELAPP_MODEL_CONNECTION_STRING  optional; else DefaultAzureCredential (workload identity)
-  MODELAPP_MODEL_CACHE_DIR          default /var/cache/modelapp
-  MODELAPP_ALLOW_PICKLE             true to allow pickle/joblib models (loading them runs code)
-  MODELAPP_MODEL_NAME               the model's name under /v2 (default: the blob's file name without extension)
-serving:
-  MODELAPP_PORT                     default 8080
-  MODELAPP_WORKERS                  default one per CPU (cgroup quota), at least 2
-  MODELAPP_WORKER_CLASS             asgi (default: uvicorn workers, /predict on the event loop), gthread or sync
-  MODELAPP_THREADS                  threads per gthread worker (MODELAPP_WORKER_CLASS=gthread), default 4
-  MODELAPP_REUSE_PORT               true (default): one SO_REUSEPORT socket per worker
-  MODELAPP_MAX_REQUEST_BYTES        request body limit (/predict, /v2), default 1048576 (413 above)
-  MODELAPP_ACCESS_LOG               true to log every request (off by default)
-  MODELAPP_DOWNLOAD_CONCURRENCY     parallel ranged GETs, default 8
-  MODELAPP_DOWNLOAD_CHUNK_BYTES     bytes per ranged GET, default 8388608
-  PROMETHEUS_MULTIPROC_DIR          set to aggregate /metrics over workers
-
-endpoints: POST /predict  {"instances": [[...], ...]} or {"instance": [...]} -> {"predictions": [...]}
+ENV_HELP = f"""\
+{environment_help(MODEL_VARIABLES, heading="model and ports (set by the ModelApp operator):")}
+{environment_help(SERVING_VARIABLES, heading="serving (the image's own settings):")}
+{environment_help(INTERNAL_VARIABLES, heading="internal (set by gunicorn's master for its workers):")}
+endpoints: POST /predict  {{"instances": [[...], ...]}} or {{"instance": [...]}} -> {{"predictions": [...]}}
            GET /healthz, /readyz, /version, /metrics
            the Open Inference Protocol (V2): GET /v2, /v2/health/live, /v2/health/ready,
            /v2/models/<name>[/versions/<etag>][/ready]; POST /v2/models/<name>[/versions/<etag>]/infer
@@ -60,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         ServingConfig.from_env()
+        ServerConfig.from_env()
     except ConfigError as error:
         print(f"modelapp-serve: configuration error: {error}", file=sys.stderr)
         return 2

@@ -34,16 +34,13 @@ from azure.core.exceptions import (
 )
 from azure.identity import DefaultAzureCredential
 from azure.storage.blob import BlobClient, BlobServiceClient
+from modelapp_contract.blob import METADATA_SIGNATURE, ModelFormat, redact_url
+from modelapp_contract.signing import SignatureError, decode_bundle, verify_signature
 from modelapp_contract.termination import RefusalKind
 
 from modelapp_serving.config import ModelSpec
-from modelapp_serving.model_blob import METADATA_SIGNATURE, ModelFormat, redact_url
-from modelapp_serving.signing import SignatureError, decode_bundle, verify_signature
 
 log = logging.getLogger(__name__)
-
-RUN_ID_ENV = "MODELAPP_VERIFY_RUN_ID"
-"""Set by the gunicorn master; a stamp written under the same run id lets other workers skip re-hashing."""
 
 _HASH_READ_BYTES = 8 << 20
 _MAX_REASON_CHARS = 300

@@ -1,8 +1,8 @@
 """gunicorn settings for the serving app (`gunicorn -c python:modelapp_serving.gunicorn_conf`).
 
-Env: MODELAPP_PORT (8080), MODELAPP_LIVENESS_PORT (the next port), MODELAPP_WORKERS (one per CPU, at least 2),
-MODELAPP_WORKER_CLASS (asgi), MODELAPP_THREADS (4), MODELAPP_REUSE_PORT (true), MODELAPP_ACCESS_LOG (false),
-MODELAPP_LOG_LEVEL (info).
+The settings come from config.ServerConfig (MODELAPP_PORT, MODELAPP_LIVENESS_PORT, MODELAPP_WORKERS,
+MODELAPP_WORKER_CLASS, MODELAPP_THREADS, MODELAPP_REUSE_PORT, MODELAPP_ACCESS_LOG, MODELAPP_LOG_LEVEL): a bad
+value stops the master before it binds.
 The master checks the config before forking; each worker downloads nothing itself unless it is the
 first to take the cache lock (see download.py), then loads the verified file in a background thread.
 """
@@ -18,28 +18,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from modelapp_contract.probes import LIVENESS_PORT_ENV, default_liveness_port
-
-from modelapp_serving.config import ServingConfig
-from modelapp_serving.download import RUN_ID_ENV
+from modelapp_serving.config import RUN_ID_ENV, ConfigError, ServerConfig, ServingConfig
 from modelapp_serving.liveness import LivenessServer
 from modelapp_serving.metrics import MULTIPROC_ENV
 from modelapp_serving.refusal_token import REFUSAL_TOKEN_FD_ENV, create_refusal_token
-from modelapp_serving.settings import ConfigError, env_bool, env_int
 
 
-def _env_int(name: str, default: int) -> int:
+def _server_config() -> ServerConfig:
     try:
-        return env_int(os.environ, name, default, low=1)
+        return ServerConfig.from_env()
     except ConfigError as error:
-        sys.exit(str(error))
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    try:
-        return env_bool(os.environ, name, default=default)
-    except ConfigError as error:
-        sys.exit(str(error))
+        sys.exit(f"modelapp-serve: configuration error: {error}")
 
 
 def _cores() -> int:
@@ -57,33 +46,34 @@ def _cores() -> int:
     return max(1, min(available, math.ceil(int(quota) / int(period))))
 
 
+_server = _server_config()
 wsgi_app = "modelapp_serving.web:create_app()"
-serving_port = _env_int("MODELAPP_PORT", 8080)
+serving_port = _server.port
 bind = [f"0.0.0.0:{serving_port}"]
 # /livez is answered by the master, apart from the workers (liveness.py).
-liveness_port = _env_int(LIVENESS_PORT_ENV, default_liveness_port(serving_port))
+liveness_port = _server.liveness_port
 _liveness: LivenessServer | None = None
 # One process per CPU: /predict is CPU-bound and the threads below cover the waits; 2 x cores + 1 only
 # added context switches (bench/serving_rps.py). At least 2, so one busy or restarting worker is not an outage.
-workers = _env_int("MODELAPP_WORKERS", max(2, _cores()))
+workers = _server.workers or max(2, _cores())
 # asgi (default): uvicorn workers (httptools parser, uvloop) under this same master and hooks; /predict is
 # answered on the event loop (web.AsgiPredictApp), the rest by the Flask app through a2wsgi. Against gthread x4
 # on 2 cores (bench/serving_rps.py): 1.8x the req/s with scikit-learn, 2.1x with ONNX, p99 less than half;
 # gthread spent ~3/4 of each request in the server (response write, pipe wake-ups, thread hand-overs).
 # gthread (MODELAPP_THREADS per worker) and sync (closes every connection) remain available.
-worker_class = os.environ.get("MODELAPP_WORKER_CLASS", "asgi")
-threads = _env_int("MODELAPP_THREADS", 4)
+worker_class = _server.worker_class
+threads = _server.threads
 if worker_class == "asgi":
     worker_class = "uvicorn_worker.UvicornWorker"
     wsgi_app = "modelapp_serving.web:create_asgi_app()"
 # One SO_REUSEPORT socket per worker: the kernel spreads new connections over the workers. With one shared
 # socket, whichever worker wakes first takes most keep-alive connections (8/0 splits measured with wrk -c8).
-reuse_port = _env_bool("MODELAPP_REUSE_PORT", True)
+reuse_port = _server.reuse_port
 keepalive = 5
 # Heartbeat files on tmpfs: the root filesystem may be read-only and disk-backed tmp can stall workers.
 worker_tmp_dir = "/dev/shm" if Path("/dev/shm").is_dir() else None  # noqa: S108 - tmpfs, as gunicorn advises
-accesslog = "-" if os.environ.get("MODELAPP_ACCESS_LOG", "").lower() in ("1", "true", "yes", "on") else None
-loglevel = os.environ.get("MODELAPP_LOG_LEVEL", "info")
+accesslog = "-" if _server.access_log else None
+loglevel = _server.log_level
 # Loading happens in a background thread, so a slow download never trips the worker timeout.
 timeout = 30
 graceful_timeout = 20

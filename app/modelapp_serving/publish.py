@@ -26,11 +26,8 @@ from azure.core.exceptions import (
 from azure.identity import DefaultAzureCredential
 from azure.storage.blob import BlobClient, BlobServiceClient, ContainerClient, ContentSettings
 from cryptography.hazmat.primitives import serialization
-from tqdm import tqdm
-
-from modelapp_serving.config import ConfigError
-from modelapp_serving.download import file_sha256
-from modelapp_serving.model_blob import (
+from modelapp_contract.blob import (
+    CONNECTION_STRING_ENVS,
     METADATA_SHA256,
     METADATA_SIGNATURE,
     SIGNATURE_SUFFIX,
@@ -39,7 +36,11 @@ from modelapp_serving.model_blob import (
     published_metadata,
     redact_url,
 )
-from modelapp_serving.signing import SignatureError, encode_bundle, key_fingerprint, sign_model_file
+from modelapp_contract.signing import SignatureError, encode_bundle, key_fingerprint, sign_model_file
+from tqdm import tqdm
+
+from modelapp_serving.config import ConfigError
+from modelapp_serving.download import file_sha256
 
 CONTENT_TYPES = {
     ModelFormat.ONNX: "application/octet-stream",
@@ -48,7 +49,6 @@ CONTENT_TYPES = {
 }
 UPLOAD_BLOCK_BYTES = 8 << 20
 UPLOAD_CONCURRENCY = 8
-CONNECTION_STRING_ENVS = ("MODELAPP_MODEL_CONNECTION_STRING", "AZURE_STORAGE_CONNECTION_STRING")
 
 
 class PublishError(Exception):

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 
-REFUSAL_TOKEN_FD_ENV = "MODELAPP_REFUSAL_TOKEN_FD"  # noqa: S105 - a variable name, not a secret
-"""Set by the gunicorn master (gunicorn_conf.on_starting): the read end of a pipe holding one byte."""
+# Set by the gunicorn master (gunicorn_conf.on_starting): the read end of a pipe holding one byte.
+from modelapp_serving.config import REFUSAL_TOKEN_FD_ENV
+
+__all__ = ["REFUSAL_TOKEN_FD_ENV", "create_refusal_token", "take_refusal_token"]
 
 
 def create_refusal_token() -> int:

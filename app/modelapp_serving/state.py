@@ -12,39 +12,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelapp_contract.blob import redact_url
+from modelapp_contract.container import EXIT_ON_REFUSAL
 from modelapp_contract.termination import EXIT_MODEL_REFUSED, Refusal, RefusalKind
 from modelapp_contract.termination import TERMINATION_LOG as TERMINATION_LOG_PATH
 
-from modelapp_serving.config import ServingConfig
-from modelapp_serving.download import RUN_ID_ENV, DownloadSettings, ModelFetchError, fetch_verified_model
+from modelapp_serving.config import RUN_ID_ENV, ServingConfig
+from modelapp_serving.download import DownloadSettings, ModelFetchError, fetch_verified_model
 from modelapp_serving.model import LoadedModel, ModelLoadError, load_model_file
-from modelapp_serving.model_blob import redact_url
 from modelapp_serving.refusal_token import take_refusal_token
-from modelapp_serving.settings import env_bool
 
 log = logging.getLogger(__name__)
 
 RETRY_FIRST_DELAY_S = 2.0
 RETRY_MAX_DELAY_S = 60.0
 TERMINATION_LOG = Path(TERMINATION_LOG_PATH)
-EXIT_ON_REFUSAL_ENV = "MODELAPP_EXIT_ON_REFUSAL"
 
 
-def report_refusal(refusal: Refusal, *, termination_log: Path = TERMINATION_LOG) -> None:
+def report_refusal(refusal: Refusal, *, exit_container: bool, termination_log: Path = TERMINATION_LOG) -> None:
     """Write why the model was refused where Kubernetes reads a container's termination message
-    (the operator shows it in status, naming the model as the part that failed); with
-    MODELAPP_EXIT_ON_REFUSAL (the operator sets it) stop the container with a non-zero exit code.
+    (the operator shows it in status, naming the model as the part that failed); with exit_container
+    (ServingConfig.exit_on_refusal, MODELAPP_EXIT_ON_REFUSAL, which the operator sets) stop the container
+    with a non-zero exit code.
 
     One worker exits with gunicorn's "App failed to load" code: its master then stops the other
     workers and exits with that code itself, so every refusal ends the container as a failure."""
     if termination_log.exists():  # Kubernetes mounts it; never create one elsewhere
         with contextlib.suppress(OSError):
             termination_log.write_text(refusal.message())
-    if env_bool(os.environ, EXIT_ON_REFUSAL_ENV, default=False):
+    if exit_container:
         if not take_refusal_token():
             log.error("another worker has reported the refusal; the master is stopping")
             return
-        log.error("exiting with code %d: the model was refused (%s=true)", EXIT_MODEL_REFUSED, EXIT_ON_REFUSAL_ENV)
+        log.error("exiting with code %d: the model was refused (%s=true)", EXIT_MODEL_REFUSED, EXIT_ON_REFUSAL)
         for handler in logging.getLogger("modelapp_serving").handlers:
             handler.flush()
         os._exit(EXIT_MODEL_REFUSED)
@@ -149,7 +149,7 @@ def load_until_ready(
             if not error.retryable:
                 log.error("model not ready: %s", error.reason)
                 state.set_waiting(error.reason, failed=True)
-                report_refusal(Refusal(error.refusal, error.reason))
+                report_refusal(Refusal(error.refusal, error.reason), exit_container=config.exit_on_refusal)
                 return
             log.warning("model not ready: %s (retrying in %.0f s)", error.reason, delay)
             state.set_waiting(error.reason, failed=False)
@@ -159,7 +159,7 @@ def load_until_ready(
         except ModelLoadError as error:
             log.error("model not ready: %s", error.reason)
             state.set_waiting(error.reason, failed=True)
-            report_refusal(Refusal(RefusalKind.CANNOT_LOAD, error.reason))
+            report_refusal(Refusal(RefusalKind.CANNOT_LOAD, error.reason), exit_container=config.exit_on_refusal)
             return
         except Exception as error:
             # Unexpected: still one line and a reason, and a refusal like any other: never a dead loader
@@ -167,7 +167,7 @@ def load_until_ready(
             reason = f"unexpected error while preparing the model: {type(error).__name__}: {error}".splitlines()[0]
             log.error("model not ready: %s", reason)
             state.set_waiting(reason, failed=True)
-            report_refusal(Refusal(RefusalKind.CANNOT_LOAD, reason))
+            report_refusal(Refusal(RefusalKind.CANNOT_LOAD, reason), exit_container=config.exit_on_refusal)
             return
         source = "downloaded" if fetched.downloaded else "reused cached"
         mb_per_s = fetched.size / 1e6 / fetched.seconds if fetched.seconds > 0 else 0.0

@@ -12,9 +12,9 @@ READINESS_PATH: Final = "/readyz"
 LIVENESS_PATH: Final = "/livez"
 # The workers' own /healthz stays for teams' tools; it says the same as /livez, through a worker.
 HEALTH_PATH: Final = "/healthz"
-LIVENESS_PORT_ENV: Final = "MODELAPP_LIVENESS_PORT"
 
 
 def default_liveness_port(serving_port: int) -> int:
-    """The liveness port when none is set: the one after the serving port (before it at the top)."""
+    """The liveness port when MODELAPP_LIVENESS_PORT is unset: the one after the serving port (before it at
+    the top)."""
     return serving_port + 1 if serving_port < 65535 else serving_port - 1

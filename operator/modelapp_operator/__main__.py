@@ -11,12 +11,12 @@ import argparse
 import dataclasses
 import logging
 import sys
-import textwrap
 from collections.abc import Sequence
 from typing import Any, cast
 
 import kopf
 import modelapp_operator.handlers  # noqa: F401 - importing registers the kopf handlers
+from modelapp_contract import settings
 from modelapp_operator import metrics
 from modelapp_operator.config import VARIABLES, ConfigError, OperatorConfig, Variable
 from modelapp_operator.names import API_VERSION
@@ -28,18 +28,8 @@ HELP_WIDTH = 120
 
 def environment_help(variables: Sequence[Variable] = VARIABLES) -> str:
     """The `Environment:` part of --help, from config.py's own list (so the two cannot disagree)."""
-    width = max(len(variable.name) for variable in variables) + 2
-    rows = [
-        (variable.name, variable.meaning + (f" (default: {variable.default})" if variable.default else ""))
-        for variable in variables
-    ]
-    rows.append(("KUBECONFIG", "kubeconfig to use outside a cluster"))
-    indent = " " * (width + 2)
-    lines = [
-        textwrap.fill(text, HELP_WIDTH, initial_indent=f"  {name:<{width}}", subsequent_indent=indent)
-        for name, text in rows
-    ]
-    return "\n".join(["Environment:", *lines, ""])
+    kubeconfig = Variable("KUBECONFIG", "", "kubeconfig to use outside a cluster")
+    return settings.environment_help([*variables, kubeconfig], width=HELP_WIDTH)
 
 
 DESCRIPTION = f"""\

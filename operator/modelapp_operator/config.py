@@ -1,7 +1,8 @@
 """The operator's configuration: every MODELAPP_* variable it reads, read and checked here once at start-up.
 
-`OperatorConfig.from_env` reads them all (the watch hub's and the webhook receiver's too) with one set of
-helpers; an invalid value raises ConfigError naming the variable, and `modelapp-operator` exits 2.
+`OperatorConfig.from_env` reads them all (the watch hub's and the webhook receiver's too) with the
+contract's one set of helpers (modelapp_contract.settings, which the app uses too: one boolean rule); an
+invalid value raises ConfigError naming the variable, and `modelapp-operator` exits 2.
 `VARIABLES` names each one with its default and meaning: `modelapp-operator --help` prints it, and a unit
 test keeps it, the reads below and the docs' table the same set.
 """
@@ -11,10 +12,24 @@ from __future__ import annotations
 import hmac
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
+
+from modelapp_contract.settings import (
+    FALSE_WORDS,
+    ConfigError,
+    Variable,
+    choice,
+    integer,
+    items,
+    number,
+    switch,
+    text,
+)
+
+__all__ = ["VARIABLES", "ConfigError", "OperatorConfig", "PeeringConfig", "ReceiverConfig", "Variable", "WatchConfig"]
 
 LogFormat = Literal["text", "json"]
 
@@ -27,26 +42,13 @@ DEFAULT_METRICS_PORT = 8083
 # A namespace name, or a kopf glob over names ("team-*", "!kube-*").
 _NAMESPACE = re.compile(r"^!?[a-z0-9*?][-a-z0-9*?]{0,62}$")
 _HOST = re.compile(r"^[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^\[[0-9a-fA-F:]+\](:[0-9]{1,5})?$")
-_TRUE = ("true", "1", "yes")
-_FALSE = ("false", "0", "no")
-
-N = TypeVar("N", int, float)
-
-
-@dataclass(frozen=True)
-class Variable:
-    """One variable the operator reads, as `--help` shows it."""
-
-    name: str
-    default: str  # as shown; "" when unset means off or none
-    meaning: str
 
 
 VARIABLES: tuple[Variable, ...] = (
     Variable("MODELAPP_NAMESPACES", "all", "comma-separated namespaces or globs to watch; -n/-A override it"),
     Variable("MODELAPP_POLL_INTERVAL_SECONDS", "30", "how often followed tags and blobs are resolved again"),
     Variable("MODELAPP_CHANGE_COALESCE_SECONDS", "0.2", "changes seen within this window make one reconcile"),
-    Variable("MODELAPP_WATCH_CONCURRENCY", "16", "tag and blob requests (and reconciles after a change) at once"),
+    Variable("MODELAPP_WATCH_CONCURRENCY", "16", "tag and blob requests one poll of an endpoint makes at once"),
     Variable("MODELAPP_WATCH_ERROR_TTL_SECONDS", "5", "how long a failed tag or blob resolution is reused"),
     Variable("MODELAPP_LOG_FORMAT", "text", "text or json"),
     Variable("MODELAPP_REGISTRY_CA_FILE", "", "extra PEM CA bundle for registries with a private CA"),
@@ -78,65 +80,17 @@ VARIABLES: tuple[Variable, ...] = (
 )
 
 
-class ConfigError(ValueError):
-    """A configuration variable is invalid; the message names the variable."""
-
-
-# --- the helpers ---------------------------------------------------------------------------------
-
-
-def _text(env: Mapping[str, str], name: str) -> str:
-    return env.get(name, "").strip()
-
-
-def _number(
-    env: Mapping[str, str],
-    name: str,
-    default: N,
-    *,
-    minimum: N,
-    maximum: N,
-    parse: Callable[[str], N],
-    what: str,
-) -> N:
-    """A number in [minimum, maximum]; unset or blank: default."""
-    raw = _text(env, name)
-    if not raw:
-        return default
-    try:
-        value = parse(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: {raw!r} is not {what}") from None
-    if not minimum <= value <= maximum:
-        raise ConfigError(f"{name}: {raw} is out of range [{minimum:g}, {maximum:g}]")
-    return value
-
-
-def _list(env: Mapping[str, str], name: str) -> list[str]:
-    """A comma-separated list, blanks dropped."""
-    return [item.strip() for item in _text(env, name).split(",") if item.strip()]
+# --- the helpers (the rest are the contract's: modelapp_contract.settings) -----------------------------
 
 
 def _file(env: Mapping[str, str], name: str) -> Path | None:
-    raw = _text(env, name)
+    raw = text(env, name)
     if not raw:
         return None
     path = Path(raw)
     if not path.is_file():
         raise ConfigError(f"{name}: {str(path)!r} is not a readable file")
     return path
-
-
-def _switch(env: Mapping[str, str], name: str) -> bool | None:
-    """true/false (also 1/0, yes/no); unset or blank: None."""
-    raw = _text(env, name).lower()
-    if raw and raw not in _TRUE + _FALSE:
-        raise ConfigError(f"{name}: {raw!r} is not true or false")
-    return None if not raw else raw in _TRUE
-
-
-def _integer(text: str) -> float:
-    return float(int(text))
 
 
 # --- the watch hub ---------------------------------------------------------------------------------
@@ -151,34 +105,12 @@ class WatchConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> WatchConfig:
         return cls(
-            coalesce_seconds=_number(
-                environ,
-                "MODELAPP_CHANGE_COALESCE_SECONDS",
-                DEFAULT_COALESCE_SECONDS,
-                minimum=0.0,
-                maximum=60.0,
-                parse=float,
-                what="a number",
+            coalesce_seconds=number(
+                environ, "MODELAPP_CHANGE_COALESCE_SECONDS", DEFAULT_COALESCE_SECONDS, low=0.0, high=60.0
             ),
-            concurrency=int(
-                _number(
-                    environ,
-                    "MODELAPP_WATCH_CONCURRENCY",
-                    float(DEFAULT_CONCURRENCY),
-                    minimum=1.0,
-                    maximum=256.0,
-                    parse=_integer,
-                    what="an integer",
-                )
-            ),
-            error_ttl_seconds=_number(
-                environ,
-                "MODELAPP_WATCH_ERROR_TTL_SECONDS",
-                DEFAULT_ERROR_TTL_SECONDS,
-                minimum=0.0,
-                maximum=3600.0,
-                parse=float,
-                what="a number",
+            concurrency=integer(environ, "MODELAPP_WATCH_CONCURRENCY", DEFAULT_CONCURRENCY, low=1, high=256),
+            error_ttl_seconds=number(
+                environ, "MODELAPP_WATCH_ERROR_TTL_SECONDS", DEFAULT_ERROR_TTL_SECONDS, low=0.0, high=3600.0
             ),
         )
 
@@ -233,26 +165,24 @@ class ReceiverConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ReceiverConfig:
         env = os.environ if environ is None else environ
         token: TokenSource | None = None
-        if _text(env, "MODELAPP_RECEIVER_TOKEN") and _text(env, "MODELAPP_RECEIVER_TOKEN_FILE"):
+        if text(env, "MODELAPP_RECEIVER_TOKEN") and text(env, "MODELAPP_RECEIVER_TOKEN_FILE"):
             raise ConfigError("set only one of MODELAPP_RECEIVER_TOKEN and MODELAPP_RECEIVER_TOKEN_FILE")
-        if _text(env, "MODELAPP_RECEIVER_TOKEN"):
-            token = TokenSource(value=_text(env, "MODELAPP_RECEIVER_TOKEN"))
+        if text(env, "MODELAPP_RECEIVER_TOKEN"):
+            token = TokenSource(value=text(env, "MODELAPP_RECEIVER_TOKEN"))
         else:
             token_file = _file(env, "MODELAPP_RECEIVER_TOKEN_FILE")
             token = TokenSource(file=token_file) if token_file is not None else None
 
-        switch = _switch(env, "MODELAPP_RECEIVER_ENABLED")
-        enabled = token is not None if switch is None else switch
+        wanted = switch(env, "MODELAPP_RECEIVER_ENABLED")
+        enabled = token is not None if wanted is None else wanted
         if enabled and token is None:
             raise ConfigError(
                 "MODELAPP_RECEIVER_ENABLED is true but no token is set: set MODELAPP_RECEIVER_TOKEN or "
                 "MODELAPP_RECEIVER_TOKEN_FILE (webhooks must send it as a Bearer token or ?token=)"
             )
-        port = _number(
-            env, "MODELAPP_RECEIVER_PORT", DEFAULT_RECEIVER_PORT, minimum=1, maximum=65535, parse=int, what="a port"
-        )
-        bind = _text(env, "MODELAPP_RECEIVER_BIND") or "0.0.0.0"  # noqa: S104
-        default_registry = _text(env, "MODELAPP_RECEIVER_DEFAULT_REGISTRY").lower() or None
+        port = integer(env, "MODELAPP_RECEIVER_PORT", DEFAULT_RECEIVER_PORT, low=1, high=65535)
+        bind = text(env, "MODELAPP_RECEIVER_BIND") or "0.0.0.0"  # noqa: S104
+        default_registry = text(env, "MODELAPP_RECEIVER_DEFAULT_REGISTRY").lower() or None
         return cls(enabled=enabled, bind=bind, port=port, token=token, default_registry=default_registry)
 
 
@@ -272,21 +202,19 @@ class PeeringConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], receiver_port: int) -> PeeringConfig | None:
-        name = _text(env, "MODELAPP_PEERING")
+        name = text(env, "MODELAPP_PEERING")
         if not name:
             return None
         if not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", name):
             raise ConfigError(f"MODELAPP_PEERING: {name!r} is not an object name")
-        lifetime = _number(
-            env, "MODELAPP_PEERING_LIFETIME_SECONDS", 10, minimum=3, maximum=600, parse=int, what="an integer"
-        )
-        raw_priority = _text(env, "MODELAPP_PEERING_PRIORITY")
+        lifetime = integer(env, "MODELAPP_PEERING_LIFETIME_SECONDS", 10, low=3, high=600)
+        raw_priority = text(env, "MODELAPP_PEERING_PRIORITY")
         try:
             priority = int(raw_priority) if raw_priority else None
         except ValueError:
             raise ConfigError(f"MODELAPP_PEERING_PRIORITY: {raw_priority!r} is not an integer") from None
-        advertise = _text(env, "MODELAPP_PEERING_ADVERTISE") or None
-        pod_ip = _text(env, "MODELAPP_POD_IP")
+        advertise = text(env, "MODELAPP_PEERING_ADVERTISE") or None
+        pod_ip = text(env, "MODELAPP_POD_IP")
         if advertise is None and pod_ip:
             advertise = f"[{pod_ip}]:{receiver_port}" if ":" in pod_ip else f"{pod_ip}:{receiver_port}"
         if advertise is not None and not _HOST.match(advertise):
@@ -295,8 +223,8 @@ class PeeringConfig:
             name=name,
             lifetime_seconds=lifetime,
             priority=priority,
-            pod_name=_text(env, "MODELAPP_POD_NAME"),
-            pod_uid=_text(env, "MODELAPP_POD_UID"),
+            pod_name=text(env, "MODELAPP_POD_NAME"),
+            pod_uid=text(env, "MODELAPP_POD_UID"),
             advertise=advertise,
         )
 
@@ -333,7 +261,7 @@ class OperatorConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorConfig:
         env = os.environ if environ is None else environ
 
-        namespaces = tuple(_list(env, "MODELAPP_NAMESPACES"))
+        namespaces = tuple(items(env, "MODELAPP_NAMESPACES"))
         for namespace in namespaces:
             if not _NAMESPACE.match(namespace):
                 raise ConfigError(
@@ -341,21 +269,14 @@ class OperatorConfig:
                     "(expected a comma-separated list such as team-a,ml-*; empty for all namespaces)"
                 )
 
-        seconds = "a number of seconds"
-        poll = _number(
-            env, "MODELAPP_POLL_INTERVAL_SECONDS", 30.0, minimum=1.0, maximum=86400.0, parse=float, what=seconds
-        )
-        timeout = _number(
-            env, "MODELAPP_REGISTRY_TIMEOUT_SECONDS", 10.0, minimum=0.1, maximum=600.0, parse=float, what=seconds
-        )
+        poll = number(env, "MODELAPP_POLL_INTERVAL_SECONDS", 30.0, low=1.0, high=86400.0)
+        timeout = number(env, "MODELAPP_REGISTRY_TIMEOUT_SECONDS", 10.0, low=0.1, high=600.0)
 
-        log_format = _text(env, "MODELAPP_LOG_FORMAT").lower() or "text"
-        if log_format not in ("text", "json"):
-            raise ConfigError(f"MODELAPP_LOG_FORMAT: {log_format!r} is not one of: text, json")
+        log_format = choice(env, "MODELAPP_LOG_FORMAT", "text", ("text", "json"))
 
         ca_file = _file(env, "MODELAPP_REGISTRY_CA_FILE")
 
-        insecure = frozenset(_list(env, "MODELAPP_REGISTRY_INSECURE_HOSTS"))
+        insecure = frozenset(items(env, "MODELAPP_REGISTRY_INSECURE_HOSTS"))
         for host in insecure:
             if not _HOST.match(host):
                 raise ConfigError(
@@ -363,17 +284,13 @@ class OperatorConfig:
                     "(expected a comma-separated list of registry hosts reached over plain HTTP)"
                 )
 
-        liveness_port = _number(
-            env, "MODELAPP_LIVENESS_PORT", 8081, minimum=1, maximum=65535, parse=int, what="an integer"
-        )
+        liveness_port = integer(env, "MODELAPP_LIVENESS_PORT", 8081, low=1, high=65535)
 
         metrics_port: int | None = None
-        if _text(env, "MODELAPP_METRICS_PORT").lower() not in ("0", "off"):
-            metrics_port = _number(
-                env, "MODELAPP_METRICS_PORT", DEFAULT_METRICS_PORT, minimum=1, maximum=65535, parse=int, what="a port"
-            )
+        if text(env, "MODELAPP_METRICS_PORT").lower() not in FALSE_WORDS:
+            metrics_port = integer(env, "MODELAPP_METRICS_PORT", DEFAULT_METRICS_PORT, low=1, high=65535)
 
-        azure_hosts = frozenset(h.lower() for h in _list(env, "MODELAPP_REGISTRY_AZURE_IDENTITY_HOSTS"))
+        azure_hosts = frozenset(h.lower() for h in items(env, "MODELAPP_REGISTRY_AZURE_IDENTITY_HOSTS"))
         for host in azure_hosts:
             if not _HOST.match(host.replace("*", "x")):
                 raise ConfigError(
@@ -381,9 +298,7 @@ class OperatorConfig:
                     "(expected a comma-separated list such as *.azurecr.io)"
                 )
 
-        secret_cache = _number(
-            env, "MODELAPP_SECRET_CACHE_SECONDS", 10.0, minimum=0.0, maximum=3600.0, parse=float, what=seconds
-        )
+        secret_cache = number(env, "MODELAPP_SECRET_CACHE_SECONDS", 10.0, low=0.0, high=3600.0)
 
         receiver = ReceiverConfig.from_env(env)
         return cls(
@@ -399,6 +314,6 @@ class OperatorConfig:
             receiver=receiver,
             peering=PeeringConfig.from_env(env, receiver.port),
             metrics_port=metrics_port,
-            metrics_bind=_text(env, "MODELAPP_METRICS_BIND") or "0.0.0.0",  # noqa: S104
+            metrics_bind=text(env, "MODELAPP_METRICS_BIND") or "0.0.0.0",  # noqa: S104
             secret_cache_seconds=secret_cache,
         )

@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from modelapp_contract.blob import normalize_etag
 from modelapp_operator.names import ConditionType
 from modelapp_operator.plan.history import deployed_pair
-from modelapp_serving.model_blob import normalize_etag
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 AppKey = tuple[str, str]

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from azure.storage.blob import BlobServiceClient, ContainerClient
+from modelapp_contract.blob import ModelFormat, PinnedVersion, blob_url
 from modelapp_localstack import Azurite
 from modelapp_operator.api.modelapp_types import BlobLocation
 from modelapp_operator.clients.blob_storage import (
@@ -27,7 +28,6 @@ from modelapp_operator.plan.history import HISTORY_LIMIT, kept_snapshots, record
 from modelapp_operator.plan.release import Release, ResolvedImage, ResolvedModel
 from modelapp_serving.config import ModelSpec
 from modelapp_serving.download import DownloadSettings, fetch_verified_model
-from modelapp_serving.model_blob import ModelFormat, PinnedVersion, blob_url
 
 pytestmark = pytest.mark.integration
 
@@ -166,9 +166,9 @@ def test_signed_publish_verifies_and_tampered_bytes_with_its_metadata_are_refuse
 ) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
+    from modelapp_contract.signing import decode_bundle, verify_signature
     from modelapp_serving.download import ModelFetchError
     from modelapp_serving.publish import publish_model
-    from modelapp_serving.signing import decode_bundle, verify_signature
 
     key = ec.generate_private_key(ec.SECP256R1())
     private = tmp_path / "key.pem"

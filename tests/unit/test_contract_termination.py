@@ -43,12 +43,11 @@ def test_a_long_reason_fits_the_kubelets_limit() -> None:
     assert parse_refusal(message) is not None
 
 
-def test_the_app_writes_its_refusal_where_the_kubelet_reads_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MODELAPP_EXIT_ON_REFUSAL", raising=False)
+def test_the_app_writes_its_refusal_where_the_kubelet_reads_it(tmp_path: Path) -> None:
     log = tmp_path / "termination-log"
     log.write_text("")
-    report_refusal(Refusal(RefusalKind.CHECKSUM_MISMATCH, "sha256 mismatch"), termination_log=log)
+    report_refusal(Refusal(RefusalKind.CHECKSUM_MISMATCH, "sha256 mismatch"), exit_container=False, termination_log=log)
     assert parse_refusal(log.read_text()) == Refusal(RefusalKind.CHECKSUM_MISMATCH, "sha256 mismatch")
     absent = tmp_path / "absent"
-    report_refusal(Refusal(RefusalKind.CHECKSUM_MISMATCH, "x"), termination_log=absent)
+    report_refusal(Refusal(RefusalKind.CHECKSUM_MISMATCH, "x"), exit_container=False, termination_log=absent)
     assert not absent.exists()  # never created outside a pod

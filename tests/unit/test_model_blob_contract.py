@@ -7,11 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from modelapp_operator.api.modelapp_types import ModelFormat as ResourceModelFormat
-from modelapp_operator.api.modelapp_types import ModelSpec as ResourceModelSpec
-from modelapp_operator.clients.blob_storage import BlobProperties, check_model
-from modelapp_serving.config import ModelFormat, ServingConfig
-from modelapp_serving.model_blob import (
+from modelapp_contract.blob import (
     MODEL_FORMATS,
     BlobAddress,
     blob_url,
@@ -21,6 +17,10 @@ from modelapp_serving.model_blob import (
     published_metadata,
     try_parse_blob_url,
 )
+from modelapp_operator.api.modelapp_types import ModelFormat as ResourceModelFormat
+from modelapp_operator.api.modelapp_types import ModelSpec as ResourceModelSpec
+from modelapp_operator.clients.blob_storage import BlobProperties, check_model
+from modelapp_serving.config import ModelFormat, ServingConfig
 
 pytestmark = pytest.mark.unit
 

@@ -17,6 +17,8 @@ from azure.storage.blob import BlobClient
 from azure.storage.blob import BlobProperties as SdkBlobProperties
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from modelapp_contract.blob import ModelFormat, PinnedVersion
+from modelapp_contract.signing import SignatureError, encode_bundle, sign_model_file, verify_signature
 from modelapp_operator.api.modelapp_types import ModelSpec as OperatorModelSpec
 from modelapp_operator.clients.blob_storage import (
     BlobProperties,
@@ -30,8 +32,6 @@ from modelapp_operator.plan.release import Release, ResolvedImage, ResolvedModel
 from modelapp_operator.plan.status import Condition, verified_condition
 from modelapp_serving.config import ModelSpec, ServingConfig
 from modelapp_serving.download import DownloadSettings, make_blob_client
-from modelapp_serving.model_blob import ModelFormat, PinnedVersion
-from modelapp_serving.signing import SignatureError, encode_bundle, sign_model_file, verify_signature
 
 pytestmark = pytest.mark.unit
 

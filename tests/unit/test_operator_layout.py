@@ -79,3 +79,36 @@ def test_names_and_config_live_in_one_module_each() -> None:
             assert "modelapp.io/" not in text, f"{name} spells an annotation key or group: use names.py"
         if not name.endswith(".config"):
             assert not ENV_READ.search(text), f"{name} reads a MODELAPP_* variable: read it in config.py"
+
+
+def _imports_of(path: Path, package: str) -> list[tuple[ast.AST, bool]]:
+    """Each import of `package` in path, and whether it is inside a function (imported when that runs)."""
+    tree = ast.parse(path.read_text())
+    inside = {
+        id(node)
+        for function in ast.walk(tree)
+        if isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef)
+        for node in ast.walk(function)
+    }
+    found: list[tuple[ast.AST, bool]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module or ""]
+        else:
+            continue
+        if any(name.split(".")[0] == package for name in names):
+            found.append((node, id(node) in inside))
+    return found
+
+
+def test_the_operator_and_the_app_share_only_the_contract() -> None:
+    """Each image installs its own source root and modelapp_contract. The operator never imports the app: only
+    `modelapp publish-model` (cli/commands.py) imports the app's publisher, when it runs."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node, in_function in _imports_of(path, "modelapp_serving"):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
+            assert path.name == "commands.py" and in_function, f"{where} imports the serving app"
+    for path in sorted((ROOT.parent / "app" / "modelapp_serving").rglob("*.py")):
+        assert not _imports_of(path, "modelapp_operator"), f"{path} imports the operator"

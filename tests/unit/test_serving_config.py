@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from modelapp_serving.config import ConfigError, ModelFormat, ServingConfig
-from modelapp_serving.model_blob import parse_blob_url, redact_url
+from modelapp_contract.blob import parse_blob_url, redact_url
+from modelapp_serving.config import ConfigError, ModelFormat, ServerConfig, ServingConfig
 
 pytestmark = pytest.mark.unit
 
@@ -26,9 +26,8 @@ def test_good_env_gives_typed_config_with_defaults() -> None:
     assert config.model.format is ModelFormat.ONNX
     assert config.model.etag == '"0x8DC0000000000000"'
     assert config.cache_dir == Path("/var/cache/modelapp")
-    assert config.port == 8080
     assert config.connection_string is None
-    assert not config.allow_pickle
+    assert not config.allow_pickle and not config.exit_on_refusal
     location = config.model.location
     assert (location.account_url, location.container, location.blob) == (
         "https://acct.blob.core.windows.net",
@@ -54,8 +53,6 @@ def test_connection_string_is_not_in_repr() -> None:
         ({"MODELAPP_MODEL_FORMAT": "tensorflow"}, "MODELAPP_MODEL_FORMAT"),
         ({"MODELAPP_MODEL_FORMAT": "pickle"}, "MODELAPP_ALLOW_PICKLE"),
         ({"MODELAPP_ALLOW_PICKLE": "maybe"}, "MODELAPP_ALLOW_PICKLE"),
-        ({"MODELAPP_PORT": "http"}, "MODELAPP_PORT"),
-        ({"MODELAPP_PORT": "70000"}, "MODELAPP_PORT"),
         ({"MODELAPP_MAX_REQUEST_BYTES": "0"}, "MODELAPP_MAX_REQUEST_BYTES"),
         ({"MODELAPP_MODEL_CACHE_DIR": "relative/dir"}, "MODELAPP_MODEL_CACHE_DIR"),
         ({"MODELAPP_DOWNLOAD_CONCURRENCY": "0"}, "MODELAPP_DOWNLOAD_CONCURRENCY"),
@@ -69,7 +66,7 @@ def test_bad_setting_is_refused_naming_the_env_var(change: dict[str, str], named
 def test_missing_variable_is_named() -> None:
     env = dict(GOOD_ENV)
     del env["MODELAPP_MODEL_SHA256"]
-    with pytest.raises(ConfigError, match="MODELAPP_MODEL_SHA256 is required"):
+    with pytest.raises(ConfigError, match="MODELAPP_MODEL_SHA256: required"):
         ServingConfig.from_env(env)
 
 
@@ -103,3 +100,25 @@ def test_format_from_suffix(name: str, expected: ModelFormat) -> None:
 def test_unknown_suffix_is_refused() -> None:
     with pytest.raises(ConfigError, match="cannot infer"):
         ModelFormat.from_suffix("model.bin")
+
+
+def test_the_refusal_setting_is_read_at_start_up() -> None:
+    assert ServingConfig.from_env({**GOOD_ENV, "MODELAPP_EXIT_ON_REFUSAL": "true"}).exit_on_refusal
+    with pytest.raises(ConfigError, match="MODELAPP_EXIT_ON_REFUSAL"):
+        ServingConfig.from_env({**GOOD_ENV, "MODELAPP_EXIT_ON_REFUSAL": "sometimes"})
+
+
+def test_server_settings_are_checked_at_start_up() -> None:
+    assert ServerConfig.from_env({}) == ServerConfig(port=8080, liveness_port=8081)
+    server = ServerConfig.from_env({"MODELAPP_PORT": "9000", "MODELAPP_LOG_LEVEL": "DEBUG", "MODELAPP_WORKERS": "3"})
+    assert (server.port, server.liveness_port, server.log_level, server.workers) == (9000, 9001, "debug", 3)
+    for name, value in (
+        ("MODELAPP_PORT", "http"),
+        ("MODELAPP_PORT", "70000"),
+        ("MODELAPP_WORKER_CLASS", "eventlet"),
+        ("MODELAPP_LOG_LEVEL", "verbose"),
+        ("MODELAPP_ACCESS_LOG", "maybe"),
+        ("MODELAPP_WORKERS", "0"),
+    ):
+        with pytest.raises(ConfigError, match=f"^{name}: "):
+            ServerConfig.from_env({name: value})

@@ -11,7 +11,14 @@ from modelapp_serving import gunicorn_conf
 
 pytestmark = pytest.mark.unit
 
-SETTINGS_ENV = ("MODELAPP_WORKERS", "MODELAPP_WORKER_CLASS", "MODELAPP_THREADS", "MODELAPP_REUSE_PORT")
+SETTINGS_ENV = (
+    "MODELAPP_WORKERS",
+    "MODELAPP_WORKER_CLASS",
+    "MODELAPP_THREADS",
+    "MODELAPP_REUSE_PORT",
+    "MODELAPP_LOG_LEVEL",
+    "MODELAPP_ACCESS_LOG",
+)
 
 
 def load_conf(monkeypatch: pytest.MonkeyPatch, **env: str) -> ModuleType:
@@ -51,6 +58,10 @@ def test_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     assert conf.wsgi_app == "modelapp_serving.web:create_app()"
 
 
-def test_bad_reuse_port_value_stops_start_up_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(SystemExit, match="MODELAPP_REUSE_PORT must be true or false"):
-        load_conf(monkeypatch, MODELAPP_REUSE_PORT="maybe")
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("MODELAPP_REUSE_PORT", "maybe"), ("MODELAPP_WORKER_CLASS", "eventlet"), ("MODELAPP_LOG_LEVEL", "loud")],
+)
+def test_a_bad_value_stops_start_up_naming_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    with pytest.raises(SystemExit, match=f"configuration error: {name}: "):
+        load_conf(monkeypatch, **{name: value})

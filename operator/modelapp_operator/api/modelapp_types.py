@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+from modelapp_contract.blob import blob_url, is_emulator
 from modelapp_operator.names import API_VERSION, KIND
-from modelapp_serving.model_blob import blob_url, is_emulator
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 RESERVED_ENV_PREFIX = "MODELAPP_"
@@ -31,7 +31,7 @@ _QUANTITY_CPU = r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(m|k|M|G)?$"
 _QUANTITY_MEMORY = r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(Ki|Mi|Gi|Ti|k|M|G|T)?$"
 _PERCENT = re.compile(r"^(100|[1-9]?[0-9])%$")
 
-ModelFormat = Literal["onnx", "skops", "pickle"]  # modelapp_serving.model_blob.MODEL_FORMATS (contract test)
+ModelFormat = Literal["onnx", "skops", "pickle"]  # modelapp_contract.blob.MODEL_FORMATS (contract test)
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
 
 

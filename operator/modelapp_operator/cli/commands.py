@@ -25,6 +25,8 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import yaml
+from modelapp_contract.blob import CONNECTION_STRING_ENVS
+from modelapp_contract.settings import ConfigError
 from modelapp_operator.cli.kube import KubeApiError, KubeClient, KubeConfigError, load_connection
 from modelapp_operator.cli.status import (
     RollbackError,
@@ -155,9 +157,15 @@ def _connection_string(args: argparse.Namespace, envs: tuple[str, ...]) -> str |
 
 
 def cmd_publish_model(args: argparse.Namespace) -> int:
-    # Imported here: the Kubernetes commands should not pay for the storage SDK.
-    from modelapp_serving.config import ConfigError  # noqa: PLC0415
-    from modelapp_serving.publish import CONNECTION_STRING_ENVS, PublishError, publish_model  # noqa: PLC0415
+    # The publisher is the serving app's own module (the format, the sha256 and the signature the app checks):
+    # imported here, when this command runs, so the operator and the other commands never import the app.
+    try:
+        from modelapp_serving.publish import PublishError, publish_model  # noqa: PLC0415
+    except ImportError as error:
+        raise CliError(
+            EXIT_ERROR,
+            f"publish-model needs the serving app's package (modelapp_serving), which this install lacks: {error}",
+        ) from None
 
     connection_string = _connection_string(args, CONNECTION_STRING_ENVS)
     if connection_string is None and args.account_url is None:
@@ -382,7 +390,6 @@ def _check_restorable(
     """Fail before any change when the entry's model version no longer exists in storage; every way of not
     knowing (no credentials, unreachable, refused) is exit 9 with what to give."""
     from modelapp_operator.cli.storage import StorageCheckError, pinned_etag  # noqa: PLC0415
-    from modelapp_serving.publish import CONNECTION_STRING_ENVS  # noqa: PLC0415
 
     check = pin_to_check(entry)
     if check is None:

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from modelapp_contract.blob import PinnedVersion, normalize_etag
 from modelapp_operator.names import ConditionType, Outcome, Reason
 from modelapp_operator.plan.release import pin_from
-from modelapp_serving.model_blob import PinnedVersion, normalize_etag
 
 DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
 SHA256_HEX = re.compile(r"^[a-f0-9]{64}$")

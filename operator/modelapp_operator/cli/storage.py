@@ -19,8 +19,8 @@ from azure.core.exceptions import (
     ServiceRequestError,
 )
 from azure.storage.blob import BlobClient, ExponentialRetry
+from modelapp_contract.blob import parse_blob_url
 from modelapp_operator.cli.status import PinCheck
-from modelapp_serving.model_blob import parse_blob_url
 
 
 class StorageCheckError(Exception):

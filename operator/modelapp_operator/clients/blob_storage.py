@@ -30,19 +30,19 @@ from azure.core.exceptions import (
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.identity.aio import DefaultAzureCredential
 from azure.storage.blob.aio import BlobClient, ContainerClient
-from modelapp_operator.api.modelapp_types import BlobLocation, ModelSpec
-from modelapp_operator.clients.errors import ResolutionError
-from modelapp_operator.names import Reason
-from modelapp_operator.plan.release import ResolvedModel
-from modelapp_operator.redact import redact
-from modelapp_serving.model_blob import (
+from modelapp_contract.blob import (
     METADATA_PINNED_BY,
     MODEL_FORMATS,
     PinnedVersion,
     normalize_etag,
     read_published_metadata,
 )
-from modelapp_serving.signing import VerifiedSignature
+from modelapp_contract.signing import VerifiedSignature
+from modelapp_operator.api.modelapp_types import BlobLocation, ModelSpec
+from modelapp_operator.clients.errors import ResolutionError
+from modelapp_operator.names import Reason
+from modelapp_operator.plan.release import ResolvedModel
+from modelapp_operator.redact import redact
 
 _SHA256 = re.compile(r"^[a-f0-9]{64}$")
 

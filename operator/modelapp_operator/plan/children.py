@@ -13,7 +13,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from modelapp_contract.probes import LIVENESS_PATH, LIVENESS_PORT_ENV, READINESS_PATH, default_liveness_port
+from modelapp_contract import container
+from modelapp_contract.probes import LIVENESS_PATH, READINESS_PATH, default_liveness_port
 from modelapp_operator.api.modelapp_types import ModelApp
 from modelapp_operator.names import (
     ANNOTATION_APPLIED_HASH,
@@ -32,8 +33,8 @@ from modelapp_operator.names import (
 from modelapp_operator.plan.release import Release
 
 CONTAINER_NAME = "app"
-CACHE_DIR = "/var/cache/modelapp"
-RUN_AS_USER = 10001
+CACHE_DIR = container.CACHE_DIR
+RUN_AS_USER = container.RUN_AS_USER
 
 
 PRE_STOP_SECONDS = 5
@@ -48,28 +49,29 @@ def child_labels(app: ModelApp) -> dict[str, str]:
 
 
 def container_env(app: ModelApp, release: Release) -> list[dict[str, Any]]:
-    """The contract env vars (see docs/modelapp-spec.md), then the user's own."""
+    """The contract env vars (modelapp_contract.container, docs/modelapp-spec.md), then the user's own."""
     spec = app.spec
+    model = release.model
     env: list[dict[str, Any]] = [
-        {"name": "MODELAPP_MODEL_URL", "value": release.model.url},
-        {"name": "MODELAPP_MODEL_ETAG", "value": release.model.version},
-        {"name": "MODELAPP_MODEL_SHA256", "value": release.model.sha256},
-        {"name": "MODELAPP_MODEL_FORMAT", "value": release.model.format},
+        {"name": container.MODEL_URL, "value": model.url},
+        {"name": container.MODEL_ETAG, "value": model.version},
+        {"name": container.MODEL_SHA256, "value": model.sha256},
+        {"name": container.MODEL_FORMAT, "value": model.format},
         # The immutable version to download (versionid=... or snapshot=...); absent: the ETag only.
-        *([{"name": "MODELAPP_MODEL_PIN", "value": release.model.pin.query}] if release.model.pin.pinned else []),
-        {"name": "MODELAPP_MODEL_CACHE_DIR", "value": CACHE_DIR},
+        *([{"name": container.MODEL_PIN, "value": model.pin.query}] if model.pin.pinned else []),
+        {"name": container.MODEL_CACHE_DIR, "value": CACHE_DIR},
         # A refused model (sha256, signature) stops the container with the reason as its termination message.
-        {"name": "MODELAPP_EXIT_ON_REFUSAL", "value": "true"},
-        {"name": "MODELAPP_PORT", "value": str(spec.port)},
-        {"name": LIVENESS_PORT_ENV, "value": str(default_liveness_port(spec.port))},
+        {"name": container.EXIT_ON_REFUSAL, "value": "true"},
+        {"name": container.PORT, "value": str(spec.port)},
+        {"name": container.LIVENESS_PORT, "value": str(default_liveness_port(spec.port))},
         # The image by digest, so the app's /version and /metrics say which pair this pod serves.
-        {"name": "MODELAPP_IMAGE", "value": release.image.reference},
+        {"name": container.IMAGE, "value": release.image.reference},
         # The model's name in the Open Inference Protocol (/v2/models/<name>): the ModelApp's, as KServe
         # names it after the InferenceService.
-        {"name": "MODELAPP_MODEL_NAME", "value": app.name},
+        {"name": container.MODEL_NAME, "value": app.name},
     ]
     signature = spec.model.signature
-    if signature is not None and release.model.verified_by == "signature":
+    if signature is not None and model.verified_by == "signature":
         # The app verifies the signature in the pinned version's metadata again, with the same key.
         source = signature.public_key
         if source.config_map_ref is not None:
@@ -77,14 +79,14 @@ def container_env(app: ModelApp, release: Release) -> list[dict[str, Any]]:
         else:
             assert source.secret_ref is not None
             key_ref = {"secretKeyRef": {"name": source.secret_ref.name, "key": source.secret_ref.key}}
-        env.append({"name": "MODELAPP_MODEL_SIGNATURE_PUBLIC_KEY", "valueFrom": key_ref})
-    if release.model.format == "pickle" and spec.model.allow_pickle:
-        env.append({"name": "MODELAPP_ALLOW_PICKLE", "value": "true"})
+        env.append({"name": container.MODEL_SIGNATURE_PUBLIC_KEY, "valueFrom": key_ref})
+    if model.format == "pickle" and spec.model.allow_pickle:
+        env.append({"name": container.ALLOW_PICKLE, "value": "true"})
     credentials = spec.model.credentials
     if credentials.secret_ref is not None:
         env.append(
             {
-                "name": "MODELAPP_MODEL_CONNECTION_STRING",
+                "name": container.MODEL_CONNECTION_STRING,
                 "valueFrom": {"secretKeyRef": {"name": credentials.secret_ref.name, "key": credentials.secret_ref.key}},
             }
         )

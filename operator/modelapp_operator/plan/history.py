@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from modelapp_contract.blob import PinnedVersion, normalize_etag
 from modelapp_operator.api.modelapp_types import ModelAppSpec
 from modelapp_operator.names import ANNOTATION_IMAGE_DIGEST, ANNOTATION_MODEL_VERSION, ConditionType, Outcome, Reason
 from modelapp_operator.plan.pods import PodDiagnosis
@@ -30,7 +31,6 @@ from modelapp_operator.plan.release import (
     release_pair,
 )
 from modelapp_operator.plan.status import Condition, rollout_state, timestamp
-from modelapp_serving.model_blob import PinnedVersion, normalize_etag
 
 HISTORY_LIMIT = 10
 FAILED_PAIRS_LIMIT = 10

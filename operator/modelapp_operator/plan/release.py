@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelapp_contract.blob import PinnedVersion, normalize_etag
 from modelapp_operator.api.modelapp_types import ModelAppSpec
-from modelapp_serving.model_blob import PinnedVersion, normalize_etag
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from modelapp_serving.model_blob import try_parse_blob_url
+from modelapp_contract.blob import try_parse_blob_url
 
 REGISTRY_EVENTS_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
 _DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")

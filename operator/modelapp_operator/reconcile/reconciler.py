@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+from modelapp_contract.blob import parse_blob_url
 from modelapp_operator.api.modelapp_types import BlobLocation, ModelApp, SpecError, parse_modelapp
 from modelapp_operator.clients.blob_storage import ModelPinner, ModelResolutionError, ModelResolver
 from modelapp_operator.clients.kube import ConflictError, KubeClient, KubeError
@@ -55,7 +56,6 @@ from modelapp_operator.redact import redact
 from modelapp_operator.watch.hub import WatchHub
 from modelapp_operator.watch.keys import AppKey
 from modelapp_operator.watch.resolvers import CachingImageResolver, CachingModelResolver, track_resolutions
-from modelapp_serving.model_blob import parse_blob_url
 
 _log = logging.getLogger(__name__)
 

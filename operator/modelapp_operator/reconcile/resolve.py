@@ -7,8 +7,11 @@ becomes a False condition with a retry delay, never an exception.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
+from modelapp_contract.blob import METADATA_SIGNATURE, PinnedVersion, normalize_etag
+from modelapp_contract.signing import SignatureError, VerifiedSignature, decode_bundle, verify_signature
 from modelapp_operator.api.modelapp_types import KeyRef, ModelApp
 from modelapp_operator.clients.blob_storage import (
     BlobCredential,
@@ -33,8 +36,6 @@ from modelapp_operator.plan.history import known_pin
 from modelapp_operator.plan.reconcile_plan import Resolution
 from modelapp_operator.plan.release import ResolvedImage, ResolvedModel, pinned_image
 from modelapp_operator.plan.status import Condition
-from modelapp_serving.model_blob import METADATA_SIGNATURE, PinnedVersion, normalize_etag
-from modelapp_serving.signing import SignatureError, VerifiedSignature, decode_bundle, verify_signature
 
 
 async def resolve_image(
@@ -123,7 +124,9 @@ async def _verify(app: ModelApp, kube: KubeClient, properties: BlobProperties) -
         )
     key = await _public_key(app, kube)
     try:
-        return verify_signature(decode_bundle(encoded), key)
+        # model-signing verifies from files (it writes the key and the bundle to a temporary folder): in a
+        # thread, so the event loop goes on with every other reconcile meanwhile.
+        return await asyncio.to_thread(verify_signature, decode_bundle(encoded), key)
     except SignatureError as error:
         raise ModelResolutionError(
             Reason.SIGNATURE_INVALID, f"model version {properties.etag}: {error}", retry_after=300

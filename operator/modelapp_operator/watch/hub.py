@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
+from modelapp_contract.blob import normalize_account_url, normalize_etag
 from modelapp_operator.clients.blob_storage import BlobProperties, ModelResolutionError, ModelResolver
 from modelapp_operator.clients.registry import ImageResolutionError, ImageResolver
 from modelapp_operator.config import DEFAULT_COALESCE_SECONDS, DEFAULT_CONCURRENCY, DEFAULT_ERROR_TTL_SECONDS
@@ -48,7 +49,6 @@ from modelapp_operator.watch.keys import AppKey, ImageKey, ModelKey, WatchKey
 from modelapp_operator.watch.polling import HubPolling, describe_error
 from modelapp_operator.watch.resolvers import CachingImageResolver, CachingModelResolver
 from modelapp_operator.watch.single_flight import SingleFlightCache
-from modelapp_serving.model_blob import normalize_account_url, normalize_etag
 
 _log = logging.getLogger(__name__)
 

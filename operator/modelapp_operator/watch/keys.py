@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from modelapp_contract.blob import account_name_of, normalize_account_url
 from modelapp_operator.api.modelapp_types import BlobLocation
 from modelapp_operator.clients.blob_storage import BlobCredential, ConnectionStringCredential
 from modelapp_operator.clients.registry import RegistryCredentials
-from modelapp_serving.model_blob import account_name_of, normalize_account_url
 
 AppKey = tuple[str, str]  # (namespace, name) of a ModelApp
 

@@ -16,13 +16,13 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, Self, TypeVar
 
+from modelapp_contract.blob import normalize_etag
 from modelapp_operator.api.modelapp_types import BlobLocation
 from modelapp_operator.clients.blob_storage import BlobCredential, BlobProperties, ModelResolver
 from modelapp_operator.clients.registry import ImageResolver, RegistryCredentials
 from modelapp_operator.metrics import Source
 from modelapp_operator.watch.keys import AppKey, ImageKey, ModelKey, WatchKey, image_key, model_key
 from modelapp_operator.watch.single_flight import SingleFlightCache
-from modelapp_serving.model_blob import normalize_etag
 
 
 class Subscriptions(Protocol):

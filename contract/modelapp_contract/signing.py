@@ -5,10 +5,14 @@ loading). A signature is a sigstore bundle whose in-toto statement lists one res
 model file itself, with its sha256: so verifying the bundle against the public key yields the
 sha256 the bytes must have, and the caller compares it with the bytes it hashed (the app) or takes
 it as the expected sha256 (the operator). The bundle travels base64 in the blob's metadata
-(model_blob.METADATA_SIGNATURE), so it is part of the same immutable version as the bytes.
+(blob.METADATA_SIGNATURE), so it is part of the same immutable version as the bytes.
 
 model-signing reads keys and bundles from files only: both are written to a private temporary
-directory for the call.
+directory for the call, which blocks: the operator runs it in a thread, off its event loop.
+
+Importing this module needs the standard library only, like the rest of the contract: model-signing and
+cryptography (which both images install, as the `operator` and `app` extras) are imported by the calls
+that sign or verify.
 """
 
 from __future__ import annotations
@@ -21,8 +25,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from cryptography.hazmat.primitives import serialization
 
 _SHA256 = re.compile(r"^[a-f0-9]{64}$")
 
@@ -39,6 +41,8 @@ class VerifiedSignature:
 
 def key_fingerprint(public_key_pem: bytes) -> str:
     """SHA256:<hex> of the public key's DER SubjectPublicKeyInfo (what status shows as the signer)."""
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - see the module's doc
+
     try:
         key = serialization.load_pem_public_key(public_key_pem)
     except (ValueError, TypeError) as error:
@@ -49,7 +53,7 @@ def key_fingerprint(public_key_pem: bytes) -> str:
 
 def sign_model_file(model: Path, private_key: Path) -> bytes:
     """The signature bundle (JSON bytes) of one model file, signed with an EC private key (PEM)."""
-    from model_signing.signing import Config  # noqa: PLC0415 - heavy import, only for signing
+    from model_signing.signing import Config  # noqa: PLC0415 - see the module's doc
 
     with tempfile.TemporaryDirectory(prefix="modelapp-sign-") as folder:
         bundle = Path(folder) / "model.sig"

@@ -1,0 +1,53 @@
+"""The serving container as the operator renders it and the app expects it: the variables the operator
+sets (and the app reads), where the model cache is mounted, and the user the container runs as.
+
+The operator renders the pod template from these names (operator plan/children.py); the app reads them
+(app config.py); Dockerfile.app creates the cache folder and runs as the same user. A unit test renders a
+Deployment and parses its env with the app's own config.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# The model version to serve: where it is, what it must be.
+MODEL_URL: Final = "MODELAPP_MODEL_URL"  # the blob URL (modelapp_contract.blob), no query string
+MODEL_ETAG: Final = "MODELAPP_MODEL_ETAG"  # the resolved version (If-Match when unpinned)
+MODEL_SHA256: Final = "MODELAPP_MODEL_SHA256"  # the sha256 the bytes must have
+MODEL_FORMAT: Final = "MODELAPP_MODEL_FORMAT"  # onnx, skops or pickle (modelapp_contract.blob.ModelFormat)
+MODEL_PIN: Final = "MODELAPP_MODEL_PIN"  # versionid=... or snapshot=... (PinnedVersion.query); absent: the ETag only
+MODEL_CACHE_DIR: Final = "MODELAPP_MODEL_CACHE_DIR"
+MODEL_SIGNATURE_PUBLIC_KEY: Final = "MODELAPP_MODEL_SIGNATURE_PUBLIC_KEY"  # PEM: the model's signature is checked
+MODEL_CONNECTION_STRING: Final = "MODELAPP_MODEL_CONNECTION_STRING"  # else DefaultAzureCredential
+ALLOW_PICKLE: Final = "MODELAPP_ALLOW_PICKLE"  # loading a pickle runs code: only with the spec's consent
+# A refused model (sha256, signature, load) stops the container, its reason in the termination message.
+EXIT_ON_REFUSAL: Final = "MODELAPP_EXIT_ON_REFUSAL"
+# Ports: requests and readiness on PORT; liveness on LIVENESS_PORT (modelapp_contract.probes).
+PORT: Final = "MODELAPP_PORT"
+LIVENESS_PORT: Final = "MODELAPP_LIVENESS_PORT"
+IMAGE: Final = "MODELAPP_IMAGE"  # the image by digest, shown by /version and /metrics
+MODEL_NAME: Final = "MODELAPP_MODEL_NAME"  # the model's name in the Open Inference Protocol (/v2/models/<name>)
+
+RENDERED: Final = (
+    MODEL_URL,
+    MODEL_ETAG,
+    MODEL_SHA256,
+    MODEL_FORMAT,
+    MODEL_PIN,
+    MODEL_CACHE_DIR,
+    MODEL_SIGNATURE_PUBLIC_KEY,
+    MODEL_CONNECTION_STRING,
+    ALLOW_PICKLE,
+    EXIT_ON_REFUSAL,
+    PORT,
+    LIVENESS_PORT,
+    IMAGE,
+    MODEL_NAME,
+)
+"""Every variable the operator may set on a serving container (spec.env cannot set any `MODELAPP_*`)."""
+
+DEFAULT_PORT: Final = 8080
+# The model cache: an emptyDir the operator mounts here (the root filesystem is read-only); the image creates it.
+CACHE_DIR: Final = "/var/cache/modelapp"
+# The numeric user and group the container runs as (Pod Security `restricted`: non-root); Dockerfile.app's USER.
+RUN_AS_USER: Final = 10001
