@@ -12,13 +12,15 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/modelapp
 WORKDIR /src
-# The project is one distribution with three source roots; setuptools needs all of them to build it.
+# The project is one distribution with several source roots; this image takes only the app's and the contract
+# it shares with the operator (setuptools builds the roots that are there), so an operator change never
+# rebuilds it. The other roots' commands are not installed.
 COPY pyproject.toml README.md ./
 COPY contract/ contract/
-COPY operator/ operator/
-COPY deploy/local/modelapp_localstack/ deploy/local/modelapp_localstack/
 COPY app/ app/
 RUN /opt/modelapp/bin/pip install ".[app]" \
+    && rm -f /opt/modelapp/bin/modelapp /opt/modelapp/bin/kubectl-modelapp /opt/modelapp/bin/modelapp-operator \
+        /opt/modelapp/bin/modelapp-stack /opt/modelapp/bin/modelapp-demo \
     && /opt/modelapp/bin/python -m compileall -q /opt/modelapp
 
 # The same base as the builder, so the venv's interpreter path (/usr/bin/python3 or /usr/local/bin/python3) is valid.

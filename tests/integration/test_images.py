@@ -113,21 +113,27 @@ def test_app_image_runs_the_serving_stack_as_non_root_on_debian_python(
 ) -> None:
     image = project_images["app"]
     check = (
-        "import os, sys, modelapp_serving, sklearn, onnxruntime, flask, gunicorn; "
-        "print(os.getuid(), sys.prefix, os.path.realpath(sys.executable))"
+        "import os, sys, importlib.util as u, modelapp_serving, modelapp_contract; "
+        "import sklearn, onnxruntime, flask, gunicorn; "
+        "print(os.getuid(), sys.prefix, os.path.realpath(sys.executable), u.find_spec('modelapp_operator'))"
     )
     code, output = run_in(image, ["python3", "-c", check])
     assert code == 0, output
-    assert "10001 /opt/modelapp /usr/bin/python3.11" in output, "non-root, the venv on Debian's python3"
+    # Non-root, the venv on Debian's python3, and no operator in the app's image.
+    assert "10001 /opt/modelapp /usr/bin/python3.11 None" in output
     code, output = run_in(image, ["modelapp-serve", "--help"])
     assert code == 0, output
 
 
 def test_operator_image_runs_the_operator(project_images: dict[str, images.ImageArchive], run_in: RunIn) -> None:
     image = project_images["operator"]
-    code, output = run_in(image, ["python3", "-c", "import os, kopf, modelapp_operator; print(os.getuid())"])
+    check = (
+        "import os, importlib.util, kopf, model_signing, modelapp_operator, modelapp_contract; "
+        "print(importlib.util.find_spec('modelapp_serving'), os.getuid())"
+    )
+    code, output = run_in(image, ["python3", "-c", check])
     assert code == 0, output
-    assert output.strip().endswith("10001")
+    assert output.strip().endswith("None 10001"), "the operator image holds no serving app"
     code, output = run_in(image, ["modelapp-operator", "--help"])
     assert code == 0, output
     assert "ModelApp" in output
