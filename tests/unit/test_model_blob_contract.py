@@ -10,6 +10,7 @@ import yaml
 from modelapp_contract.blob import (
     MODEL_FORMATS,
     BlobAddress,
+    ModelFormat,
     blob_url,
     is_emulator,
     normalize_etag,
@@ -19,8 +20,10 @@ from modelapp_contract.blob import (
 )
 from modelapp_operator.api.modelapp_types import ModelFormat as ResourceModelFormat
 from modelapp_operator.api.modelapp_types import ModelSpec as ResourceModelSpec
-from modelapp_operator.clients.blob_storage import BlobProperties, check_model
-from modelapp_serving.config import ModelFormat, ServingConfig
+from modelapp_operator.clients.blob_storage import BlobProperties
+from modelapp_operator.plan.model_check import check_model
+from modelapp_operator.plan.release import ResolvedModel
+from modelapp_serving.config import ServingConfig
 
 pytestmark = pytest.mark.unit
 
@@ -57,6 +60,7 @@ def test_what_the_publisher_writes_the_operator_accepts(model_format: ModelForma
     if model_format is ModelFormat.PICKLE:
         spec = spec.model_copy(update={"allow_pickle": True})
     resolved = check_model(spec, BlobProperties(etag='"0x1"', size=3, last_modified=None, metadata=metadata))
+    assert isinstance(resolved, ResolvedModel)
     assert (resolved.sha256, resolved.format) == (SHA, model_format.value)
 
 

@@ -20,14 +20,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from modelapp_contract.blob import ModelFormat, PinnedVersion
 from modelapp_contract.signing import SignatureError, encode_bundle, sign_model_file, verify_signature
 from modelapp_operator.api.modelapp_types import ModelSpec as OperatorModelSpec
-from modelapp_operator.clients.blob_storage import (
-    BlobProperties,
-    ModelResolutionError,
-    _properties,
-    check_model,
-)
+from modelapp_operator.clients.blob_storage import BlobProperties, _properties
 from modelapp_operator.names import ConditionType, Reason
 from modelapp_operator.plan.history import _release_from_entry, kept_snapshots, known_pin, record_release
+from modelapp_operator.plan.model_check import ModelRefusal, check_model
 from modelapp_operator.plan.release import Release, ResolvedImage, ResolvedModel, release_from_status
 from modelapp_operator.plan.status import Condition, verified_condition
 from modelapp_serving.config import ModelSpec, ServingConfig
@@ -210,10 +206,13 @@ def test_a_signature_names_the_files_sha256_and_only_its_key_verifies_it(tmp_pat
     )
     metadata = {"sha256": signed.sha256, "format": "onnx", "modelsignature": encode_bundle(bundle)}
     resolved = check_model(spec, BlobProperties('"0x1"', 11, None, metadata), signed)
+    assert isinstance(resolved, ResolvedModel)
     assert (resolved.sha256, resolved.verified_by, resolved.signer) == (signed.sha256, "signature", signed.signer)
-    with pytest.raises(ModelResolutionError) as error:
-        check_model(spec, BlobProperties('"0x1"', 11, None, {**metadata, "sha256": SHA}), signed)
-    assert error.value.reason == Reason.SIGNATURE_INVALID
+    refused = check_model(spec, BlobProperties('"0x1"', 11, None, {**metadata, "sha256": SHA}), signed)
+    assert isinstance(refused, ModelRefusal) and refused.reason == Reason.SIGNATURE_INVALID
+    # A required signature that is not there is refused, whatever the metadata says.
+    unsigned = check_model(spec, BlobProperties('"0x1"', 11, None, {"sha256": SHA, "format": "onnx"}))
+    assert isinstance(unsigned, ModelRefusal) and unsigned.reason == Reason.SIGNATURE_MISSING
 
 
 def test_model_verified_says_how_and_why_not() -> None:

@@ -1,5 +1,6 @@
 """Azure Blob Storage: the model blob's current ETag, size and the sha256/format metadata the publisher wrote,
-and the immutable version it is pinned to.
+and the immutable version it is pinned to. Raw reads and writes only: what they mean for a ModelApp (which
+version, whether it may run) is decided in plan/model_check.py.
 
 The operator asks the blob service for properties only (no download). With a
 connection-string Secret it uses that; with workload identity it uses its own
@@ -11,7 +12,6 @@ needs write access (Storage Blob Data Contributor); a read-only identity gets ET
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,21 +30,11 @@ from azure.core.exceptions import (
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.identity.aio import DefaultAzureCredential
 from azure.storage.blob.aio import BlobClient, ContainerClient
-from modelapp_contract.blob import (
-    METADATA_PINNED_BY,
-    MODEL_FORMATS,
-    PinnedVersion,
-    normalize_etag,
-    read_published_metadata,
-)
-from modelapp_contract.signing import VerifiedSignature
-from modelapp_operator.api.modelapp_types import BlobLocation, ModelSpec
+from modelapp_contract.blob import METADATA_PINNED_BY, PinnedVersion
+from modelapp_operator.api.modelapp_types import BlobLocation
 from modelapp_operator.clients.errors import ResolutionError
 from modelapp_operator.names import Reason
-from modelapp_operator.plan.release import ResolvedModel
 from modelapp_operator.redact import redact
-
-_SHA256 = re.compile(r"^[a-f0-9]{64}$")
 
 
 class ModelResolutionError(ResolutionError):
@@ -101,89 +91,6 @@ class ModelPinner(Protocol):
     async def prune(self, location: BlobLocation, credential: BlobCredential, owner: str, keep: set[str]) -> int:
         """Delete the snapshots `owner` took of the blob that are not in keep; return how many."""
         ...
-
-
-def check_model(model: ModelSpec, properties: BlobProperties, signed: VerifiedSignature | None = None) -> ResolvedModel:
-    """Combine the spec's pins with what the blob service reports; raise ModelResolutionError on mismatch.
-
-    signed: the blob's verified signature; its sha256 is then the expected one (never the metadata's)."""
-    if model.version is not None and normalize_etag(model.version) != normalize_etag(properties.etag):
-        raise ModelResolutionError(
-            Reason.MODEL_VERSION_MISMATCH,
-            f"pinned version {model.version} is no longer the blob's current version {properties.etag}: "
-            "the blob was overwritten; pin the new version or republish the old content",
-            retry_after=300,
-        )
-    published_sha, published_format = read_published_metadata(properties.metadata)
-    if published_sha is not None and not _SHA256.match(published_sha):
-        raise ModelResolutionError(
-            Reason.MODEL_METADATA_INVALID, "blob metadata sha256 is not 64 hex characters", retry_after=300
-        )
-    if signed is not None and published_sha is not None and published_sha != signed.sha256:
-        raise ModelResolutionError(
-            Reason.SIGNATURE_INVALID,
-            f"the blob's metadata sha256 {published_sha[:12]}... is not the signed sha256 {signed.sha256[:12]}...",
-            retry_after=300,
-        )
-    if model.sha256 is not None and signed is not None and model.sha256 != signed.sha256:
-        raise ModelResolutionError(
-            Reason.MODEL_CHECKSUM_MISMATCH,
-            f"spec.model.sha256 {model.sha256[:12]}... differs from the signed sha256 {signed.sha256[:12]}...",
-            retry_after=300,
-        )
-    if model.sha256 is not None and published_sha is not None and model.sha256 != published_sha:
-        raise ModelResolutionError(
-            Reason.MODEL_CHECKSUM_MISMATCH,
-            f"spec.model.sha256 {model.sha256[:12]}... differs from the blob's metadata sha256 {published_sha[:12]}...",
-            retry_after=300,
-        )
-    if signed is not None:
-        sha256: str | None = signed.sha256
-        verified_by = "signature"
-    else:
-        sha256 = model.sha256 or published_sha
-        verified_by = "spec" if model.sha256 is not None else "metadata"
-    if sha256 is None:
-        raise ModelResolutionError(
-            Reason.MODEL_CHECKSUM_MISSING,
-            "no sha256: set spec.model.sha256 or publish the blob with metadata sha256",
-            retry_after=300,
-        )
-    if published_format is not None and published_format not in MODEL_FORMATS:
-        raise ModelResolutionError(
-            Reason.MODEL_FORMAT_UNKNOWN,
-            f"blob metadata format {published_format[:32]!r} is not onnx, skops or pickle",
-            retry_after=300,
-        )
-    if model.format is not None and published_format is not None and model.format != published_format:
-        raise ModelResolutionError(
-            Reason.MODEL_FORMAT_MISMATCH,
-            f"spec.model.format {model.format} differs from the blob's metadata format {published_format}",
-            retry_after=300,
-        )
-    model_format = model.format or published_format
-    if model_format is None:
-        raise ModelResolutionError(
-            Reason.MODEL_FORMAT_UNKNOWN,
-            "no format: set spec.model.format or publish the blob with metadata format",
-            retry_after=300,
-        )
-    if model_format == "pickle" and not model.allow_pickle:
-        raise ModelResolutionError(
-            Reason.PICKLE_NOT_ALLOWED,
-            "the blob is a pickle model: set spec.model.allowPickle: true to load it",
-            retry_after=300,
-        )
-    return ResolvedModel(
-        url=model.blob.url,
-        version=properties.etag,
-        sha256=sha256,
-        format=model_format,
-        size=properties.size,
-        last_modified=properties.last_modified,
-        verified_by=verified_by,
-        signer=signed.signer if signed is not None else None,
-    )
 
 
 class AzureBlobResolver:

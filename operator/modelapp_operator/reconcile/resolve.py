@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from modelapp_contract.blob import METADATA_SIGNATURE, PinnedVersion, normalize_etag
+from modelapp_contract.blob import PinnedVersion
 from modelapp_contract.signing import SignatureError, VerifiedSignature, decode_bundle, verify_signature
 from modelapp_operator.api.modelapp_types import KeyRef, ModelApp
 from modelapp_operator.clients.blob_storage import (
@@ -22,7 +22,6 @@ from modelapp_operator.clients.blob_storage import (
     ModelResolver,
     OperatorIdentityCredential,
     PinNotAllowed,
-    check_model,
 )
 from modelapp_operator.clients.kube import KubeClient
 from modelapp_operator.clients.registry import (
@@ -32,7 +31,13 @@ from modelapp_operator.clients.registry import (
     credentials_from_dockerconfig,
 )
 from modelapp_operator.names import ConditionType, Reason
-from modelapp_operator.plan.history import known_pin
+from modelapp_operator.plan.model_check import (
+    ModelRefusal,
+    check_model,
+    existing_pin,
+    signature_bundle,
+    version_to_read,
+)
 from modelapp_operator.plan.reconcile_plan import Resolution
 from modelapp_operator.plan.release import ResolvedImage, ResolvedModel, pinned_image
 from modelapp_operator.plan.status import Condition
@@ -107,47 +112,21 @@ async def _public_key(app: ModelApp, kube: KubeClient) -> bytes:
     return value
 
 
-async def _verify(app: ModelApp, kube: KubeClient, properties: BlobProperties) -> VerifiedSignature | None:
-    """The blob's signature checked against the spec's public key; None when none is asked for or present."""
-    signature = app.spec.model.signature
-    if signature is None:
+async def _verify(app: ModelApp, kube: KubeClient, read: BlobProperties) -> VerifiedSignature | None:
+    """The version's signature checked against the spec's public key; None when there is none to check.
+
+    model-signing verifies from files (it writes the key and the bundle to a temporary folder), so the check
+    runs in a thread: the event loop goes on with every other reconcile meanwhile."""
+    encoded = signature_bundle(app.spec.model, read)
+    if encoded is None:
         return None
-    encoded = {k.lower(): v for k, v in properties.metadata.items()}.get(METADATA_SIGNATURE)
-    if not encoded:
-        if not signature.required:
-            return None
-        raise ModelResolutionError(
-            Reason.SIGNATURE_MISSING,
-            f"model version {properties.etag} is not signed (no {METADATA_SIGNATURE} metadata) and "
-            "spec.model.signature.required is true: publish it with `modelapp publish-model --sign-key`",
-            retry_after=300,
-        )
     key = await _public_key(app, kube)
     try:
-        # model-signing verifies from files (it writes the key and the bundle to a temporary folder): in a
-        # thread, so the event loop goes on with every other reconcile meanwhile.
         return await asyncio.to_thread(verify_signature, decode_bundle(encoded), key)
     except SignatureError as error:
         raise ModelResolutionError(
-            Reason.SIGNATURE_INVALID, f"model version {properties.etag}: {error}", retry_after=300
+            Reason.SIGNATURE_INVALID, f"model version {read.etag}: {error}", retry_after=300
         ) from None
-
-
-async def _pin(
-    app: ModelApp, credential: BlobCredential, properties: BlobProperties, pins: ModelPinner
-) -> tuple[PinnedVersion, str | None]:
-    """The immutable version of the resolved ETag: the version ID, a snapshot status already names,
-    or a new snapshot taken with If-Match on that ETag. (pin, why it is not pinned) ."""
-    if properties.version_id:
-        return PinnedVersion(version_id=properties.version_id), None
-    model = app.spec.model
-    known = known_pin(app.status, model.blob.url, properties.etag)
-    if known is not None:
-        return known, None
-    try:
-        return await pins.snapshot(model.blob, credential, properties, app.metadata.uid), None
-    except PinNotAllowed as error:
-        return PinnedVersion(), error.message
 
 
 async def resolve_model(
@@ -156,30 +135,28 @@ async def resolve_model(
     """What the model resolves to, pinned to an immutable version when `pins` is given.
 
     spec.model.version naming an earlier ETag (a rollback) resolves to the snapshot or version
-    status recorded for it; the blob's current bytes are never taken for it."""
+    status recorded for it; the blob's current bytes are never taken for it (plan/model_check.py decides)."""
     model = app.spec.model
     unpinned: str | None = None
     try:
         credential = await model_credential(app, kube)
-        properties = await models.get_properties(model.blob, credential)
-        pin = PinnedVersion()
-        if model.version is not None and normalize_etag(model.version) != normalize_etag(properties.etag):
-            known = known_pin(app.status, model.blob.url, model.version)
-            if known is None or pins is None:
-                raise ModelResolutionError(
-                    Reason.MODEL_VERSION_MISMATCH,
-                    f"pinned version {model.version} is no longer the blob's current version {properties.etag} "
-                    "and no snapshot or version of it is recorded: it cannot be restored; pin the current "
-                    "version or republish the old content",
-                    retry_after=300,
-                )
-            properties = await pins.pinned_properties(model.blob, credential, known)
-            pin = known
-        signed = await _verify(app, kube, properties)
-        resolved = check_model(model, properties, signed)
+        read = await models.get_properties(model.blob, credential)
+        wanted = version_to_read(model, read, app.status, can_restore=pins is not None)
+        if isinstance(wanted, ModelRefusal):
+            return None, _refused(wanted)
+        if wanted is not None:
+            assert pins is not None  # version_to_read restores only with a pinner
+            read = await pins.pinned_properties(model.blob, credential, wanted)
+        checked = check_model(model, read, await _verify(app, kube, read))
+        if isinstance(checked, ModelRefusal):
+            return None, _refused(checked)
+        pin = wanted if wanted is not None else existing_pin(model, read, app.status) or PinnedVersion()
         if not pin.pinned and pins is not None:
-            pin, unpinned = await _pin(app, credential, properties, pins)
-        resolved = dataclasses.replace(resolved, pin=pin)
+            try:
+                pin = await pins.snapshot(model.blob, credential, read, app.metadata.uid)
+            except PinNotAllowed as error:
+                unpinned = error.message
+        resolved = dataclasses.replace(checked, pin=pin)
     except ModelResolutionError as error:
         return None, _failed(ConditionType.MODEL_RESOLVED, error.reason, error.message, error.retry_after)
     reason = Reason.PINNED if model.version is not None else Reason.RESOLVED
@@ -192,6 +169,10 @@ async def resolve_model(
             "is unchanged. Grant the operator Storage Blob Data Contributor to pin versions with snapshots"
         )
     return resolved, _resolved(ConditionType.MODEL_RESOLVED, reason, message)
+
+
+def _refused(refusal: ModelRefusal) -> Resolution:
+    return _failed(ConditionType.MODEL_RESOLVED, refusal.reason, refusal.message, refusal.retry_after)
 
 
 def _resolved(type_: str, reason: str, message: str) -> Resolution:
