@@ -124,7 +124,6 @@ ALLOWED = [
     ("patch", "kopfpeerings.kopf.dev", "-n", APP_NS),  # two replicas, one active
     ("get", "secrets", "-n", APP_NS),
     ("watch", "modelapps.modelapp.io", "-n", APP_NS),
-    ("patch", "modelapps.modelapp.io", "-n", APP_NS),
     ("patch", "modelapps.modelapp.io", "--subresource=status", "-n", APP_NS),
     ("create", "deployments.apps", "-n", APP_NS),
     ("patch", "deployments.apps", "-n", APP_NS),
@@ -145,6 +144,7 @@ DENIED = [
     ("delete", "deployments.apps", "-n", APP_NS),  # children go away through owner references
     ("delete", "modelapps.modelapp.io", "-n", APP_NS),
     ("update", "modelapps.modelapp.io", "-n", APP_NS),
+    ("patch", "modelapps.modelapp.io", "-n", APP_NS),  # it writes only their status
     ("create", "pods", "-n", APP_NS),
     ("watch", "pods", "-n", APP_NS),  # listed only while a rollout stalls, never watched
     ("get", "pods", "-n", "default"),

@@ -28,7 +28,6 @@ class FakeKube:
         self.applies: list[tuple[str, bool]] = []  # (kind, force)
         self.status_writes = 0
         self.conflicts = 0
-        self.annotation_patches: list[Mapping[str, str]] = []
         self._versions = itertools.count(100)
         self._uids = itertools.count(1)
 
@@ -83,9 +82,6 @@ class FakeKube:
             raise ConflictError(409, "the object has been modified; please apply your changes to the latest version")
         self.status_writes += 1
         return self._store(key, {**copy.deepcopy(current), "status": copy.deepcopy(dict(status))}, spec_changed=False)
-
-    async def patch_modelapp_annotations(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None:
-        self.annotation_patches.append(dict(annotations))
 
     async def post_event(
         self, involved: Mapping[str, Any], type_: EventType, reason: str, message: str, at: datetime | None = None

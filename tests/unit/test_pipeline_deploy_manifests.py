@@ -75,7 +75,7 @@ def test_cluster_role_only_reads_crds_and_namespaces() -> None:
 def test_namespaced_role_grants_exactly_what_the_operator_uses() -> None:
     granted = rules(DEPLOY / "tenant" / "role.yaml", "Role")
     assert granted == {
-        ("modelapp.io", "modelapps"): {"get", "list", "watch", "patch"},
+        ("modelapp.io", "modelapps"): {"get", "list", "watch"},  # it writes only their status
         ("modelapp.io", "modelapps/status"): {"get", "patch"},
         ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
         ("", "pods"): {"list"},  # a stalled rollout's pods: the app's refusal (termination message)

@@ -88,8 +88,6 @@ class KubeClient(Protocol):
         resource_version: str | None = None,
     ) -> dict[str, Any] | None: ...
 
-    async def patch_modelapp_annotations(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None: ...
-
     async def post_event(
         self, involved: Mapping[str, Any], type_: EventType, reason: str, message: str, at: datetime | None = None
     ) -> None: ...
@@ -335,18 +333,6 @@ class AiohttpKubeClient:
             raise ConflictError(code, f"status of ModelApp {namespace}/{name} changed since it was read")
         self._check(code, payload, f"patch status of ModelApp {namespace}/{name}")
         return payload if isinstance(payload, dict) else None
-
-    async def patch_modelapp_annotations(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None:
-        path = resource_path(API_VERSION, KIND, namespace, name)
-        code, payload = await self._request(
-            "PATCH",
-            path,
-            body={"metadata": {"annotations": dict(annotations)}},
-            content_type="application/merge-patch+json",
-        )
-        if code == 404:
-            return
-        self._check(code, payload, f"annotate ModelApp {namespace}/{name}")
 
     async def post_event(
         self, involved: Mapping[str, Any], type_: EventType, reason: str, message: str, at: datetime | None = None
