@@ -282,3 +282,14 @@ def test_json_output_of_publish_model_is_parseable(
         "json",
     )
     assert code == 0 and json.loads(out)["etag"] == '"0x1"'
+
+
+def test_publish_model_without_the_serving_app_says_what_is_missing(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The operator's image holds no serving app: the one command that needs its publisher says so."""
+    monkeypatch.setitem(sys.modules, "modelapp_serving.publish", None)  # importing it raises ImportError
+    code, _, err = run(
+        capsys, "publish-model", "m.onnx", "--connection-string", "cs", "--container", "c", "--blob", "b"
+    )
+    assert code == 1 and "needs the serving app's package (modelapp_serving)" in err
