@@ -8,6 +8,7 @@ the registry at the same address the tests use.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import tempfile
@@ -16,11 +17,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 from .azurite import Azurite, start_azurite
 from .binaries import REPO_ROOT
 from .buildah import Buildah
 from .cleanup import LEDGER_NAME, Janitor, Ledger, recording_into, undo
+from .entra import EntraStandIn, start_entra_stand_in
 from .kube import KubeCluster, start_cluster
 from .node import NodeNetwork, RealNode, create_network, start_real_node
 from .pki import CertificateAuthority
@@ -60,6 +64,8 @@ class Stack:
     prometheus: Prometheus | None = None
     node: RealNode | None = None
     network: NodeNetwork | None = None
+    azurite_oauth: Azurite | None = None
+    entra: EntraStandIn | None = None
     _ca: CertificateAuthority | None = field(default=None, repr=False)
     _ledger: Ledger | None = field(default=None, repr=False)
     _janitor: Janitor | None = field(default=None, repr=False)
@@ -156,6 +162,34 @@ class Stack:
                 self.azurite = start_azurite(self.run_dir, host=self.host)
         return self.azurite
 
+    def start_azurite_oauth(self) -> Azurite:
+        """A second Azurite in OAuth mode (HTTPS, certificate from the stack's CA): bearer tokens only."""
+        if self.azurite_oauth is None:
+            host = self.host
+            cert = self.ca.issue("azurite-oauth", "modelapp-azurite-oauth", dns_names=("localhost",),
+                                 ip_addresses=(host,), server=True)
+            with recording_into(self.ledger):
+                self.azurite_oauth = start_azurite(self.run_dir, host=host, oauth_cert=cert)
+        return self.azurite_oauth
+
+    def start_entra(self) -> EntraStandIn:
+        """The Entra ID stand-in (entra.py), trusting the API server's service-account issuer: local only."""
+        if self.entra is None:
+            kube = self.start_kube()
+
+            def issuer_keys(issuer: str) -> dict[str, Any]:
+                # What Entra does with the issuer URL (OIDC discovery, then jwks_uri), through the API server,
+                # which serves both; its issuer URL itself resolves nowhere off the cluster.
+                discovery = json.loads(kube.kubectl("get", "--raw", "/.well-known/openid-configuration").stdout)
+                if discovery.get("issuer") != issuer:
+                    raise StackError(f"the API server's issuer is {discovery.get('issuer')!r}, not {issuer!r}")
+                jwks_path = urlsplit(str(discovery["jwks_uri"])).path
+                keys: dict[str, Any] = json.loads(kube.kubectl("get", "--raw", jwks_path).stdout)
+                return keys
+
+            self.entra = start_entra_stand_in(self.ca, issuer_keys, host=self.host)
+        return self.entra
+
     def start_registry(self, notify_url: str | None = None, notify_token: str | None = None) -> Registry:
         if self.registry is None:
             with recording_into(self.ledger):
@@ -187,11 +221,12 @@ class Stack:
         runs is ignored: a half-done clean-up is the one thing worse than a slow one."""
         started = time.monotonic()
         with _signals_ignored():
-            for component in (self.prometheus, self.node, self.registry, self.azurite, self.kube):
+            for component in (self.entra, self.azurite_oauth, self.prometheus, self.node, self.registry,
+                              self.azurite, self.kube):
                 if component is not None:
                     with contextlib.suppress(Exception):
                         component.stop()
-            self.prometheus = None
+            self.prometheus = self.entra = self.azurite_oauth = None
             self.node = self.registry = self.azurite = self.kube = None
             # Containers, mounts, the node network, cgroups, links: whatever the ledger names. The run
             # folder (and the ledger in it) goes last, in the janitor's pass, so it knows whom to spare.
