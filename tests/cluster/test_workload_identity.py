@@ -35,7 +35,7 @@ from modelapp_localstack import Azurite, KubeCluster, Registry, Stack
 from modelapp_localstack.entra import ASSERTION_AUDIENCE, EntraStandIn
 from modelapp_localstack.operator import OperatorProcess
 from modelapp_localstack.procs import free_port
-from modelapp_serving.publish import publish_model
+from modelapp_serving.publish import PublishedModel, publish_model
 from modelapp_serving.sample_model import write_sample_models
 
 from tests.cluster.helpers import App, StartOperator, apply, env_of, get, wait_ready
@@ -55,10 +55,11 @@ class Identity:
     service_account: str
     client_id: str
     token_file: Path
+    namespace: str = NAMESPACE
 
     @property
     def subject(self) -> str:
-        return f"system:serviceaccount:{NAMESPACE}:{self.service_account}"
+        return f"system:serviceaccount:{self.namespace}:{self.service_account}"
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +79,12 @@ def namespace(kube: KubeCluster) -> Iterator[str]:
     kube.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
 
 
-def service_account_token(kube: KubeCluster, name: str, audience: str = ASSERTION_AUDIENCE) -> str:
+def service_account_token(
+    kube: KubeCluster, name: str, audience: str = ASSERTION_AUDIENCE, namespace: str = NAMESPACE
+) -> str:
     """A token the API server issues (TokenRequest), as the kubelet does for a projected volume."""
     return kube.kubectl(
-        "create", "token", name, "-n", NAMESPACE, "--audience", audience, "--duration", "10m"
+        "create", "token", name, "-n", namespace, "--audience", audience, "--duration", "10m"
     ).stdout.strip()
 
 
@@ -90,15 +93,21 @@ def issuer_of(token: str) -> str:
 
 
 def make_identity(
-    kube: KubeCluster, entra: EntraStandIn, folder: Path, name: str, *, federated: bool = True
+    kube: KubeCluster,
+    entra: EntraStandIn,
+    folder: Path,
+    name: str,
+    *,
+    federated: bool = True,
+    namespace: str = NAMESPACE,
 ) -> Identity:
     """A service account and its token file; with `federated`, a managed identity trusting it (what
     `az identity federated-credential create --issuer <cluster issuer> --subject <sa>` records)."""
-    kube.kubectl("create", "serviceaccount", name, "-n", NAMESPACE)
-    token = service_account_token(kube, name)
+    kube.kubectl("create", "serviceaccount", name, "-n", namespace)
+    token = service_account_token(kube, name, namespace=namespace)
     token_file = folder / f"{name}.token"
     token_file.write_text(token)
-    identity = Identity(name, str(uuid.uuid4()), token_file)
+    identity = Identity(name, str(uuid.uuid4()), token_file, namespace)
     if federated:
         entra.authority.add_federated_credential(identity.client_id, issuer_of(token), identity.subject)
     return identity
@@ -112,6 +121,17 @@ def credential_of(entra: EntraStandIn, identity: Identity) -> WorkloadIdentityCr
         token_file_path=str(identity.token_file),
         authority=entra.authority_host,
     )
+
+
+def publish_sample(
+    entra: EntraStandIn, publisher: Identity, url: str, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> PublishedModel:
+    """The data scientist's publish of the sample model, with the publisher's own identity."""
+    for name, value in tls_env(entra).items():
+        monkeypatch.setenv(name, value)
+    write_sample_models(folder)
+    with credential_of(entra, publisher) as credential:
+        return publish_model(folder / "iris.onnx", url, credential=credential, progress=False)
 
 
 def tls_env(entra: EntraStandIn) -> dict[str, str]:
@@ -260,18 +280,9 @@ def test_model_is_published_resolved_snapshotted_and_served_with_bearer_tokens_o
     publisher = make_identity(kube, entra, tmp_path, "publisher")
     app_identity = make_identity(kube, entra, tmp_path, "iris")
 
-    # The data scientist's publish, with the publisher's own identity.
-    for name, value in tls_env(entra).items():
-        monkeypatch.setenv(name, value)
-    write_sample_models(tmp_path)
-    credential = credential_of(entra, publisher)
-    with credential:
-        published = publish_model(
-            tmp_path / "iris.onnx",
-            f"{oauth_azurite.blob_endpoint}/models/{namespace}/iris.onnx",
-            credential=credential,
-            progress=False,
-        )
+    published = publish_sample(
+        entra, publisher, f"{oauth_azurite.blob_endpoint}/models/{namespace}/iris.onnx", tmp_path, monkeypatch
+    )
 
     # The operator resolves the blob and snapshots it with its own identity.
     repository = f"{registry.host}/apps/{namespace}"

@@ -19,6 +19,9 @@ It then issues a v1 access token for that resource (`aud` the resource, `iss`
 `https://sts.windows.net/<tenant>/`, `appid` the client ID, `iat`/`nbf`/`exp`), signed with a key of its
 own. Azurite's OAuth mode (`--oauth basic`) checks exactly issuer, audience and lifetime of it.
 
+For pods, `workload_identity_policy` stands in for AKS's workload identity webhook with a
+MutatingAdmissionPolicy (projected token volume and the AZURE_* variables it injects).
+
 It has no users, no secrets, no role assignments and no instance discovery: do not use it anywhere but
 the local stack. It listens on the stack's address with TLS from the stack's own CA; it runs as a thread
 of the stack's process, so it ends with the stack.
@@ -328,3 +331,74 @@ def start_entra_stand_in(
     authority_host = f"https://{host}:{server.server_address[1]}"
     log(f"Entra ID stand-in up at {authority_host} (tenant {authority.tenant_id})")
     return EntraStandIn(authority, authority_host, ca.cert_path, server, thread)
+
+
+# What AKS's workload identity webhook injects, as a MutatingAdmissionPolicy of the real API server
+# (CEL, no webhook server): the projected token volume and file, the tenant and the authority. Locally it
+# also mounts the stack's CA (ConfigMap LOCAL_CA_CONFIG_MAP, which the namespace must hold) and points
+# SSL_CERT_FILE and REQUESTS_CA_BUNDLE at it. AZURE_CLIENT_ID is not injected (AKS reads it from the
+# service account's annotation, which CEL cannot look up): the operator sets it from credentials.clientId.
+WORKLOAD_IDENTITY_LABEL = "azure.workload.identity/use"
+TOKEN_FOLDER = "/var/run/secrets/azure/tokens"  # noqa: S105 - a path, AKS's mount point
+TOKEN_FILE = f"{TOKEN_FOLDER}/azure-identity-token"
+LOCAL_CA_CONFIG_MAP = "modelapp-local-ca"
+POLICY_NAME = "modelapp-local-workload-identity"
+
+
+def workload_identity_policy(entra: EntraStandIn, namespace_label: str) -> list[dict[str, Any]]:
+    """The MutatingAdmissionPolicy and its binding that stand in for AKS's webhook (local stack only), for
+    pods labelled WORKLOAD_IDENTITY_LABEL in namespaces labelled `namespace_label: "true"`."""
+    env = {
+        "AZURE_TENANT_ID": entra.tenant_id,
+        "AZURE_AUTHORITY_HOST": entra.authority_host,
+        "AZURE_FEDERATED_TOKEN_FILE": TOKEN_FILE,
+        "SSL_CERT_FILE": f"{TOKEN_FOLDER}/ca.crt",
+        "REQUESTS_CA_BUNDLE": f"{TOKEN_FOLDER}/ca.crt",
+    }
+    env_items = ", ".join(
+        f"Object.spec.containers.env{{name: {json.dumps(name)}, value: {json.dumps(value)}}}"
+        for name, value in env.items()
+    )
+    sources = "Object.spec.volumes.projected.sources"
+    volume = f"""Object.spec.volumes{{name: "azure-identity-token", projected: Object.spec.volumes.projected{{sources: [
+    {sources}{{serviceAccountToken: {sources}.serviceAccountToken{{
+      path: "azure-identity-token", audience: {json.dumps(ASSERTION_AUDIENCE)}, expirationSeconds: 3600}}}},
+    {sources}{{configMap: {sources}.configMap{{name: {json.dumps(LOCAL_CA_CONFIG_MAP)},
+      items: [{sources}.configMap.items{{key: "ca.crt", path: "ca.crt"}}]}}}}]}}}}"""
+    # The volume by JSON Patch (a projected volume's sources are an atomic list, which an apply
+    # configuration may not change); env and mounts, lists keyed by name, by apply configuration.
+    volumes = f"""has(object.spec.volumes)
+  ? [JSONPatch{{op: "add", path: "/spec/volumes/-", value: {volume}}}]
+  : [JSONPatch{{op: "add", path: "/spec/volumes", value: [{volume}]}}]"""
+    containers = f"""Object{{spec: Object.spec{{
+  containers: object.spec.containers.map(c, Object.spec.containers{{name: c.name,
+    env: [{env_items}],
+    volumeMounts: [Object.spec.containers.volumeMounts{{
+      name: "azure-identity-token", mountPath: {json.dumps(TOKEN_FOLDER)}, readOnly: true}}]}})}}}}"""
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingAdmissionPolicy",
+        "metadata": {"name": POLICY_NAME},
+        "spec": {
+            "failurePolicy": "Fail",
+            "reinvocationPolicy": "Never",
+            "matchConstraints": {
+                "resourceRules": [
+                    {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}
+                ],
+                "objectSelector": {"matchLabels": {WORKLOAD_IDENTITY_LABEL: "true"}},
+                "namespaceSelector": {"matchLabels": {namespace_label: "true"}},
+            },
+            "mutations": [
+                {"patchType": "JSONPatch", "jsonPatch": {"expression": volumes}},
+                {"patchType": "ApplyConfiguration", "applyConfiguration": {"expression": containers}},
+            ],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingAdmissionPolicyBinding",
+        "metadata": {"name": POLICY_NAME},
+        "spec": {"policyName": POLICY_NAME},
+    }
+    return [policy, binding]
