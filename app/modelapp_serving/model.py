@@ -186,6 +186,16 @@ def _set_sklearn_fast_config() -> None:
     _SKLEARN_FAST.set = True
 
 
+def import_runtime(model_format: ModelFormat) -> None:
+    """Import what loading `model_format` needs, in the worker before it serves: scikit-learn, scipy and skops
+    cost ~5 s of CPU that an ONNX model never needs, so only a skops or pickle model pays it; and paid here,
+    not in the loader thread, a second worker still loading does not answer 503 longer than before."""
+    if model_format in (ModelFormat.SKOPS, ModelFormat.PICKLE):
+        import joblib  # type: ignore[import-untyped]  # noqa: F401, PLC0415
+        import sklearn  # noqa: F401, PLC0415
+        import skops.io  # noqa: F401, PLC0415
+
+
 def load_model_file(path: Path, model_format: ModelFormat, *, allow_pickle: bool, onnx_threads: int = 1) -> LoadedModel:
     """Load a file whose sha256 was already verified; raise ModelLoadError with a one-line reason."""
     try:
@@ -196,7 +206,7 @@ def load_model_file(path: Path, model_format: ModelFormat, *, allow_pickle: bool
         if model_format is ModelFormat.PICKLE:
             if not allow_pickle:
                 raise ModelLoadError("pickle models run code when loaded: set MODELAPP_ALLOW_PICKLE=true to allow")
-            import joblib  # type: ignore[import-untyped]  # noqa: PLC0415 - see _load_skops
+            import joblib  # noqa: PLC0415 - see import_runtime (its missing stubs are noted there)
 
             return _sklearn_model(joblib.load(path))
     except ModelLoadError:

@@ -19,7 +19,7 @@ from modelapp_contract.termination import TERMINATION_LOG as TERMINATION_LOG_PAT
 
 from modelapp_serving.config import RUN_ID_ENV, ServingConfig
 from modelapp_serving.download import DownloadSettings, ModelFetchError, fetch_verified_model
-from modelapp_serving.model import LoadedModel, ModelLoadError, load_model_file
+from modelapp_serving.model import LoadedModel, ModelLoadError, import_runtime, load_model_file
 from modelapp_serving.refusal_token import take_refusal_token
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,8 @@ def load_until_ready(
 
 
 def start_background_load(state: ModelState, config: ServingConfig) -> threading.Thread:
+    if config.model is not None:
+        import_runtime(config.model.format)
     thread = threading.Thread(target=load_until_ready, args=(state, config), name="modelapp-model-loader", daemon=True)
     thread.start()
     return thread
