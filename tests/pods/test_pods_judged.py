@@ -26,6 +26,7 @@ from tests.pods.test_real_pods import (
     _get,
     _labels,
     _modelapp,
+    _pods,
     _post,
     _publish,
     _ready_with,
@@ -58,9 +59,7 @@ def _wait_showing_pods(
     try:
         return _wait(what, check, operator, timeout=timeout)
     except AssertionError as error:
-        selector = f"app.kubernetes.io/instance={name}"
-        pods = json.loads(kube.kubectl("get", "pods", "-n", TENANT_NAMESPACE, "-l", selector, "-o", "json").stdout)
-        states = {pod["metadata"]["name"]: pod["status"].get("containerStatuses") for pod in pods["items"]}
+        states = {pod["metadata"]["name"]: pod["status"].get("containerStatuses") for pod in _pods(kube, name)}
         status = json.dumps(_get(kube, "modelapp", name).get("status"), indent=1)
         raise AssertionError(f"{what}: not seen\n--- status ---\n{status}\n--- pods ---\n{states}\n{error}") from None
 

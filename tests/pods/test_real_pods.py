@@ -127,12 +127,18 @@ def _running_on_v1(
     return name, blob, _ready_with(kube, name, operator, version=etag)
 
 
+def _pods(kube: KubeCluster, name: str) -> list[dict[str, Any]]:
+    """The pods of the ModelApp (its Deployment's instance label)."""
+    selector = f"app.kubernetes.io/instance={name}"
+    listed = kube.kubectl("get", "pods", "-n", TENANT_NAMESPACE, "-l", selector, "-o", "json").stdout
+    items: list[dict[str, Any]] = json.loads(listed)["items"]
+    return items
+
+
 def _app_restarts(kube: KubeCluster, name: str) -> dict[str, int]:
     """Restart count of the containers of every pod of the ModelApp, by pod name."""
-    selector = f"app.kubernetes.io/instance={name}"
-    pods = json.loads(kube.kubectl("get", "pods", "-n", TENANT_NAMESPACE, "-l", selector, "-o", "json").stdout)
     restarts: dict[str, int] = {}
-    for pod in pods["items"]:
+    for pod in _pods(kube, name):
         statuses = pod["status"].get("containerStatuses") or []
         restarts[pod["metadata"]["name"]] = sum(int(status.get("restartCount") or 0) for status in statuses)
     return restarts
@@ -167,8 +173,7 @@ def test_pods_serve_the_pinned_pair_through_the_service(
     etag = body["status"]["model"]["version"]
     assert body["status"]["image"]["digest"] == app_image.digest
 
-    pods = json.loads(kube.kubectl("get", "pods", "-n", TENANT_NAMESPACE, "-l",
-                                   f"app.kubernetes.io/instance={name}", "-o", "json").stdout)["items"]
+    pods = _pods(kube, name)
     assert len(pods) == 2
     for pod in pods:
         assert pod["spec"]["nodeName"] == "real-node-0", "a kwok node would run no container"

@@ -5,7 +5,6 @@ and become Ready."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from tests.pods.test_real_pods import (
     _get,
     _get_json,
     _overwrite_keeping_metadata,
+    _pods,
     _ready_with,
     _running_on_v1,
     _service_address,
@@ -28,13 +28,6 @@ from tests.pods.test_real_pods import (
 )
 
 pytestmark = pytest.mark.pods
-
-
-def _pods(kube: KubeCluster, name: str) -> list[dict[str, Any]]:
-    selector = f"app.kubernetes.io/instance={name}"
-    listed = kube.kubectl("get", "pods", "-n", TENANT_NAMESPACE, "-l", selector, "-o", "json").stdout
-    items: list[dict[str, Any]] = json.loads(listed)["items"]
-    return items
 
 
 def _env(pod: dict[str, Any]) -> dict[str, str]:
