@@ -180,7 +180,7 @@ _SKLEARN_FAST = threading.local()
 
 
 def _set_sklearn_fast_config() -> None:
-    import sklearn  # noqa: PLC0415 - see _load_skops
+    import sklearn  # noqa: PLC0415 - see import_runtime
 
     sklearn.set_config(assume_finite=True, skip_parameter_validation=True)
     _SKLEARN_FAST.set = True
@@ -259,9 +259,7 @@ def _onnx_tensor_metadata(node: Any) -> TensorMetadata:
 
 
 def _load_skops(path: Path) -> Any:
-    # scikit-learn, scipy and skops are imported only for a skops or pickle model: ~5 s of CPU per worker
-    # at start-up that an ONNX model never needs (a pod under a 100m CPU limit would take a minute more).
-    import skops.io  # noqa: PLC0415
+    import skops.io  # noqa: PLC0415 - see import_runtime
 
     untrusted = skops.io.get_untrusted_types(file=path)
     refused = sorted(set(untrusted) - SKOPS_ALLOWED_EXTRA_TYPES)

@@ -26,7 +26,7 @@ from modelapp_operator.names import (
     Reason,
 )
 from modelapp_operator.plan.children import CONTAINER_NAME
-from modelapp_operator.plan.status import condition, rollout_state
+from modelapp_operator.plan.status import Condition, condition, rollout_state
 
 PROBLEM_MAX_CHARS = 1024
 OUTPUT_MAX_CHARS = 300
@@ -291,10 +291,17 @@ def diagnose_pods(
     )
 
 
-def problem_shown(status: Mapping[str, Any] | None) -> bool:
-    """Whether the status shows a problem read from the pods (Degraded with a pod problem's reason)."""
+def shown_problem(status: Mapping[str, Any] | None) -> Condition | None:
+    """The problem read from the pods that the status shows (Degraded=True with a pod problem's reason)."""
     degraded = condition(status or {}, ConditionType.DEGRADED) or {}
-    return degraded.get("status") == "True" and degraded.get("reason") in POD_PROBLEM_REASONS
+    if degraded.get("status") != "True" or degraded.get("reason") not in POD_PROBLEM_REASONS:
+        return None
+    return Condition(ConditionType.DEGRADED, "True", str(degraded["reason"]), str(degraded.get("message") or ""))
+
+
+def problem_shown(status: Mapping[str, Any] | None) -> bool:
+    """Whether the status shows a problem read from the pods."""
+    return shown_problem(status) is not None
 
 
 def next_recheck_delay(status: Mapping[str, Any] | None, previous_delay: float | None) -> float | None:

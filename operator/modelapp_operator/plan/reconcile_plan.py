@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from modelapp_operator.api.modelapp_types import ModelApp
-from modelapp_operator.names import BLOCKING_REASONS, POD_PROBLEM_REASONS, ConditionType, Reason
+from modelapp_operator.names import BLOCKING_REASONS, ConditionType, Reason
 from modelapp_operator.plan.children import (
     build_deployment,
     build_service,
@@ -32,7 +32,7 @@ from modelapp_operator.plan.history import (
     plan_rollout,
     rolled_back_condition,
 )
-from modelapp_operator.plan.pods import PodDiagnosis
+from modelapp_operator.plan.pods import PodDiagnosis, shown_problem
 from modelapp_operator.plan.release import (
     Release,
     ResolvedImage,
@@ -298,7 +298,8 @@ def plan_refresh(
         failed_pairs=failed_pairs,
         rolled_back=rolled_back_condition(history, app.spec.rollout.progress_deadline_seconds),
         verified=_refreshed_verified(previous, _refusal(pods), pods_read),
-        pod_problem=_problem_condition(pods) if pods_read else _shown_problem(previous),
+        # A refresh that did not look at the pods keeps the problem the status shows.
+        pod_problem=_problem_condition(pods) if pods_read else shown_problem(previous),
     )
     reconciled = previous.get("observedGeneration") == app.metadata.generation
     release = obs.release
@@ -320,14 +321,6 @@ def _problem_condition(pods: PodDiagnosis | None) -> Condition | None:
     if pods is None:
         return None
     return Condition(ConditionType.DEGRADED, "True", pods.problem.reason, pods.message)
-
-
-def _shown_problem(previous: Mapping[str, Any]) -> Condition | None:
-    """The pod problem the status shows, kept by a refresh that did not look at the pods."""
-    degraded = condition(previous, ConditionType.DEGRADED) or {}
-    if degraded.get("status") != "True" or degraded.get("reason") not in POD_PROBLEM_REASONS:
-        return None
-    return Condition(ConditionType.DEGRADED, "True", str(degraded["reason"]), str(degraded.get("message") or ""))
 
 
 def _refreshed_verified(previous: Mapping[str, Any], refusal: str | None, pods_read: bool) -> Condition | None:
