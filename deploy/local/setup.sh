@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up everything the local stack and the tests need, on a fresh machine or an
 # old one: Debian packages, the pinned Node tools, the Python environment and the
-# control-plane binaries (built with Go and cached by version). Idempotent and
-# quiet when there is nothing to do.
+# control-plane binaries and images (built with Go and buildah, cached by content in
+# the user's cache folder, which every clone on the machine shares). Idempotent
+# and quiet when there is nothing to do.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PATH="/usr/local/go/bin:$PATH"
@@ -44,6 +45,20 @@ if [[ ! -f $stamp ]] || [[ pyproject.toml -nt $stamp ]]; then
   touch "$stamp"
 fi
 
-step "control-plane binaries (cached in .cache/ by version)"
+# The same folder as modelapp_localstack.binaries.cache_root().
+cache_dir=${MODELAPP_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/modelapp}
+if [[ -d .cache && $(realpath -m "$cache_dir") != "$PWD/.cache" ]]; then
+  # Built by an older setup inside the clone: move what the shared cache lacks there instead of building it again.
+  step "moving the clone's .cache/ into $cache_dir"
+  mkdir -p "$cache_dir/images"
+  for entry in .cache/* .cache/images/*; do
+    [[ -e $entry && $entry != .cache/images ]] || continue
+    target="$cache_dir/${entry#.cache/}"
+    [[ -e $target || $entry == *.partial || $entry == */work-* || $entry == */.lock ]] || mv "$entry" "$target"
+  done
+  rm -rf .cache
+fi
+
+step "control-plane binaries and images (cached by content in $cache_dir)"
 .venv/bin/modelapp-stack build
 printf '\nsetup: ready in %ss\n' "$((SECONDS - started))" >&2

@@ -1,7 +1,7 @@
 """The stack's real images: the Debian base, the pod sandbox (pause) image, and exactly Dockerfile.app and
 Dockerfile.operator built on that base, pushed to the stack's registry.
 
-The first run on a machine builds them (minutes); later runs take them from the cache (.cache/images/)."""
+The first run on a machine builds them (minutes); later runs take them from the cache (~/.cache/modelapp/images/)."""
 
 from __future__ import annotations
 

@@ -3,10 +3,14 @@
 No download site for Kubernetes binaries is reachable, so they are built from
 the `k8s.io/kubernetes` module (see ../kube/go.mod). The cache folder is keyed by
 the versions and a hash of our Go sources, so a warm start does no Go work at all.
+It is the user's cache folder, not the clone's, so a second clone of the same tree
+on the same machine finds everything built (see cache_root).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -14,6 +18,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +30,20 @@ KWOK_VERSION = "v0.8.0"
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("MODELAPP_CACHE_DIR", REPO_ROOT / ".cache"))
+    """Where built artefacts are kept, keyed by content: MODELAPP_CACHE_DIR, else the user's cache folder
+    ($XDG_CACHE_HOME/modelapp or ~/.cache/modelapp), shared by every clone on the machine."""
+    if explicit := os.environ.get("MODELAPP_CACHE_DIR"):
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modelapp"
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path) -> Iterator[None]:
+    """One build per cache entry at a time (two clones' setups may ask at once); the result is renamed in."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / ".lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def _required_version(module: str) -> str:
@@ -113,17 +131,19 @@ def kube_binary() -> Path:
     target = cache_root() / f"kube-{found.kubernetes}-etcd-{found.etcd}-{_sources_hash()}" / "kube"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    env = _go_env()
-    env["GOFLAGS"] = "-mod=mod"
-    _run_go_build(
-        [_go(), "build", "-v", "-trimpath", f"-ldflags={_kube_ldflags(found.kubernetes)}", "-o", str(partial), "."],
-        KUBE_MODULE_DIR,
-        env,
-        f"Kubernetes {found.kubernetes} + etcd {found.etcd}",
-    )
-    partial.rename(target)
+    with build_lock(target.parent):
+        if target.exists():  # built by another clone while we waited
+            return target
+        partial = target.with_suffix(".partial")
+        env = _go_env()
+        env["GOFLAGS"] = "-mod=mod"
+        _run_go_build(
+            [_go(), "build", "-v", "-trimpath", f"-ldflags={_kube_ldflags(found.kubernetes)}", "-o", str(partial), "."],
+            KUBE_MODULE_DIR,
+            env,
+            f"Kubernetes {found.kubernetes} + etcd {found.etcd}",
+        )
+        partial.rename(target)
     return target
 
 
@@ -131,19 +151,22 @@ def kwok_binary() -> Path:
     target = cache_root() / f"kwok-{KWOK_VERSION}" / "kwok"
     if target.exists():
         return target
-    gobin = target.parent / "partial"
-    gobin.mkdir(parents=True, exist_ok=True)
-    env = _go_env()
-    env["GOBIN"] = str(gobin)
-    env.pop("GOFLAGS", None)
-    _run_go_build(
-        [_go(), "install", "-v", "-trimpath", "-ldflags=-s -w", f"sigs.k8s.io/kwok/cmd/kwok@{KWOK_VERSION}"],
-        REPO_ROOT,
-        env,
-        f"kwok {KWOK_VERSION}",
-    )
-    (gobin / "kwok").rename(target)
-    shutil.rmtree(gobin, ignore_errors=True)
+    with build_lock(target.parent):
+        if target.exists():  # built by another clone while we waited
+            return target
+        gobin = target.parent / "partial"
+        gobin.mkdir(parents=True, exist_ok=True)
+        env = _go_env()
+        env["GOBIN"] = str(gobin)
+        env.pop("GOFLAGS", None)
+        _run_go_build(
+            [_go(), "install", "-v", "-trimpath", "-ldflags=-s -w", f"sigs.k8s.io/kwok/cmd/kwok@{KWOK_VERSION}"],
+            REPO_ROOT,
+            env,
+            f"kwok {KWOK_VERSION}",
+        )
+        (gobin / "kwok").rename(target)
+        shutil.rmtree(gobin, ignore_errors=True)
     return target
 
 
@@ -162,7 +185,9 @@ def kwok_stage_crd() -> Path:
         raise StackError(f"cannot download the kwok module: {found.stdout}{found.stderr}")
     module_dir = Path(json.loads(found.stdout)["Dir"])
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(module_dir / "kustomize" / "crd" / "bases" / target.name, target)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    shutil.copyfile(module_dir / "kustomize" / "crd" / "bases" / target.name, partial)
+    partial.rename(target)
     return target
 
 

@@ -109,7 +109,7 @@ class Demo:
     def build_images(self, stack: Stack) -> tuple[str, str]:
         with self.stage("Build the images from Dockerfile.app and Dockerfile.operator (Debian base, buildah)"):
             assert stack.registry is not None
-            self.say("cached by content in .cache/images; the first run on a machine builds them (a few minutes)")
+            self.say("cached by content in ~/.cache/modelapp/images; the first run on a machine builds them (minutes)")
             buildah = stack.buildah()
             app = images.build_project_image(buildah, "app", stack.registry, repository=APP_REPOSITORY, tag="demo-1")
             operator = images.build_project_image(buildah, "operator", stack.registry,

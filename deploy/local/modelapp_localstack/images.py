@@ -8,7 +8,8 @@ No base image can be pulled on these machines, so every image is made from what 
   (deploy/local/pause) in an image FROM scratch.
 - app, operator: exactly Dockerfile.app and Dockerfile.operator, built with buildah on the base image.
 
-Each image is kept as an OCI archive under the cache folder (`.cache/images/<kind>-<key>.oci.tar`), its key a hash
+Each image is kept as an OCI archive under the cache folder (`<cache_root>/images/<kind>-<key>.oci.tar`, the
+user's cache folder shared by every clone, see binaries.cache_root), its key a hash
 of everything it is made from, with a JSON file beside it recording its build time and sizes. A second setup or a
 test run finds the archive and does no work; a source change gives a new key and one rebuild.
 """
@@ -109,7 +110,7 @@ class ImageArchive:
     kind: str
     key: str
     name: str  # e.g. localhost/modelapp/pause:0123456789ab (also the ref.name annotation in the archive)
-    path: Path  # .cache/images/<kind>-<key>.oci.tar
+    path: Path  # <cache_root>/images/<kind>-<key>.oci.tar
 
     @property
     def info_path(self) -> Path:
