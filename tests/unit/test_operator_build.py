@@ -117,6 +117,16 @@ def test_probes_allow_a_slow_start_and_never_kill_a_busy_pod() -> None:
     assert slow_startup["periodSeconds"] * slow_startup["failureThreshold"] >= 900
 
 
+def test_startup_probe_ticks_every_second_and_readiness_follows_at_once() -> None:
+    # A fast app is Ready within a second of its model loaded (issue 23): the shortest period Kubernetes
+    # allows; the threshold keeps the whole allowance.
+    container = build_deployment(make_app(probes={"startupSeconds": 300}), make_release())["spec"]["template"]
+    startup = container["spec"]["containers"][0]["startupProbe"]
+    assert startup["periodSeconds"] == 1
+    assert startup["failureThreshold"] == 300
+    assert startup["timeoutSeconds"] >= startup["periodSeconds"]
+
+
 def test_deployment_strategy_and_owner() -> None:
     app = make_app(replicas=3, rollout={"maxSurge": 1, "maxUnavailable": 0, "progressDeadlineSeconds": 120})
     deployment = build_deployment(app, make_release())
