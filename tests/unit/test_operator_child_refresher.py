@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from modelapp_operator.clients.kube import ConflictError
 from modelapp_operator.reconcile import child_refresher as refresher_module
+from modelapp_operator.reconcile.caches import AppState, ChildCache, Stored
 from modelapp_operator.reconcile.child_refresher import CHILD_REFRESH_COALESCE_SECONDS, ChildRefresher
-from modelapp_operator.reconcile.reconciler import Refresh, Trigger
+from modelapp_operator.reconcile.reconciler import Dependencies, Refresh, Trigger
 from modelapp_operator.watch.keys import AppKey
 
 from tests.unit.virtual_time import VirtualScheduler
@@ -42,10 +43,14 @@ class Submitted(list[tuple[AppKey, Trigger]]):
 
 
 def make_refresher(
-    refresh: RecordingRefresh, clock: VirtualScheduler, submitted: Submitted | None = None
+    refresh: RecordingRefresh,
+    clock: VirtualScheduler,
+    submitted: Submitted | None = None,
+    state: AppState | None = None,
 ) -> ChildRefresher:
     return ChildRefresher(
-        deps=None,  # type: ignore[arg-type]  # only handed to the refresh double
+        # No clients: only handed to the refresh double. No index unless given: events' copies are kept.
+        deps=Dependencies(clients=None, state=state or AppState()),  # type: ignore[arg-type]
         submit=submitted if submitted is not None else Submitted(),
         logger=logging.getLogger("test"),
         scheduler=clock,
@@ -75,6 +80,25 @@ async def test_a_burst_of_events_becomes_one_refresh_with_the_newest_copy(clock:
         (("ml", "a"), _deployment(5)),
         (("ml", "b"), _deployment(1)),
     ]
+    await refresher.close()
+
+
+async def test_with_the_watch_index_no_copy_is_kept_and_the_refresh_reads_the_index(clock: VirtualScheduler) -> None:
+    index: dict[tuple[str, str, str], Stored] = {}
+    refresh = RecordingRefresh()
+    refresher = make_refresher(refresh, clock, state=AppState(children=ChildCache(lambda *key: index.get(key))))
+    event = {
+        **_deployment(1),
+        "spec": {"template": {"spec": {"containers": [{"name": "app", "image": "i", "env": []}]}}},
+    }
+    index[("Deployment", "ml", "a")] = Stored.of(event)
+    refresher.submit(("ml", "a"), event)
+    refresher.submit(("ml", "gone"), _deployment(1))  # deleted before its refresh: its DELETED event recreates it
+    assert all(value is refresher_module.WATCHED for value in refresher._pending.values())  # no copy held
+    index[("Deployment", "ml", "a")] = Stored.of(_deployment(2))  # a newer event reached the index meanwhile
+    await clock.advance(CHILD_REFRESH_COALESCE_SECONDS)
+    assert refresh.calls == [(("ml", "a"), _deployment(2))]
+    assert Stored.of(event).body()["spec"]["template"]["spec"] == {"containers": [{"name": "app", "image": "i"}]}
     await refresher.close()
 
 

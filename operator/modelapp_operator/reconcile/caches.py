@@ -9,8 +9,8 @@ A watch copy may lag behind what this operator itself just wrote. Two rules keep
   plan from a stale copy fails with a conflict and is made again from a GET (reconciler.py);
 - generations only grow: a copy whose metadata.generation is older than one this operator has
   already seen (its own apply's answer, a GET) is never used in its place.
-Copies are kept as compact JSON (`Stored`): 10,000 ModelApps with their children fit the operator's
-memory goal that way, not as parsed objects.
+Copies are kept as compact JSON (`Stored`) of the fields plan/ reads (`kept_fields`): 10,000 ModelApps
+with their children fit the operator's memory goal that way, not as parsed or whole objects.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class Stored:
 
     @classmethod
     def of(cls, body: Body) -> Stored:
-        kept = without_managed_fields(body)
+        kept = kept_fields(body)
         return cls(generation_of(kept), resource_version_of(kept), json.dumps(kept, separators=(",", ":")).encode())
 
     def body(self) -> dict[str, Any]:
@@ -78,9 +78,32 @@ def resource_version_of(body: Body | None) -> int | None:
 
 
 def without_managed_fields(body: Body) -> dict[str, Any]:
-    """The copy worth keeping: managedFields are most of an applied object's size and nothing here reads them."""
+    """managedFields are most of an applied object's size and nothing here reads them."""
     metadata = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
     return {**body, "metadata": metadata}
+
+
+# What plan/ reads of a pod template's spec (children.needs_apply: the first container's image).
+KEPT_CONTAINER_FIELDS = ("name", "image")
+
+
+def kept_fields(body: Body) -> dict[str, Any]:
+    """The copy worth keeping: no managedFields, and of a pod template (a Deployment's) only its metadata
+    and each container's name and image; plan/ reads nothing else of it (history, pods, status and
+    children read the template's annotations, needs_apply the first image). A Deployment's JSON drops
+    from 4.2 to 1.6 KiB; 10,000 of them are kept twice at a cold start (the watch's copy and our apply's)."""
+    kept = without_managed_fields(body)
+    spec = kept.get("spec")
+    template = spec.get("template") if isinstance(spec, Mapping) else None
+    pod_spec = template.get("spec") if isinstance(template, Mapping) else None
+    if isinstance(spec, Mapping) and isinstance(template, Mapping) and isinstance(pod_spec, Mapping):
+        containers = [
+            {k: c[k] for k in KEPT_CONTAINER_FIELDS if k in c}
+            for c in pod_spec.get("containers") or []
+            if isinstance(c, Mapping)
+        ]
+        kept["spec"] = {**spec, "template": {**template, "spec": {"containers": containers}}}
+    return kept
 
 
 @dataclass
