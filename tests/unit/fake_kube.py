@@ -55,6 +55,11 @@ class FakeKube:
                 body["status"] = existing["status"]
         return self._store(key, body, spec_changed=existing is None or existing.get("spec") != body.get("spec"))
 
+    async def delete_child(self, api_version: str, kind: str, namespace: str, name: str, uid: str) -> None:
+        found = self.objects.get((kind, namespace, name))
+        if found is not None and found["metadata"]["uid"] == uid:
+            del self.objects[(kind, namespace, name)]
+
     async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
         return None
 

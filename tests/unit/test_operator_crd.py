@@ -41,7 +41,14 @@ def test_names(crd: dict[str, Any]) -> None:
     assert crd["spec"]["scope"] == "Namespaced"
     version = crd["spec"]["versions"][0]
     assert f"{crd['spec']['group']}/{version['name']}" == API_VERSION == f"{GROUP}/{VERSION}"
-    assert version["subresources"] == {"status": {}}
+    assert version["subresources"] == {
+        "status": {},
+        "scale": {
+            "specReplicasPath": ".spec.replicas",
+            "statusReplicasPath": ".status.replicas",
+            "labelSelectorPath": ".status.selector",
+        },
+    }
 
 
 def test_every_field_has_a_description(crd: dict[str, Any]) -> None:

@@ -78,6 +78,7 @@ def test_namespaced_role_grants_exactly_what_the_operator_uses() -> None:
         ("modelapp.io", "modelapps"): {"get", "list", "watch"},  # it writes only their status
         ("modelapp.io", "modelapps/status"): {"get", "patch"},
         ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
+        ("autoscaling", "horizontalpodautoscalers"): {"get", "create", "patch", "delete"},  # spec.autoscaling
         ("", "pods"): {"list"},  # a stalled rollout's pods: the app's refusal (termination message)
         ("", "services"): {"get", "list", "watch", "create", "patch"},  # the watch feeds the operator's copy
         ("", "secrets"): {"get"},

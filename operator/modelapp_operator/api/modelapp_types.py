@@ -260,6 +260,39 @@ class ProbesSpec(_Frozen):
     startup_seconds: Annotated[int | None, Field(alias="startupSeconds", ge=10, le=86400)] = None
 
 
+class AutoscalingSpec(_Frozen):
+    """spec.autoscaling: the operator renders a HorizontalPodAutoscaler (plan/autoscaling.py) that moves
+    spec.replicas through the ModelApp's scale subresource between these bounds."""
+
+    min_replicas: Annotated[int, Field(alias="minReplicas", ge=1, le=100)] = 1
+    max_replicas: Annotated[int, Field(alias="maxReplicas", ge=1, le=100)]
+    target_cpu_utilization_percentage: Annotated[
+        int | None, Field(alias="targetCPUUtilizationPercentage", ge=1, le=1000)
+    ] = None
+    target_requests_per_second: Annotated[int | None, Field(alias="targetRequestsPerSecond", ge=1, le=1_000_000)] = None
+    scale_down_stabilization_seconds: Annotated[
+        int | None, Field(alias="scaleDownStabilizationSeconds", ge=0, le=3600)
+    ] = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"autoscaling.minReplicas ({self.min_replicas}) must not exceed maxReplicas ({self.max_replicas})"
+            )
+        return self
+
+    @property
+    def cpu_target(self) -> int | None:
+        """The CPU utilisation target: as set, else 80 % when no other metric is named."""
+        if self.target_cpu_utilization_percentage is None and self.target_requests_per_second is None:
+            return DEFAULT_CPU_UTILIZATION_PERCENTAGE
+        return self.target_cpu_utilization_percentage
+
+
+DEFAULT_CPU_UTILIZATION_PERCENTAGE = 80  # the HPA's own default (kubectl autoscale) and KServe's
+
+
 class ModelAppSpec(_Frozen):
     image: ImageSpec
     model: ModelSpec
@@ -270,6 +303,7 @@ class ModelAppSpec(_Frozen):
     service: ServiceSpec = ServiceSpec()
     rollout: RolloutSpec = RolloutSpec()
     probes: ProbesSpec = ProbesSpec()
+    autoscaling: AutoscalingSpec | None = None
 
     @field_validator("env")
     @classmethod

@@ -72,6 +72,8 @@ class KubeClient(Protocol):
 
     async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> dict[str, Any]: ...
 
+    async def delete_child(self, api_version: str, kind: str, namespace: str, name: str, uid: str) -> None: ...
+
     async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None: ...
 
     async def list_pods(self, namespace: str, label_selector: str) -> list[dict[str, Any]]: ...
@@ -100,6 +102,7 @@ _PLURALS = {
     "Secret": "secrets",
     "ConfigMap": "configmaps",
     "Event": "events",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
     KIND: PLURAL,
 }
 
@@ -262,6 +265,20 @@ class AiohttpKubeClient:
             raise ConflictError(status, f"apply {obj['kind']} {metadata['namespace']}/{metadata['name']}: {payload}")
         self._check(status, payload, f"apply {obj['kind']} {metadata['namespace']}/{metadata['name']}")
         return payload  # type: ignore[no-any-return]
+
+    async def delete_child(self, api_version: str, kind: str, namespace: str, name: str, uid: str) -> None:
+        """Delete a child the operator no longer renders (an HPA after spec.autoscaling is removed); the uid
+        precondition leaves alone an object that replaced ours under that name meanwhile. Gone already: done."""
+        status, payload = await self._request(
+            "DELETE",
+            resource_path(api_version, kind, namespace, name),
+            body={"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}},
+        )
+        if status == 404:
+            return
+        if status == 409:
+            raise ConflictError(status, f"delete {kind} {namespace}/{name}: {payload}")
+        self._check(status, payload, f"delete {kind} {namespace}/{name}")
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, bytes] | None:
         """The Secret's decoded data, or None if it does not exist.

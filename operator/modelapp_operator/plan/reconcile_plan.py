@@ -19,6 +19,7 @@ from typing import Any
 
 from modelapp_operator.api.modelapp_types import ModelApp
 from modelapp_operator.names import BLOCKING_REASONS, ConditionType, Reason
+from modelapp_operator.plan.autoscaling import HPA_KIND, plan_autoscaler, scale_selector
 from modelapp_operator.plan.children import (
     build_deployment,
     build_service,
@@ -45,6 +46,7 @@ from modelapp_operator.plan.status import (
     Condition,
     Event,
     Observation,
+    ScaleStatus,
     build_status,
     condition,
     rollout_state,
@@ -76,6 +78,8 @@ class ReconcileInputs:
     service: Mapping[str, Any] | None
     # What the pods of the Deployment's current pair show (read while its rollout is not complete).
     pods: PodDiagnosis | None = None
+    # The HorizontalPodAutoscaler as read (None: absent, or not read: plan/autoscaling.reads_autoscaler).
+    autoscaler: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,8 @@ class ReconcilePlan:
     previous: Mapping[str, Any]  # the status as read
     observation: Observation  # its rollout from the Deployment as read
     now: datetime
-    apply: tuple[dict[str, Any], ...] = ()  # in order: Service, then Deployment
+    apply: tuple[dict[str, Any], ...] = ()  # in order: Service, then Deployment, then the HPA
+    delete_autoscaler: bool = False  # the HPA is no longer wanted (spec.autoscaling removed): delete it
     events: tuple[Event, ...] = ()  # posted once the apply succeeded
     release: Release | None = None
     rolled_back: bool = False
@@ -154,7 +159,11 @@ def name_conflict(inputs: ReconcileInputs) -> Condition | None:
     """Ready=False NameConflict when a child's name is taken by an object this ModelApp does not own."""
     app = inputs.app
     blocked: Condition | None = None
-    for kind, existing in (("Deployment", inputs.deployment), ("Service", inputs.service)):
+    for kind, existing in (
+        ("Deployment", inputs.deployment),
+        ("Service", inputs.service),
+        (HPA_KIND, inputs.autoscaler),
+    ):
         if existing is not None and not is_owned_by(existing, app):
             blocked = Condition(
                 ConditionType.READY,
@@ -194,6 +203,9 @@ def plan_reconcile(inputs: ReconcileInputs, now: datetime) -> ReconcilePlan:
                     events.append(
                         _rollout_started_event(inputs.deployment is None, rollout.rollback is not None, release)
                     )
+    autoscaler = plan_autoscaler(app, inputs.autoscaler if blocked is None else None)
+    if blocked is None and autoscaler.apply is not None:
+        apply.append(autoscaler.apply)
     obs = Observation(
         generation=app.metadata.generation,
         desired_replicas=app.spec.replicas,
@@ -207,12 +219,14 @@ def plan_reconcile(inputs: ReconcileInputs, now: datetime) -> ReconcilePlan:
         rolled_back=rolled_back_condition(rollout.history, app.spec.rollout.progress_deadline_seconds),
         verified=verified_condition(release, inputs.model_resolution.condition, _refusal(pods)),
         pod_problem=_problem_condition(pods),
+        scale=ScaleStatus(scale_selector(app), autoscaler.name) if blocked is None else None,
     )
     return ReconcilePlan(
         previous=app.status,
         observation=obs,
         now=now,
         apply=tuple(apply),
+        delete_autoscaler=blocked is None and autoscaler.delete,
         events=tuple(events),
         release=release,
         rolled_back=rollout.rollback is not None,

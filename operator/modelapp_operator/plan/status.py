@@ -93,6 +93,14 @@ def rollout_state(deployment: Mapping[str, Any] | None, desired_replicas: int) -
 
 
 @dataclass(frozen=True)
+class ScaleStatus:
+    """What the scale subresource and the autoscaler need in status (a reconcile knows it; a refresh keeps it)."""
+
+    selector: str  # status.selector: the pods' label selector (labelSelectorPath of the CRD's scale subresource)
+    autoscaler: str | None = None  # status.horizontalPodAutoscaler: the HPA the operator owns (None: none)
+
+
+@dataclass(frozen=True)
 class Observation:
     """What one reconcile found: the input of build_status."""
 
@@ -111,6 +119,7 @@ class Observation:
     # What the pods of the wanted pair show (plan/pods.py), as a Degraded=True condition: it names the part
     # that failed in Ready and Degraded while the rollout is not complete.
     pod_problem: Condition | None = None
+    scale: ScaleStatus | None = None  # None: keep what status has
 
 
 def derive_conditions(obs: Observation) -> list[Condition]:
@@ -252,6 +261,12 @@ def build_status(previous: Mapping[str, Any], obs: Observation, now: datetime) -
     status["readyReplicas"] = ready_replicas
     status["updatedReplicas"] = rollout.updated_replicas if rollout else 0
     status["replicaSummary"] = f"{ready_replicas}/{obs.desired_replicas}"
+    if obs.scale is not None:
+        status["selector"] = obs.scale.selector
+        if obs.scale.autoscaler is not None:
+            status["horizontalPodAutoscaler"] = obs.scale.autoscaler
+        else:
+            status.pop("horizontalPodAutoscaler", None)
     return status
 
 

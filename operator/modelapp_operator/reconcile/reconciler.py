@@ -28,6 +28,7 @@ from modelapp_operator.clients.kube import ConflictError, KubeClient, KubeError
 from modelapp_operator.clients.registry import ImageResolver
 from modelapp_operator.metrics import METRICS, Source
 from modelapp_operator.names import API_VERSION, KIND
+from modelapp_operator.plan.autoscaling import HPA_API_VERSION, HPA_KIND, reads_autoscaler
 from modelapp_operator.plan.history import kept_snapshots, snapshot_urls
 from modelapp_operator.plan.pods import (
     PodDiagnosis,
@@ -214,14 +215,19 @@ async def _reconcile_once(body: Mapping[str, Any], trigger: Trigger, deps: Depen
         read_child(deps, "apps/v1", "Deployment", key), read_child(deps, "v1", "Service", key)
     )
     pods = await _pod_diagnosis(clients.kube, app, deployment)
+    # Not watched: read (one GET) only for an app with autoscaling, or whose status names one to delete.
+    autoscaler = await clients.kube.get(HPA_API_VERSION, HPA_KIND, *key) if reads_autoscaler(app) else None
     # Plan.
     plan = plan_reconcile(
-        ReconcileInputs(app, image, image_resolution, model, model_resolution, deployment, service, pods),
+        ReconcileInputs(app, image, image_resolution, model, model_resolution, deployment, service, pods, autoscaler),
         clients.clock(),
     )
     # Apply, then write.
-    absent = [kind for kind, child in (("Deployment", deployment), ("Service", service)) if child is None]
+    children = (("Deployment", deployment), ("Service", service), (HPA_KIND, autoscaler))
+    absent = [kind for kind, child in children if child is None]
     applied_deployment = await _apply(deps, key, body, plan, absent)
+    if plan.delete_autoscaler and autoscaler is not None:
+        await clients.kube.delete_child(HPA_API_VERSION, HPA_KIND, *key, str(autoscaler["metadata"]["uid"]))
     METRICS.rollout_applied(key, deployment, applied_deployment, rollback=plan.rolled_back)
     update = plan.status_update(applied_deployment)
     await _write_status(deps, body, update)
@@ -282,7 +288,8 @@ async def _apply(
             # Not ours after all (or not what the watch showed): read it before planning again.
             state.children.distrust(obj["kind"], *key)
             raise
-        state.children.applied(obj["kind"], *key, answer)
+        if obj["kind"] != HPA_KIND:  # not watched: read by a GET each time
+            state.children.applied(obj["kind"], *key, answer)
         if obj["kind"] == "Deployment":
             applied_deployment = answer
             state.record_applied(key, answer)
