@@ -15,10 +15,15 @@ registry + blob requests per poll interval (the hub's per-poll log line), CPU se
 API server's requests by verb and resource (its own apiserver_request_total, before/after each side).
 
     .venv/bin/python bench/scale.py [--apps 1000] [--images 10] [--models 10] [--namespaces 10]
-        [--sides floor,operator] [--poll-interval 10] [--observe-polls 3] [--timeout 1800]
+        [--sides floor,operator] [--poll-interval 10] [--observe-polls 3] [--timeout 1800] [--tracemalloc]
 
-Writes bench/out/scale-<apps>.json, bench/out/scale-<apps>.png (convergence over time, both sides) and
-bench/out/scale-<apps>.md. Run it under the shared lock (it starts the stack and loads both cores).
+Writes bench/out/scale-<apps>.json, bench/out/scale-<apps>.png (convergence over time, both sides),
+bench/out/scale-<apps>-rss.png (the operator's RSS against the ModelApps it has rolled out) and
+bench/out/scale-<apps>.md. The operator's API writes per ModelApp (applies, status writes, events, by
+the API server's counts) and the events of the run by who posted them are in all three. With
+--tracemalloc the operator traces its allocations (bench/memprofile) and the allocation sites of its
+peak go to bench/out/operator-memory-<apps>.json (its RSS is then not the operator's own: tracing
+costs memory). Run it under the shared lock (it starts the stack and loads both cores).
 """
 
 from __future__ import annotations
@@ -272,6 +277,7 @@ class SideResult:
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     api_requests: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    rss: list[tuple[float, int]] = field(default_factory=list)  # operator: (t, RSS KiB) per curve point
 
 
 def observe(
@@ -385,22 +391,54 @@ def run_floor(args: argparse.Namespace) -> SideResult:
     return result
 
 
+def events_by_source(api: KubeApi, namespaces: int) -> dict[str, int]:
+    """The run's events in the ModelApps' namespaces, by 'component reason' (each object's count of occurrences)."""
+    counts: Counter[str] = Counter()
+    for index in range(namespaces):
+        for event in api.items(f"/api/v1/namespaces/bench-scale-{index}/events"):
+            component = event.get("reportingComponent") or (event.get("source") or {}).get("component") or "?"
+            occurrences = int(event.get("count") or ((event.get("series") or {}).get("count")) or 1)
+            counts[f"{component} {event.get('reason')}"] += occurrences
+    return dict(counts.most_common())
+
+
+# The operator's own writes on a cold start, as the API server counts them (nothing else writes these).
+OPERATOR_WRITES = ("APPLY deployments", "APPLY services", "PATCH modelapps", "PATCH modelapps/status")
+
+
+def writes_per_app(side: SideResult, apps: int) -> dict[str, float]:
+    """Per ModelApp: the operator's applies and status writes, and the events it posted (its own component's)."""
+    figures = {key: round(side.api_requests.get(key, 0) / apps, 3) for key in OPERATOR_WRITES}
+    events = side.extra.get("events_by_source") or {}
+    figures["POST events (operator's)"] = round(
+        sum(n for key, n in events.items() if key.startswith("modelapp-operator ")) / apps, 3
+    )
+    figures["all writes"] = round(sum(figures.values()), 3)
+    return figures
+
+
 def run_operator(args: argparse.Namespace) -> SideResult:
     prepared = prepare(args)
     try:
         kube, registry = prepared.stack.kube, prepared.stack.registry
         env = {"MODELAPP_POLL_INTERVAL_SECONDS": str(args.poll_interval), "MODELAPP_RECEIVER_ENABLED": "false"}
+        roots: list[Path] = []
+        memory_report = OUT_DIR / "scale" / f"tracemalloc-{args.apps}.json"
+        if args.tracemalloc:
+            memory_report.unlink(missing_ok=True)
+            env["MODELAPP_BENCH_TRACEMALLOC"] = str(memory_report)
+            roots.append(REPO_ROOT / "bench" / "memprofile")
         before = apiserver_requests(prepared.api)
         log = OUT_DIR / "scale" / f"operator-{args.apps}.log"
         log.unlink(missing_ok=True)
-        operator = OperatorProcess.start(kube, registry, log, env, args.operator_src)
+        operator = OperatorProcess.start(kube, registry, log, env, args.operator_src, extra_source_roots=roots)
         started = time.monotonic()
-        rss: list[int] = []
+        rss: list[tuple[float, int]] = []  # (seconds since start, RSS KiB), one per curve point
 
         def sample() -> None:
             value = operator.rss_kib()
             if value:
-                rss.append(value)
+                rss.append((round(time.monotonic() - started, 2), value))
 
         profiler = None
         if args.py_spy:
@@ -442,7 +480,15 @@ def run_operator(args: argparse.Namespace) -> SideResult:
                 "operator_rss_mib_at_end": round((operator.rss_kib() or 0) / 1024, 1),
                 "poll_requests": [p[2] for p in polls],
                 "poll_keys": {"images": polls[-1][0], "models": polls[-1][1]} if polls else None,
+                "tracemalloc": args.tracemalloc,
+                "events_by_source": events_by_source(prepared.api, args.namespaces),
             }
+            result.extra["writes_per_modelapp"] = writes_per_app(result, args.apps)
+            result.rss = rss
+            if args.tracemalloc and memory_report.exists():
+                write_json(
+                    f"operator-memory-{args.apps}", json.loads(memory_report.read_text()), command=command_line()
+                )
         finally:
             operator.stop()
     finally:
@@ -479,6 +525,29 @@ def plot(path: Path, sides: list[SideResult], apps: int) -> None:
     plt.close(figure)
 
 
+def plot_rss(path: Path, operator: SideResult, apps: int) -> None:
+    """The operator's RSS against the ModelApps whose Deployment it has rolled out, through the run."""
+    rss_at = dict(operator.rss)
+    points = [(row[1], rss_at[row[0]] / 1024) for row in operator.curve if row[0] in rss_at]
+    if not points:
+        return
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(9, 5))
+    axes.plot([p[0] for p in points], [p[1] for p in points], "-", color="tab:purple", label="operator RSS")
+    peak = operator.extra.get("operator_peak_rss_mib")
+    if peak:
+        axes.axhline(peak, color="tab:purple", linestyle=":", label=f"peak (VmHWM) {peak:.0f} MiB")
+    axes.set_xlabel(f"ModelApps with their Deployment right (of {apps:,})")
+    axes.set_ylabel("MiB")
+    axes.set_title(f"Operator RSS vs ModelApps rolled out, cold start of {apps:,}")
+    axes.set_ylim(bottom=0)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def report(args: argparse.Namespace, sides: dict[str, SideResult], command: str) -> tuple[dict[str, Any], str]:
     floor, operator = sides.get("floor"), sides.get("operator")
     ratios: dict[str, Any] = {}
@@ -508,6 +577,7 @@ def report(args: argparse.Namespace, sides: dict[str, SideResult], command: str)
                 "api_requests": side.api_requests,
                 **side.extra,
                 "curve": {"columns": ["t_s", "deployments_right", "pods_ready", "modelapps_ready"], "rows": side.curve},
+                **({"rss_kib": {"columns": ["t_s", "rss_kib"], "rows": side.rss}} if side.rss else {}),
             }
             for name, side in sides.items()
         },
@@ -534,7 +604,10 @@ def report(args: argparse.Namespace, sides: dict[str, SideResult], command: str)
         lines.append(f"| all ModelApps Ready | - | {s(operator.times.get('modelapps_ready'))} | - |")
         lines.append(f"| ModelApps Ready after pods ready | - | {extra_ready} s | - |")
         for key, value in operator.extra.items():
-            lines.append(f"| {key} | - | {value} | - |")
+            if key not in ("events_by_source", "writes_per_modelapp"):
+                lines.append(f"| {key} | - | {value} | - |")
+        for key, value in (operator.extra.get("writes_per_modelapp") or {}).items():
+            lines.append(f"| writes per ModelApp: {key} | - | {value} | - |")
     for name, side in sides.items():
         lines.append(
             f"| CPU seconds ({name}) | " + ", ".join(f"{k} {v:.0f}" for k, v in side.cpu_seconds.items()) + " | | |"
@@ -552,6 +625,10 @@ def report(args: argparse.Namespace, sides: dict[str, SideResult], command: str)
             f"| {key} | {floor.api_requests.get(key, 0) if floor else '-'} | "
             f"{operator.api_requests.get(key, 0) if operator else '-'} |"
         )
+    if operator is not None:
+        lines += ["", "Events in the ModelApps' namespaces (operator side), by who posted them:", ""]
+        lines += ["| component reason | events |", "|---|---:|"]
+        lines += [f"| {key} | {n} |" for key, n in (operator.extra.get("events_by_source") or {}).items()]
     return figures, "\n".join(lines) + "\n"
 
 
@@ -571,6 +648,9 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--py-spy", default="", help="py-spy binary: profile the operator (bench/out/scale/)")
     parser.add_argument("--operator-src", type=Path, default=REPO_ROOT / "operator", help="operator source root to run")
+    parser.add_argument(
+        "--tracemalloc", action="store_true", help="trace the operator's allocations (bench/memprofile)"
+    )
     args = parser.parse_args()
     command = command_line()
     runners = {"floor": run_floor, "operator": run_operator}
@@ -581,6 +661,8 @@ def main() -> int:
     stem = f"scale-{args.apps}"
     write_json(stem, figures, command=command)
     plot(OUT_DIR / f"{stem}.png", list(sides.values()), args.apps)
+    if "operator" in sides:
+        plot_rss(OUT_DIR / f"{stem}-rss.png", sides["operator"], args.apps)
     (OUT_DIR / f"{stem}.md").write_text(text)
     print(text)
     operator = sides.get("operator")
