@@ -13,6 +13,7 @@ import numpy.typing as npt
 import onnxruntime
 
 from modelapp_serving.config import ModelFormat
+from modelapp_serving.onnx_external_data import NotOnnxProtobuf, find_external_tensors
 
 # Types skops does not trust by default that are plain data; anything else in a skops file is refused.
 SKOPS_ALLOWED_EXTRA_TYPES = frozenset(
@@ -217,7 +218,30 @@ def load_model_file(path: Path, model_format: ModelFormat, *, allow_pickle: bool
     raise ModelLoadError(f"unsupported model format {model_format!r}")
 
 
+def refuse_external_data(path: Path) -> None:
+    """Raise ModelLoadError if the ONNX file references data in other files (onnx_external_data says why)."""
+    try:
+        external = find_external_tensors(path)
+    except NotOnnxProtobuf as error:
+        raise ModelLoadError(f"cannot load the onnx model: not an ONNX protobuf message ({error})") from None
+    if external:
+        first = external[0]
+        more = f" and {len(external) - 1} more" if len(external) > 1 else ""
+        raise ModelLoadError(
+            f"the ONNX model references external data (tensor {_shown(first.name)} in file "
+            f"{_shown(first.location)}{more}), which could be any file of the pod: save it as one file "
+            "(onnx.save_model(..., save_as_external_data=False))"
+        )
+
+
+def _shown(text: str) -> str:
+    """A string from the model file in a refusal reason, cut short."""
+    shown = repr(text)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
 def _load_onnx(path: Path, threads: int) -> OnnxModel:
+    refuse_external_data(path)  # before onnxruntime opens anything the file names
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
