@@ -15,7 +15,9 @@ with their children fit the operator's memory goal that way, not as parsed or wh
 
 from __future__ import annotations
 
+import itertools
 import json
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,20 +29,23 @@ Body = Mapping[str, Any]
 
 @dataclass(frozen=True)
 class Stored:
-    """One object as kept here: compact JSON, not parsed. A parsed Deployment or ModelApp costs 10-30 KiB
-    of Python objects, its JSON 3-5 KiB; it is parsed again only when a reconcile or a refresh reads it."""
+    """One object as kept here: compact JSON, deflated, not parsed. A parsed Deployment or ModelApp costs
+    10-30 KiB of Python objects, its kept JSON 1-4 KiB, deflated a third of that (zlib's fastest level:
+    20 us to keep, 6 us to read back, against 14 us to parse); it is parsed again only when a reconcile
+    or a refresh reads it."""
 
     generation: int
     resource_version: int | None
-    text: bytes
+    deflated: bytes
 
     @classmethod
     def of(cls, body: Body) -> Stored:
         kept = kept_fields(body)
-        return cls(generation_of(kept), resource_version_of(kept), json.dumps(kept, separators=(",", ":")).encode())
+        text = json.dumps(kept, separators=(",", ":")).encode()
+        return cls(generation_of(kept), resource_version_of(kept), zlib.compress(text, 1))
 
     def body(self) -> dict[str, Any]:
-        parsed: dict[str, Any] = json.loads(self.text)
+        parsed: dict[str, Any] = json.loads(zlib.decompress(self.deflated))
         return parsed
 
     def is_older_than(self, other: Stored | None) -> bool:
@@ -62,6 +67,8 @@ def _older(generation: int, resource_version: int | None, other: Stored | None) 
 
 # Reads one child from a watch-fed index: (kind, namespace, name) -> its newest watched copy, or None.
 IndexLookup = Callable[[str, str, str], Stored | None]
+# How many of our oldest apply answers each apply checks against the watch (ChildCache._sweep).
+SWEPT_PER_APPLY = 2
 
 
 def generation_of(body: Body | None) -> int:
@@ -159,7 +166,21 @@ class ChildCache:
         self._applied.pop((kind, namespace, name), None)
 
     def applied(self, kind: str, namespace: str, name: str, answer: Body) -> None:
-        self._applied[(kind, namespace, name)] = Stored.of(answer)
+        key = (kind, namespace, name)
+        self._applied.pop(key, None)  # to the end: the dict stays in the order applied
+        self._applied[key] = Stored.of(answer)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Drop the oldest answers the watch has caught up with. A child that is not read again (a
+        Service after its first apply) would otherwise keep its answer here for as long as it lives;
+        each apply checks the two oldest, so what stays is about what the watch has not delivered yet."""
+        if self.lookup is None:
+            return
+        for key in list(itertools.islice(self._applied, SWEPT_PER_APPLY)):
+            watched = self.lookup(*key)
+            if watched is not None and not watched.is_older_than(self._applied[key]):
+                del self._applied[key]
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         assert self.lookup is not None
