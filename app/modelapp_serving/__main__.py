@@ -1,10 +1,9 @@
 """`python -m modelapp_serving` / `modelapp-serve`: check the config (every variable, `config.VARIABLES`, in
-`--help`), then exec gunicorn with our settings."""
+`--help`), then run gunicorn with our settings in this same process."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from modelapp_contract.settings import environment_help
@@ -32,7 +31,16 @@ endpoints: POST /predict  {{"instances": [[...], ...]}} or {{"instance": [...]}}
 
 
 def build_gunicorn_argv(extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "gunicorn", "--config", "python:modelapp_serving.gunicorn_conf", *extra]
+    return ["gunicorn", "--config", "python:modelapp_serving.gunicorn_conf", *extra]
+
+
+def run_gunicorn(argv: list[str]) -> None:
+    """gunicorn's own entry point (`gunicorn.app.wsgiapp.run`), in this process: an exec of a second
+    interpreter cost 0.1-0.25 s of a pod's start (issue 23) and imported the config a second time."""
+    from gunicorn.app.wsgiapp import WSGIApplication  # noqa: PLC0415 - only when serving, not for --help
+
+    sys.argv = argv
+    WSGIApplication("%(prog)s [OPTIONS] [APP_MODULE]", prog="gunicorn").run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,11 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         print("configuration OK")
         return 0
     extra = [a for a in args.gunicorn_args if a != "--"]
-    command = build_gunicorn_argv(extra)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(command[0], command)  # noqa: S606 - fixed argv, replacing this process is the point
-    return 0  # pragma: no cover - execv does not return
+    run_gunicorn(build_gunicorn_argv(extra))
+    return 0  # pragma: no cover - gunicorn's master exits the process itself
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 `ServingConfig.from_env` reads the model and serving settings, `ServerConfig.from_env` gunicorn's; both use
 the contract's one set of helpers (modelapp_contract.settings) and the variable names the operator renders
-(modelapp_contract.container). `modelapp-serve` checks both before it execs gunicorn, and gunicorn's master
+(modelapp_contract.container). `modelapp-serve` checks both before it runs gunicorn, and gunicorn's master
 checks them again before it forks. `VARIABLES` names every variable the app reads: `modelapp-serve --help`
 prints it, and a unit test keeps it, the reads and the docs' table the same set.
 """
@@ -198,7 +198,7 @@ def _model_name(env: Mapping[str, str]) -> str | None:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """How gunicorn runs the app (gunicorn_conf.py), checked by `modelapp-serve` before it execs gunicorn."""
+    """How gunicorn runs the app (gunicorn_conf.py), checked by `modelapp-serve` before it runs gunicorn."""
 
     port: int = DEFAULT_PORT
     liveness_port: int = default_liveness_port(DEFAULT_PORT)

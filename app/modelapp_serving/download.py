@@ -32,7 +32,6 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.identity import DefaultAzureCredential
 from azure.storage.blob import BlobClient, BlobServiceClient
 from modelapp_contract.blob import METADATA_SIGNATURE, ModelFormat, redact_url
 from modelapp_contract.signing import SignatureError, decode_bundle, verify_signature
@@ -138,6 +137,10 @@ def make_blob_client(spec: ModelSpec, settings: DownloadSettings) -> Any:
     if "?" in spec.url:
         # The URL carries a SAS token: it is the credential.
         return BlobClient.from_blob_url(spec.url, **pinned, **tuning)
+    # Imported only here: azure.identity (msal and its helpers) cost every pod ~70 ms of its start
+    # (python -X importtime, on top of azure.storage.blob), also those with a connection string or a SAS.
+    from azure.identity import DefaultAzureCredential  # noqa: PLC0415
+
     return BlobClient(
         location.account_url,
         location.container,

@@ -3,8 +3,9 @@
 The settings come from config.ServerConfig (MODELAPP_PORT, MODELAPP_LIVENESS_PORT, MODELAPP_WORKERS,
 MODELAPP_WORKER_CLASS, MODELAPP_THREADS, MODELAPP_REUSE_PORT, MODELAPP_ACCESS_LOG, MODELAPP_LOG_LEVEL): a bad
 value stops the master before it binds.
-The master checks the config before forking; each worker downloads nothing itself unless it is the
-first to take the cache lock (see download.py), then loads the verified file in a background thread.
+The master checks the config and imports the web stack and the model's runtime before forking
+(import_before_fork); each worker downloads nothing itself unless it is the first to take the cache lock
+(see download.py), then loads the verified file in a background thread.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 from modelapp_serving.config import RUN_ID_ENV, ConfigError, ServerConfig, ServingConfig
 from modelapp_serving.liveness import LivenessServer
 from modelapp_serving.metrics import MULTIPROC_ENV
+from modelapp_serving.model import import_runtime
 from modelapp_serving.refusal_token import REFUSAL_TOKEN_FD_ENV, create_refusal_token
 
 
@@ -77,6 +79,8 @@ loglevel = _server.log_level
 # Loading happens in a background thread, so a slow download never trips the worker timeout.
 timeout = 30
 graceful_timeout = 20
+# Not preload_app: the app object starts the model's loader thread, which a fork would not carry over;
+# on_starting imports the modules once instead (import_before_fork) and each worker builds its own app.
 preload_app = False
 # gunicorn >= 25 opens a control socket under $HOME by default: not wanted in a pod (read-only root).
 control_socket_disable = True
@@ -93,13 +97,26 @@ def _configure_app_logging() -> None:
     logging.getLogger("azure").setLevel(logging.WARNING)
 
 
+def import_before_fork(config: ServingConfig) -> None:
+    """Import the web stack and the model's runtime once, in the master, so every worker forks with them
+    loaded instead of importing them itself: each worker saved ~0.6 s of CPU for the web stack and ~5 s for
+    scikit-learn + skops (a skops or pickle model), which a pod under a CPU limit pays many times over.
+    The model itself is still loaded by each worker after the fork (an onnxruntime session and its threads
+    do not survive a fork)."""
+    import modelapp_serving.web  # noqa: F401, PLC0415 - imported here for the fork, not for this module
+
+    if config.model is not None:
+        import_runtime(config.model.format)
+
+
 def on_starting(server: Any) -> None:
-    """In the master, before any worker: fail fast on bad config, reset metrics, set the run id and the
-    refusal token (state.create_refusal_token)."""
+    """In the master, before any worker: fail fast on bad config, import what the workers need
+    (import_before_fork), reset metrics, set the run id and the refusal token (state.create_refusal_token)."""
     try:
-        ServingConfig.from_env()
+        config = ServingConfig.from_env()
     except ConfigError as error:
         sys.exit(f"modelapp-serve: configuration error: {error}")
+    import_before_fork(config)
     os.environ[RUN_ID_ENV] = uuid.uuid4().hex
     os.environ[REFUSAL_TOKEN_FD_ENV] = str(create_refusal_token())
     multiproc_dir = os.environ.get(MULTIPROC_ENV)
