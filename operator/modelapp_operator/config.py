@@ -15,8 +15,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
+import yaml
 from modelapp_contract.settings import (
     FALSE_WORDS,
     ConfigError,
@@ -28,6 +29,15 @@ from modelapp_contract.settings import (
     switch,
     text,
 )
+from modelapp_operator.plan.sources import (
+    AZURE_REGISTRY_DEFAULT,
+    AZURE_STORAGE_DEFAULT,
+    AllowedSources,
+    HostPattern,
+    SourceRules,
+    StorageRule,
+    parse_namespace_rules,
+)
 
 __all__ = ["VARIABLES", "ConfigError", "OperatorConfig", "PeeringConfig", "ReceiverConfig", "Variable", "WatchConfig"]
 
@@ -38,6 +48,13 @@ DEFAULT_CONCURRENCY = 16
 DEFAULT_ERROR_TTL_SECONDS = 5.0
 DEFAULT_RECEIVER_PORT = 8082  # 8081 is kopf's liveness endpoint
 DEFAULT_METRICS_PORT = 8083
+
+# Caps on bodies read from hosts outside the cluster (a tenant names them): a registry streaming an endless
+# manifest, or a token endpoint an endless answer, fails the resolution instead of growing the operator.
+MANIFEST_MAX_BYTES = 4 * 1024 * 1024  # the distribution registry's own limit for a manifest it accepts
+TOKEN_RESPONSE_MAX_BYTES = 64 * 1024  # ACR's refresh and access tokens are JWTs of 1-3 KiB
+STORAGE_RESPONSE_MAX_BYTES = 4 * 1024 * 1024  # a listing page of at most LIST_PAGE_SIZE snapshots, an error
+SOURCES_FILE_MAX_BYTES = 1024 * 1024
 
 # A namespace name, or a kopf glob over names ("team-*", "!kube-*").
 _NAMESPACE = re.compile(r"^!?[a-z0-9*?][-a-z0-9*?]{0,62}$")
@@ -60,6 +77,21 @@ VARIABLES: tuple[Variable, ...] = (
         "has no pull Secret",
     ),
     Variable("MODELAPP_REGISTRY_TIMEOUT_SECONDS", "10", "timeout of one registry or blob call"),
+    Variable(
+        "MODELAPP_ALLOWED_STORAGE",
+        AZURE_STORAGE_DEFAULT,
+        "storage accounts every namespace's ModelApps may name (host[:port][/container] patterns; none: no account)",
+    ),
+    Variable(
+        "MODELAPP_ALLOWED_REGISTRIES",
+        AZURE_REGISTRY_DEFAULT,
+        "registries every namespace's ModelApps may name (host[:port] patterns; none: no registry)",
+    ),
+    Variable(
+        "MODELAPP_ALLOWED_SOURCES_FILE",
+        "",
+        "YAML file (a ConfigMap of the operator's namespace) with more accounts and registries per namespace",
+    ),
     Variable("MODELAPP_SECRET_CACHE_SECONDS", "10", "how long a pull or storage Secret read is reused (0: not at all)"),
     Variable("MODELAPP_LIVENESS_PORT", "8081", "port of kopf's liveness endpoint (/healthz)"),
     Variable("MODELAPP_METRICS_PORT", str(DEFAULT_METRICS_PORT), "port of Prometheus /metrics; 0 or off: none"),
@@ -229,6 +261,42 @@ class PeeringConfig:
         )
 
 
+# --- where the operator may go for a namespace (plan/sources.py decides) ------------------------------
+
+
+def allowed_sources(env: Mapping[str, str]) -> AllowedSources:
+    """MODELAPP_ALLOWED_STORAGE / _REGISTRIES (every namespace; the Azure defaults when unset, `none`: nothing)
+    and the per-namespace rules of MODELAPP_ALLOWED_SOURCES_FILE, read once at start-up."""
+    try:
+        storage = tuple(StorageRule.parse(item) for item in _allowed(env, "MODELAPP_ALLOWED_STORAGE"))
+    except ValueError as error:
+        raise ConfigError(f"MODELAPP_ALLOWED_STORAGE: {error}") from None
+    try:
+        registries = tuple(HostPattern.parse(item) for item in _allowed(env, "MODELAPP_ALLOWED_REGISTRIES"))
+    except ValueError as error:
+        raise ConfigError(f"MODELAPP_ALLOWED_REGISTRIES: {error}") from None
+    path = _file(env, "MODELAPP_ALLOWED_SOURCES_FILE")
+    namespaces: tuple[tuple[str, SourceRules], ...] = ()
+    if path is not None:
+        try:
+            raw = path.read_bytes()[: SOURCES_FILE_MAX_BYTES + 1]
+            if len(raw) > SOURCES_FILE_MAX_BYTES:
+                raise ValueError(f"larger than {SOURCES_FILE_MAX_BYTES} bytes")
+            namespaces = parse_namespace_rules(yaml.safe_load(raw) or {})
+        except (OSError, ValueError, yaml.YAMLError) as error:
+            raise ConfigError(f"MODELAPP_ALLOWED_SOURCES_FILE: {path}: {str(error).splitlines()[0]}") from None
+    return AllowedSources(SourceRules(storage, registries), namespaces)
+
+
+def _allowed(env: Mapping[str, str], name: str) -> list[str]:
+    if text(env, name).lower() == "none":
+        return []
+    return items(env, name) or [next(v.default for v in VARIABLES if v.name == name)]
+
+
+ALLOWED_BY_DEFAULT: Final = AllowedSources()
+
+
 # --- the operator ----------------------------------------------------------------------------------
 
 
@@ -252,6 +320,8 @@ class OperatorConfig:
     # start of 1,000 ModelApps sharing 10 Secrets read them 808 times; a rotated Secret is seen this
     # much later at most, and a missing one is never remembered.
     secret_cache_seconds: float = 10.0
+    # The storage accounts, containers and registries each namespace's ModelApps may name (plan/sources.py).
+    sources: AllowedSources = ALLOWED_BY_DEFAULT
 
     @property
     def clusterwide(self) -> bool:
@@ -316,4 +386,5 @@ class OperatorConfig:
             metrics_port=metrics_port,
             metrics_bind=text(env, "MODELAPP_METRICS_BIND") or "0.0.0.0",  # noqa: S104
             secret_cache_seconds=secret_cache,
+            sources=allowed_sources(env),
         )

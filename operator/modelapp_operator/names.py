@@ -90,6 +90,13 @@ class Reason:
     REGISTRY_UNAUTHORIZED: Final = "RegistryUnauthorized"
     REGISTRY_TLS_ERROR: Final = "RegistryTLSError"
     AZURE_IDENTITY_UNAVAILABLE: Final = "AzureIdentityUnavailable"
+    # Tenant boundaries: hosts a platform admin did not allow get no request at all (plan/sources.py); a token
+    # is asked only for the storage and ACR audiences; a body past its cap fails the resolution (config.py).
+    REGISTRY_NOT_ALLOWED: Final = "RegistryNotAllowed"
+    STORAGE_ACCOUNT_NOT_ALLOWED: Final = "StorageAccountNotAllowed"
+    TOKEN_SCOPE_NOT_ALLOWED: Final = "TokenScopeNotAllowed"
+    REGISTRY_RESPONSE_TOO_LARGE: Final = "RegistryResponseTooLarge"
+    STORAGE_RESPONSE_TOO_LARGE: Final = "StorageResponseTooLarge"
     STORAGE_SECRET_NOT_FOUND: Final = "StorageSecretNotFound"  # noqa: S105 - a reason, not a secret
     STORAGE_CREDENTIAL_INVALID: Final = "StorageCredentialInvalid"
     STORAGE_ACCESS_DENIED: Final = "StorageAccessDenied"

@@ -21,8 +21,8 @@ from modelapp_operator.clients.blob_storage import AzureBlobResolver
 from modelapp_operator.clients.kube import AiohttpKubeClient
 from modelapp_operator.clients.registry import RegistryClient
 from modelapp_operator.config import OperatorConfig, WatchConfig
+from modelapp_operator.leader import LeaderElector
 from modelapp_operator.metrics import METRICS
-from modelapp_operator.peering import PeeringView
 from modelapp_operator.receiver.server import Receiver
 from modelapp_operator.reconcile.caches import AppState, ChildCache, IndexLookup, Stored
 from modelapp_operator.reconcile.child_refresher import ChildRefresher
@@ -41,7 +41,12 @@ class Runtime:
     child_refresher: ChildRefresher
     queue: ReconcileQueue
     receiver: Receiver | None = None
+    leader: LeaderElector | None = None  # None: one replica (standalone), always active
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def leading(self) -> bool:
+        """Whether this replica acts now: the only one, or the holder of the leader Lease."""
+        return self.leader is None or self.leader.leading()
 
     def forget(self, app: AppKey) -> None:
         """The ModelApp is gone: stop following its tag and blob, drop everything kept for it."""
@@ -56,6 +61,8 @@ class Runtime:
         if self.receiver is not None:
             await self.receiver.stop()
         await self.queue.close()
+        if self.leader is not None:
+            await self.leader.release()  # after the queue: nothing of ours writes any more
         await self.child_refresher.close()
         clients = self.deps.clients
         if clients.events is not None:
@@ -123,6 +130,11 @@ async def start(config: OperatorConfig, logger: Logger, children: IndexLookup | 
     hub = build_hub(config, submit=queue.submit)
     blobs = hub.models.inner
     kube = AiohttpKubeClient.connect(secret_ttl_seconds=config.secret_cache_seconds)
+    leader: LeaderElector | None = None
+    if config.leader_election is not None:
+        # Two replicas, one active: the holder of the Lease in the operator's own namespace.
+        receiver_port = config.receiver.port if config.receiver is not None else None
+        leader = LeaderElector(config.leader_election, kube, receiver_port=receiver_port, on_change=METRICS.set_active)
     clients = Clients(
         kube=kube,
         images=hub.images,
@@ -130,23 +142,24 @@ async def start(config: OperatorConfig, logger: Logger, children: IndexLookup | 
         watch=hub,
         pins=blobs if isinstance(blobs, AzureBlobResolver) else None,
         events=EventRecorder(kube.post_event),
+        may_write=leader.leading if leader is not None else (lambda: True),
+        sources=config.sources,
     )
     deps = Dependencies(clients, AppState(children=ChildCache(children)))
-    runtime = Runtime(deps=deps, child_refresher=ChildRefresher(deps, queue.submit, logger), queue=queue)
-    peering: PeeringView | None = None
-    if config.peering is not None:
-        # Two replicas, one active: kopf pauses its handlers on the standby; our own loops ask the view.
-        peering = PeeringView(config.peering, config.namespaces, kube.get_path, on_change=METRICS.set_active)
-        hub.set_active_check(lambda: peering is not None and peering.active)
-        runtime.queue.set_active_check(lambda: peering is not None and peering.active)
-        runtime.tasks.append(asyncio.create_task(peering.run(), name="modelapp-peering-view"))
+    runtime = Runtime(deps=deps, child_refresher=ChildRefresher(deps, queue.submit, logger), queue=queue, leader=leader)
+    if leader is not None:
+        # kopf runs standalone on every replica (its handlers only enqueue); the queue and the hub's
+        # submissions wait for the Lease, and every write checks it once more (reconciler._must_lead).
+        hub.set_active_check(leader.leading)
+        queue.set_active_check(leader.leading)
+        runtime.tasks.append(asyncio.create_task(leader.run(), name="modelapp-leader-election"))
     runtime.tasks.append(asyncio.create_task(hub.run_polling(config.poll_interval_seconds), name="modelapp-watch-poll"))
     if config.receiver is not None and config.receiver.enabled:
         receiver = Receiver.from_config(
             hub,
             config.receiver,
             stats=lambda: dataclasses.asdict(hub.stats()),
-            forward_to=peering.forward_target if peering is not None else None,
+            forward_to=leader.forward_target if leader is not None else None,
         )
         try:
             await receiver.start()
@@ -154,6 +167,6 @@ async def start(config: OperatorConfig, logger: Logger, children: IndexLookup | 
             await runtime.stop()  # kopf retries the start-up handler: leave nothing running behind
             raise
         runtime.receiver = receiver
-    if peering is None:
-        METRICS.set_active(True)  # one replica: always; with peering, the view sets it when this replica acts
+    if leader is None:
+        METRICS.set_active(True)  # one replica: always; with an election, the elector sets it when this one leads
     return runtime

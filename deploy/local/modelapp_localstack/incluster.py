@@ -23,6 +23,7 @@ import yaml
 from .binaries import REPO_ROOT
 from .kube import KubeCluster
 from .node import real_node_namespace_annotations
+from .operator import allowed_sources
 from .procs import StackError, log
 from .registry import Registry
 
@@ -116,7 +117,7 @@ def _overlay(
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": RECEIVER_SERVICE, "namespace": OPERATOR_NAMESPACE},
         "spec": {"clusterIP": receiver_cluster_ip}})}]
-    literals = {"MODELAPP_REGISTRY_CA_FILE": f"{REGISTRY_CA_MOUNT}/ca.crt", **settings}
+    literals = {"MODELAPP_REGISTRY_CA_FILE": f"{REGISTRY_CA_MOUNT}/ca.crt", **allowed_sources(registry), **settings}
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",

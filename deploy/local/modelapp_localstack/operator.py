@@ -29,6 +29,14 @@ OPERATOR_SOURCE = REPO_ROOT / "operator"
 STOP_TIMEOUT_SECONDS = 20.0
 
 
+def allowed_sources(registry: Registry) -> dict[str, str]:
+    """The operator's allow-lists for the stack (plan/sources.py): exactly the stack's registry, and storage on
+    the stack's own address only (its Azurite instances, each on a free port and some started after the
+    operator: `host:*`). Nothing else, so an address a test names outside them is refused as in production."""
+    host = registry.host.rsplit(":", 1)[0]
+    return {"MODELAPP_ALLOWED_REGISTRIES": registry.host, "MODELAPP_ALLOWED_STORAGE": f"{host}:*"}
+
+
 def apply_crd(kube: KubeCluster) -> None:
     """Install (or update) the ModelApp CRD and wait until the API server serves it."""
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
@@ -101,6 +109,7 @@ class OperatorProcess:
             **os.environ,
             "KUBECONFIG": str(kube.kubeconfig),
             "MODELAPP_REGISTRY_CA_FILE": str(registry.ca_file),
+            **allowed_sources(registry),
             "PYTHONPATH": os.pathsep.join(roots).rstrip(os.pathsep),
             # Several operators run side by side in tests: no fixed metrics port unless env asks for one.
             "MODELAPP_METRICS_PORT": "off",

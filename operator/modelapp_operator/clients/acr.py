@@ -12,6 +12,8 @@ The flow (ACR's documented OAuth2 exchange):
 
 Tokens are cached until shortly before their `exp` (read from the JWT without verifying it:
 the registry verifies it, we only need to know when to renew). Nothing here logs a token.
+The Entra ID credential gives tokens for the ACR audience only (clients/limits.py), the form carrying
+it is never sent on to a redirect's host, and a token answer is read up to config.TOKEN_RESPONSE_MAX_BYTES.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from typing import Any, Protocol
 
 import aiohttp
 from azure.identity.aio import DefaultAzureCredential
+from modelapp_operator.clients.limits import ACR_SCOPE, ResponseTooLarge, ScopedCredential, read_json_capped
+from modelapp_operator.config import TOKEN_RESPONSE_MAX_BYTES
 from modelapp_operator.names import Reason
 
-ACR_SCOPE = "https://containerregistry.azure.net/.default"
+__all__ = ["ACR_SCOPE", "AcrTokenError", "AcrTokenProvider", "jwt_expiry"]
 REFRESH_TOKEN_FALLBACK_SECONDS = 3600.0  # when a refresh token carries no readable exp
 ACCESS_TOKEN_FALLBACK_SECONDS = 300.0
 
@@ -92,7 +96,10 @@ class AcrTokenProvider:
         refresh_margin_seconds: float = 300.0,
         access_margin_seconds: float = 60.0,
     ) -> None:
-        self._credential = credential
+        # Whatever the credential, it gives tokens for the ACR audience only.
+        self._credential: AsyncTokenCredential | None = (
+            ScopedCredential(credential, {ACR_SCOPE}) if credential is not None else None
+        )
         self._owns_credential = credential is None
         self._tenant_id = tenant_id
         self._ssl = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
@@ -194,7 +201,7 @@ class AcrTokenProvider:
 
     async def _entra_token(self) -> str:
         if self._credential is None:
-            self._credential = DefaultAzureCredential()
+            self._credential = ScopedCredential(DefaultAzureCredential(), {ACR_SCOPE})
         try:
             kwargs: dict[str, Any] = {"tenant_id": self._tenant_id} if self._tenant_id else {}
             access = await self._credential.get_token(ACR_SCOPE, **kwargs)
@@ -216,13 +223,15 @@ class AcrTokenProvider:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         try:
-            async with self._session.post(self._url(host, path), data=form, ssl=self._ssl) as response:
+            # No redirects: the form carries a token, which goes to the registry named and nowhere else.
+            async with self._session.post(
+                self._url(host, path), data=form, ssl=self._ssl, allow_redirects=False
+            ) as response:
                 status = response.status
-                try:
-                    document = await response.json(content_type=None)
-                except ValueError:
-                    document = None
+                document = await read_json_capped(response, TOKEN_RESPONSE_MAX_BYTES) if status == 200 else None
                 return status, document
+        except ResponseTooLarge as error:
+            raise AcrTokenError(Reason.REGISTRY_RESPONSE_TOO_LARGE, f"{host}{path}: {error}", retry_after=300) from None
         except (aiohttp.ClientError, TimeoutError) as error:
             raise AcrTokenError(
                 Reason.REGISTRY_UNAVAILABLE, f"cannot reach {host}{path}: {type(error).__name__}", retry_after=30

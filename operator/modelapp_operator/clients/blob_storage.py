@@ -4,10 +4,15 @@ version, whether it may run) is decided in plan/model_check.py.
 
 The operator asks the blob service for properties only (no download). With a
 connection-string Secret it uses that; with workload identity it uses its own
-DefaultAzureCredential. Pinning: where the account keeps blob versions, the version ID the
-properties name; else a snapshot taken with If-Match on the resolved ETag (so a concurrent
-overwrite is never captured), marked with METADATA_PINNED_BY. Taking and deleting snapshots
-needs write access (Storage Blob Data Contributor); a read-only identity gets ETag pinning.
+DefaultAzureCredential, which gives tokens for the storage audience only (clients/limits.py: a 401
+challenge naming another resource gets none). Which accounts it may reach at all is decided before
+(plan/sources.py); `account_url_of` says which account a credential reaches. Every body it reads is
+capped (config.STORAGE_RESPONSE_MAX_BYTES; headers by aiohttp's own limits).
+
+Pinning: where the account keeps blob versions, the version ID the properties name; else a snapshot
+taken with If-Match on the resolved ETag (so a concurrent overwrite is never captured), marked with
+METADATA_PINNED_BY. Taking and deleting snapshots needs write access (Storage Blob Data
+Contributor); a read-only identity gets ETag pinning.
 """
 
 from __future__ import annotations
@@ -29,10 +34,20 @@ from azure.core.exceptions import (
 )
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.identity.aio import DefaultAzureCredential
+from azure.storage.blob import BlobServiceClient
 from azure.storage.blob.aio import BlobClient, ContainerClient
 from modelapp_contract.blob import METADATA_PINNED_BY, PinnedVersion
 from modelapp_operator.api.modelapp_types import BlobLocation
 from modelapp_operator.clients.errors import ResolutionError
+from modelapp_operator.clients.limits import (
+    STORAGE_SCOPE,
+    AsyncCredential,
+    ResponseTooLarge,
+    ScopedCredential,
+    ScopeNotAllowed,
+    capped_response_class,
+)
+from modelapp_operator.config import STORAGE_RESPONSE_MAX_BYTES
 from modelapp_operator.names import Reason
 from modelapp_operator.redact import redact
 
@@ -56,6 +71,22 @@ class OperatorIdentityCredential:
 
 
 BlobCredential = ConnectionStringCredential | OperatorIdentityCredential
+
+# Snapshots listed per page when pruning: a page of the listing stays far below STORAGE_RESPONSE_MAX_BYTES.
+LIST_PAGE_SIZE = 200
+
+
+def account_url_of(location: BlobLocation, credential: BlobCredential) -> str:
+    """The account the operator's requests for this blob go to: a connection string names its own endpoint
+    (spec.model.blob.accountUrl is what the pods are told). Raise ModelResolutionError when it names none."""
+    if isinstance(credential, OperatorIdentityCredential):
+        return location.account_url
+    try:
+        return str(BlobServiceClient.from_connection_string(credential.connection_string).url)
+    except ValueError as error:
+        raise ModelResolutionError(
+            Reason.STORAGE_CREDENTIAL_INVALID, f"the connection string is not usable: {error}", retry_after=300
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -96,9 +127,11 @@ class ModelPinner(Protocol):
 class AzureBlobResolver:
     """ModelResolver on azure-storage-blob's async client. Close it with `close()`."""
 
-    def __init__(self, *, timeout_seconds: float = 10.0) -> None:
+    def __init__(self, *, timeout_seconds: float = 10.0, identity: AsyncCredential | None = None) -> None:
+        """identity: the operator's own credential (default: DefaultAzureCredential, created on first use)."""
         self._timeout = timeout_seconds
-        self._identity: Any = None  # DefaultAzureCredential, created on first use
+        # Whatever the credential, it gives tokens for the storage audience only.
+        self._identity: ScopedCredential | None = ScopedCredential(identity, {STORAGE_SCOPE}) if identity else None
         # One HTTP session for every blob client: a client of its own per call opened a new connection
         # each time (a cold start of 1,000 ModelApps pins 1,000 model versions).
         self._session: aiohttp.ClientSession | None = None
@@ -111,7 +144,10 @@ class AzureBlobResolver:
 
     def _transport(self) -> AioHttpTransport:
         if self._session is None:
-            self._session = aiohttp.ClientSession(trust_env=True)  # proxies from the environment, as the SDK's own
+            self._session = aiohttp.ClientSession(
+                trust_env=True,  # proxies from the environment, as the SDK's own
+                response_class=capped_response_class(STORAGE_RESPONSE_MAX_BYTES),
+            )
         return AioHttpTransport(
             session=self._session,
             session_owner=False,
@@ -149,7 +185,7 @@ class AzureBlobResolver:
                 credential.connection_string, location.container, location.name, **options
             )
         if self._identity is None:
-            self._identity = DefaultAzureCredential()
+            self._identity = ScopedCredential(DefaultAzureCredential(), {STORAGE_SCOPE})
         if container_only:
             return ContainerClient(
                 location.account_url.rstrip("/"), location.container, credential=self._identity, **options
@@ -227,7 +263,11 @@ class AzureBlobResolver:
             async with client:
                 container = self._client(location, credential, container_only=True)
                 async with container:
-                    listing = container.list_blobs(name_starts_with=location.name, include=["snapshots", "metadata"])
+                    listing = container.list_blobs(
+                        name_starts_with=location.name,
+                        include=["snapshots", "metadata"],
+                        results_per_page=LIST_PAGE_SIZE,
+                    )
                     async for item in listing:
                         if item.name != location.name or not item.snapshot or item.snapshot in keep:
                             continue
@@ -258,6 +298,15 @@ def _storage_error(error: Exception, where: str, verb: str) -> ModelResolutionEr
     """An SDK error as a ModelResolutionError naming what to look at."""
     if isinstance(error, ModelResolutionError):
         return error
+    if isinstance(error, ScopeNotAllowed):
+        return ModelResolutionError(
+            Reason.TOKEN_SCOPE_NOT_ALLOWED, f"no token sent for {where}: {_first_line(error)}", retry_after=300
+        )
+    too_large = _cause(error, ResponseTooLarge)
+    if too_large is not None:
+        return ModelResolutionError(
+            Reason.STORAGE_RESPONSE_TOO_LARGE, f"{verb} {where}: {_first_line(too_large)}", retry_after=300
+        )
     if isinstance(error, ResourceNotFoundError):
         return ModelResolutionError(Reason.BLOB_NOT_FOUND, f"blob {where} does not exist", retry_after=30)
     if isinstance(error, ClientAuthenticationError):
@@ -287,6 +336,19 @@ def _storage_error(error: Exception, where: str, verb: str) -> ModelResolutionEr
         f"{verb} {where} failed: {type(error).__name__}: {_first_line(error)}",
         retry_after=60,
     )
+
+
+def _cause(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of `kind` in the chain the SDK wraps (inner_exception, __cause__, __context__)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        inner = getattr(current, "inner_exception", None)
+        current = inner if isinstance(inner, BaseException) else current.__cause__ or current.__context__
+    return None
 
 
 def _first_line(error: BaseException) -> str:

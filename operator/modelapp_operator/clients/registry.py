@@ -4,6 +4,8 @@ HEAD /v2/<repository>/manifests/<tag> with the manifest media types in Accept,
 read Docker-Content-Digest. On 401 the WWW-Authenticate challenge says how to log
 in: Basic (credentials from the pull Secret) or a Bearer token from the realm
 (anonymous, or with the same credentials as basic auth, as ACR and Docker Hub do).
+A manifest is read up to config.MANIFEST_MAX_BYTES and a token answer up to config.TOKEN_RESPONSE_MAX_BYTES,
+in chunks: a registry streaming an endless body fails the resolution, it does not grow the operator.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from modelapp_operator.clients.acr import AcrTokenError, AcrTokenProvider
 from modelapp_operator.clients.errors import ResolutionError
+from modelapp_operator.clients.limits import ResponseTooLarge, read_capped, read_json_capped
+from modelapp_operator.config import MANIFEST_MAX_BYTES, TOKEN_RESPONSE_MAX_BYTES
 from modelapp_operator.names import Reason
 
 MANIFEST_MEDIA_TYPES = (
@@ -179,6 +183,8 @@ class RegistryClient:
                 challenge = parse_challenge(headers.get("WWW-Authenticate", ""))
                 authorization = await self._authorize(challenge, path, credentials, cache_key)
                 status, headers, body = await self._manifest(url, authorization)
+        except ResponseTooLarge as error:
+            raise ImageResolutionError(Reason.REGISTRY_RESPONSE_TOO_LARGE, str(error), retry_after=300) from None
         except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError, ssl.SSLError) as error:
             raise ImageResolutionError(
                 Reason.REGISTRY_TLS_ERROR,
@@ -214,7 +220,9 @@ class RegistryClient:
                 return response.status, response.headers, b""
         # Some registries omit the digest header on HEAD: hash the manifest itself.
         async with self._session.get(url, headers=headers, ssl=self._ssl) as response:
-            return response.status, response.headers, await response.read()
+            if response.status != 200:
+                return response.status, response.headers, b""
+            return response.status, response.headers, await read_capped(response, MANIFEST_MAX_BYTES)
 
     async def _authorize(
         self,
@@ -259,12 +267,9 @@ class RegistryClient:
                 raise ImageResolutionError(
                     Reason.REGISTRY_UNAVAILABLE, f"token endpoint answered {response.status}", retry_after=30
                 )
-            try:
-                document: Any = await response.json(content_type=None)
-            except ValueError:
-                raise ImageResolutionError(
-                    Reason.REGISTRY_UNAVAILABLE, "token endpoint sent no JSON", retry_after=30
-                ) from None
+            document: Any = await read_json_capped(response, TOKEN_RESPONSE_MAX_BYTES)
+            if document is None:
+                raise ImageResolutionError(Reason.REGISTRY_UNAVAILABLE, "token endpoint sent no JSON", retry_after=30)
         token = (document.get("token") or document.get("access_token")) if isinstance(document, dict) else None
         if not isinstance(token, str) or not token:
             raise ImageResolutionError(Reason.REGISTRY_UNAVAILABLE, "token endpoint sent no token", retry_after=30)

@@ -49,10 +49,11 @@ from modelapp_operator.plan.reconcile_plan import (
     refresh_applies,
 )
 from modelapp_operator.plan.release import Release
+from modelapp_operator.plan.sources import AllowedSources
 from modelapp_operator.plan.status import Event, now_utc
 from modelapp_operator.reconcile.caches import AppState
 from modelapp_operator.reconcile.events import EventRecorder
-from modelapp_operator.reconcile.resolve import model_credential, resolve_image, resolve_model
+from modelapp_operator.reconcile.resolve import check_account, model_credential, resolve_image, resolve_model
 from modelapp_operator.redact import redact
 from modelapp_operator.watch.hub import WatchHub
 from modelapp_operator.watch.keys import AppKey
@@ -111,6 +112,9 @@ class Clients:
     events: EventRecorder | None = None
     in_flight: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(RECONCILES_AT_ONCE))
     refresh_in_flight: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(REFRESHES_AT_ONCE))
+    # The registries and storage accounts each namespace may use (config.py; None: any, only for tests that
+    # build their own clients). A host outside them gets no request at all.
+    sources: AllowedSources | None = None
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,8 @@ async def _reconcile_once(body: Mapping[str, Any], trigger: Trigger, deps: Depen
     images, models = _resolvers(clients, trigger)
     with track_resolutions(clients.watch, key):
         (image, image_resolution), (model, model_resolution) = await asyncio.gather(
-            resolve_image(app, clients.kube, images), resolve_model(app, clients.kube, models, clients.pins)
+            resolve_image(app, clients.kube, images, clients.sources),
+            resolve_model(app, clients.kube, models, clients.pins, clients.sources),
         )
     deployment, service = await asyncio.gather(
         read_child(deps, "apps/v1", "Deployment", key), read_child(deps, "v1", "Service", key)
@@ -317,6 +322,7 @@ async def _prune_snapshots(clients: Clients, app: ModelApp, status: Mapping[str,
         location = BlobLocation(account_url=address.account_url, container=address.container, name=address.blob)
         try:
             credential = await model_credential(app, clients.kube)
+            check_account(app, location, credential, clients.sources)
             deleted = await clients.pins.prune(location, credential, app.metadata.uid, kept)
         except ModelResolutionError as error:
             _log.warning("%s/%s: old snapshots stay until the next change: %s", app.namespace, app.name, error.message)

@@ -2,7 +2,9 @@
 
 Reads pull Secrets and storage Secrets through the Kubernetes client and asks the registry and
 the blob service through the resolvers (the watch hub's caching ones in the operator). A failure
-becomes a False condition with a retry delay, never an exception.
+becomes a False condition with a retry delay, never an exception. A registry or storage account the
+platform admin did not allow for the ModelApp's namespace (plan/sources.py) is refused before any
+request is made: RegistryNotAllowed / StorageAccountNotAllowed.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import dataclasses
 
 from modelapp_contract.blob import PinnedVersion
 from modelapp_contract.signing import SignatureError, VerifiedSignature, decode_bundle, verify_signature
-from modelapp_operator.api.modelapp_types import KeyRef, ModelApp
+from modelapp_operator.api.modelapp_types import BlobLocation, KeyRef, ModelApp
 from modelapp_operator.clients.blob_storage import (
     BlobCredential,
     BlobProperties,
@@ -22,6 +24,7 @@ from modelapp_operator.clients.blob_storage import (
     ModelResolver,
     OperatorIdentityCredential,
     PinNotAllowed,
+    account_url_of,
 )
 from modelapp_operator.clients.kube import KubeClient
 from modelapp_operator.clients.registry import (
@@ -40,13 +43,21 @@ from modelapp_operator.plan.model_check import (
 )
 from modelapp_operator.plan.reconcile_plan import Resolution
 from modelapp_operator.plan.release import ResolvedImage, ResolvedModel, pinned_image
+from modelapp_operator.plan.sources import NOT_ALLOWED_RETRY_SECONDS, AllowedSources, registry_refusal, storage_refusal
 from modelapp_operator.plan.status import Condition
 
 
 async def resolve_image(
-    app: ModelApp, kube: KubeClient, images: ImageResolver
+    app: ModelApp, kube: KubeClient, images: ImageResolver, sources: AllowedSources | None = None
 ) -> tuple[ResolvedImage | None, Resolution]:
+    """sources: the registries allowed per namespace (None: any, for callers that build their own clients)."""
     spec = app.spec.image
+    # Before anything else, a digest too: its pods would pull from a registry the namespace may not use.
+    refusal = registry_refusal(sources, app.namespace, spec.registry_host) if sources is not None else None
+    if refusal is not None:
+        return None, _failed(
+            ConditionType.IMAGE_RESOLVED, Reason.REGISTRY_NOT_ALLOWED, refusal, NOT_ALLOWED_RETRY_SECONDS
+        )
     pinned = pinned_image(app.spec, app.status)
     if pinned is not None:
         how = "pinned digest" if spec.digest else f"tag {spec.tag} resolved before (followTag: false)"
@@ -129,8 +140,27 @@ async def _verify(app: ModelApp, kube: KubeClient, read: BlobProperties) -> Veri
         ) from None
 
 
+def check_account(
+    app: ModelApp, location: BlobLocation, credential: BlobCredential, sources: AllowedSources | None
+) -> None:
+    """Raise ModelResolutionError StorageAccountNotAllowed unless both the account the spec names and the one
+    the credential reaches (a connection string names its own) are allowed for the ModelApp's namespace."""
+    if sources is None:
+        return
+    for account_url in dict.fromkeys((location.account_url, account_url_of(location, credential))):
+        refusal = storage_refusal(sources, app.namespace, account_url, location.container)
+        if refusal is not None:
+            raise ModelResolutionError(
+                Reason.STORAGE_ACCOUNT_NOT_ALLOWED, refusal, retry_after=NOT_ALLOWED_RETRY_SECONDS
+            )
+
+
 async def resolve_model(
-    app: ModelApp, kube: KubeClient, models: ModelResolver, pins: ModelPinner | None = None
+    app: ModelApp,
+    kube: KubeClient,
+    models: ModelResolver,
+    pins: ModelPinner | None = None,
+    sources: AllowedSources | None = None,
 ) -> tuple[ResolvedModel | None, Resolution]:
     """What the model resolves to, pinned to an immutable version when `pins` is given.
 
@@ -140,6 +170,7 @@ async def resolve_model(
     unpinned: str | None = None
     try:
         credential = await model_credential(app, kube)
+        check_account(app, model.blob, credential, sources)
         read = await models.get_properties(model.blob, credential)
         wanted = version_to_read(model, read, app.status, can_restore=pins is not None)
         if isinstance(wanted, ModelRefusal):
