@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any, cast
 
 import kopf
 import modelapp_operator.handlers  # noqa: F401 - importing registers the kopf handlers
@@ -20,7 +19,6 @@ from modelapp_contract import settings
 from modelapp_operator import metrics
 from modelapp_operator.config import VARIABLES, ConfigError, OperatorConfig, Variable
 from modelapp_operator.names import API_VERSION
-from modelapp_operator.peering import own_identity, own_priority
 from modelapp_operator.redact import RedactingFilter
 
 HELP_WIDTH = 120
@@ -100,21 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"modelapp-operator: cannot serve metrics on port {config.metrics_port}: {error}", file=sys.stderr)
             return 1
         logging.getLogger(__name__).info("metrics on %s:%d/metrics", config.metrics_bind, port)
-    peering = config.peering
-    if peering is not None and any(set(ns) & set("*?!") for ns in namespaces):
-        # The standby's view reads the KopfPeering of each namespace by name: globs have none.
-        print("modelapp-operator: MODELAPP_PEERING needs namespace names, not globs", file=sys.stderr)
-        return 2
-    if peering is not None:
-        # Fix the priority now: kopf and the operator's own PeeringView must use the same one.
-        peering = dataclasses.replace(peering, priority=own_priority(peering))
-        config = dataclasses.replace(config, peering=peering)
     kopf.run(
-        # Standalone: one replica (Recreate). With MODELAPP_PEERING: kopf peering, the oldest replica acts.
-        standalone=peering is None,
-        peering_name=peering.name if peering is not None else None,
-        priority=peering.priority if peering is not None else None,
-        identity=cast(Any, own_identity(peering)) if peering is not None else None,  # kopf.peering.Identity: a str
+        # Standalone always: with MODELAPP_LEADER_ELECTION both replicas watch, and only the holder of the
+        # Lease reconciles (leader.py); kopf's peering objects would live in the tenants' namespaces.
+        standalone=True,
         clusterwide=not namespaces,
         namespaces=namespaces,
         liveness_endpoint=liveness,

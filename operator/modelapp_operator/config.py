@@ -39,7 +39,15 @@ from modelapp_operator.plan.sources import (
     parse_namespace_rules,
 )
 
-__all__ = ["VARIABLES", "ConfigError", "OperatorConfig", "PeeringConfig", "ReceiverConfig", "Variable", "WatchConfig"]
+__all__ = [
+    "VARIABLES",
+    "ConfigError",
+    "LeaderElectionConfig",
+    "OperatorConfig",
+    "ReceiverConfig",
+    "Variable",
+    "WatchConfig",
+]
 
 LogFormat = Literal["text", "json"]
 
@@ -97,18 +105,22 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("MODELAPP_METRICS_PORT", str(DEFAULT_METRICS_PORT), "port of Prometheus /metrics; 0 or off: none"),
     Variable("MODELAPP_METRICS_BIND", "0.0.0.0", "address /metrics listens on"),  # noqa: S104
     Variable("MODELAPP_RECEIVER_ENABLED", "on when a token is set", "true or false: the webhook receiver"),
-    Variable("MODELAPP_RECEIVER_TOKEN", "", "the token webhook senders present (Bearer or ?token=)"),
-    Variable("MODELAPP_RECEIVER_TOKEN_FILE", "", "a file with that token, re-read when it changes (a mounted Secret)"),
+    Variable("MODELAPP_RECEIVER_TOKEN", "", "the token webhook senders present (Authorization: Bearer only)"),
+    Variable(
+        "MODELAPP_RECEIVER_TOKEN_FILE",
+        "",
+        "a file of accepted tokens, one per line (two during a rotation), re-read when it changes (a mounted Secret)",
+    ),
     Variable("MODELAPP_RECEIVER_PORT", str(DEFAULT_RECEIVER_PORT), "port of the webhook receiver"),
     Variable("MODELAPP_RECEIVER_BIND", "0.0.0.0", "address the webhook receiver listens on"),  # noqa: S104
     Variable("MODELAPP_RECEIVER_DEFAULT_REGISTRY", "", "registry host of push events that name none"),
-    Variable("MODELAPP_PEERING", "standalone", "kopf peering object: the replicas elect one active"),
-    Variable("MODELAPP_PEERING_LIFETIME_SECONDS", "10", "a replica silent this long is dead: the standby takes over"),
-    Variable("MODELAPP_PEERING_PRIORITY", "start time", "this replica's priority; replicas must differ"),
-    Variable("MODELAPP_PEERING_ADVERTISE", "pod IP", "host:port the other replica forwards webhooks to"),
-    Variable("MODELAPP_POD_NAME", "", "downward API metadata.name: this replica's identity"),
-    Variable("MODELAPP_POD_UID", "", "downward API metadata.uid: the tie-break between replicas"),
-    Variable("MODELAPP_POD_IP", "", "downward API status.podIP: the receiver address peers use"),
+    Variable("MODELAPP_LEADER_ELECTION", "standalone", "name of the Lease the replicas elect one active with"),
+    Variable("MODELAPP_LEADER_ELECTION_NAMESPACE", "MODELAPP_POD_NAMESPACE", "namespace of that Lease"),
+    Variable("MODELAPP_LEADER_ELECTION_LEASE_SECONDS", "15", "a lease not renewed this long is free to take"),
+    Variable("MODELAPP_LEADER_ELECTION_RENEW_DEADLINE_SECONDS", "10", "the leader stops acting if not renewed by then"),
+    Variable("MODELAPP_LEADER_ELECTION_RETRY_SECONDS", "2", "how often the Lease is renewed or tried"),
+    Variable("MODELAPP_POD_NAME", "", "downward API metadata.name: this replica's identity in the Lease"),
+    Variable("MODELAPP_POD_NAMESPACE", "", "downward API metadata.namespace: the operator's own namespace"),
 )
 
 
@@ -151,17 +163,20 @@ class WatchConfig:
 
 
 class TokenSource:
-    """The receiver's shared secret, from a value or a file (re-read when the mounted Secret changes)."""
+    """The receiver's accepted tokens, from a value or a file (re-read when the mounted Secret changes).
+
+    A file holds one token per line (blank lines and `#` comments ignored): during a rotation it holds
+    the new token and the old one, so senders move one at a time and no webhook is refused meanwhile."""
 
     def __init__(self, value: str | None = None, file: Path | None = None) -> None:
         if (value is None) == (file is None):
             raise ValueError("give exactly one of value or file")
-        self._value = value.strip() if value is not None else ""
+        self._values: tuple[bytes, ...] = _tokens(value) if value is not None else ()
         self._file = file
         self._mtime: float | None = None
         if file is not None:
             self._reload()
-        if not self._value:
+        if not self._values:
             raise ConfigError("the receiver token is empty")
 
     def _reload(self) -> None:
@@ -169,20 +184,32 @@ class TokenSource:
         try:
             mtime = self._file.stat().st_mtime
             if mtime != self._mtime:
-                value = self._file.read_text().strip()
-                if value:
-                    self._value, self._mtime = value, mtime
+                values = _tokens(self._file.read_text())
+                if values:
+                    self._values, self._mtime = values, mtime
         except OSError as error:
-            if not self._value:
+            if not self._values:
                 raise ConfigError(f"MODELAPP_RECEIVER_TOKEN_FILE: cannot read {self._file}: {error.strerror}") from None
+
+    @property
+    def count(self) -> int:
+        return len(self._values)
 
     def matches(self, candidate: str) -> bool:
         if self._file is not None:
             self._reload()
-        return hmac.compare_digest(candidate.encode(), self._value.encode())
+        given = candidate.encode()
+        # Compared with every token, each in constant time: which one matched (or how many there are) leaks nothing.
+        found = [hmac.compare_digest(given, value) for value in self._values]
+        return any(found)
 
     def __repr__(self) -> str:
         return "TokenSource(<redacted>)"
+
+
+def _tokens(raw: str) -> tuple[bytes, ...]:
+    lines = (line.strip() for line in raw.splitlines())
+    return tuple(line.encode() for line in lines if line and not line.startswith("#"))
 
 
 @dataclass(frozen=True)
@@ -210,7 +237,7 @@ class ReceiverConfig:
         if enabled and token is None:
             raise ConfigError(
                 "MODELAPP_RECEIVER_ENABLED is true but no token is set: set MODELAPP_RECEIVER_TOKEN or "
-                "MODELAPP_RECEIVER_TOKEN_FILE (webhooks must send it as a Bearer token or ?token=)"
+                "MODELAPP_RECEIVER_TOKEN_FILE (webhooks must send it as Authorization: Bearer <token>)"
             )
         port = integer(env, "MODELAPP_RECEIVER_PORT", DEFAULT_RECEIVER_PORT, low=1, high=65535)
         bind = text(env, "MODELAPP_RECEIVER_BIND") or "0.0.0.0"  # noqa: S104
@@ -218,46 +245,60 @@ class ReceiverConfig:
         return cls(enabled=enabled, bind=bind, port=port, token=token, default_registry=default_registry)
 
 
-# --- two replicas, one active (kopf peering) ------------------------------------------------------
+# --- two replicas, one active (leader election on a Lease) ------------------------------------------
+
+_OBJECT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 
 
 @dataclass(frozen=True)
-class PeeringConfig:
-    """kopf peering: the replica with the highest priority acts, the others stand by (modelapp_operator.peering)."""
+class LeaderElectionConfig:
+    """client-go's leader election on a coordination.k8s.io/v1 Lease (modelapp_operator.leader): the replica
+    holding the Lease acts, the others stand by. The Lease lives in the operator's own namespace, which
+    tenants cannot write."""
 
-    name: str  # the KopfPeering (namespaced operator) / ClusterKopfPeering (cluster-wide) object
-    lifetime_seconds: int = 10  # a replica silent this long is dead: the standby takes over after it
-    priority: int | None = None  # None: from the start time, so the oldest replica acts
-    pod_name: str = ""  # the downward API's metadata.name / metadata.uid (identity, tie-break)
-    pod_uid: str = ""
-    advertise: str | None = None  # host:port where the other replicas reach this one's receiver
+    lease_name: str
+    namespace: str  # the operator's own namespace
+    identity: str  # this replica's pod name: the standby forwards webhooks to that pod's IP
+    lease_seconds: float = 15.0  # client-go's defaults: 15 / 10 / 2
+    renew_deadline_seconds: float = 10.0  # < lease_seconds: the leader stops acting before its lease can expire
+    retry_seconds: float = 2.0
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], receiver_port: int) -> PeeringConfig | None:
-        name = text(env, "MODELAPP_PEERING")
+    def from_env(cls, env: Mapping[str, str]) -> LeaderElectionConfig | None:
+        name = text(env, "MODELAPP_LEADER_ELECTION")
         if not name:
             return None
-        if not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", name):
-            raise ConfigError(f"MODELAPP_PEERING: {name!r} is not an object name")
-        lifetime = integer(env, "MODELAPP_PEERING_LIFETIME_SECONDS", 10, low=3, high=600)
-        raw_priority = text(env, "MODELAPP_PEERING_PRIORITY")
-        try:
-            priority = int(raw_priority) if raw_priority else None
-        except ValueError:
-            raise ConfigError(f"MODELAPP_PEERING_PRIORITY: {raw_priority!r} is not an integer") from None
-        advertise = text(env, "MODELAPP_PEERING_ADVERTISE") or None
-        pod_ip = text(env, "MODELAPP_POD_IP")
-        if advertise is None and pod_ip:
-            advertise = f"[{pod_ip}]:{receiver_port}" if ":" in pod_ip else f"{pod_ip}:{receiver_port}"
-        if advertise is not None and not _HOST.match(advertise):
-            raise ConfigError(f"MODELAPP_PEERING_ADVERTISE: {advertise!r} is not a host:port")
+        if not _OBJECT_NAME.match(name) or len(name) > 253:
+            raise ConfigError(f"MODELAPP_LEADER_ELECTION: {name!r} is not an object name")
+        namespace = text(env, "MODELAPP_LEADER_ELECTION_NAMESPACE") or text(env, "MODELAPP_POD_NAMESPACE")
+        if not namespace:
+            raise ConfigError(
+                "MODELAPP_LEADER_ELECTION needs the operator's own namespace: set MODELAPP_POD_NAMESPACE "
+                "(downward API metadata.namespace) or MODELAPP_LEADER_ELECTION_NAMESPACE"
+            )
+        if not _NAMESPACE.match(namespace) or set(namespace) & set("*?!"):
+            raise ConfigError(f"MODELAPP_LEADER_ELECTION_NAMESPACE: {namespace!r} is not a namespace name")
+        identity = text(env, "MODELAPP_POD_NAME")
+        if not identity:
+            raise ConfigError("MODELAPP_LEADER_ELECTION needs MODELAPP_POD_NAME (downward API metadata.name)")
+        lease = number(env, "MODELAPP_LEADER_ELECTION_LEASE_SECONDS", 15.0, low=2.0, high=600.0)
+        deadline = number(env, "MODELAPP_LEADER_ELECTION_RENEW_DEADLINE_SECONDS", 10.0, low=1.0, high=600.0)
+        retry = number(env, "MODELAPP_LEADER_ELECTION_RETRY_SECONDS", 2.0, low=0.1, high=60.0)
+        # client-go's own checks (leaderelection.NewLeaderElector): lease > deadline > retry * 1.2.
+        if not lease > deadline:
+            raise ConfigError(
+                "MODELAPP_LEADER_ELECTION_RENEW_DEADLINE_SECONDS must be less than "
+                "MODELAPP_LEADER_ELECTION_LEASE_SECONDS"
+            )
+        if not deadline > retry * 1.2:
+            raise ConfigError("MODELAPP_LEADER_ELECTION_RETRY_SECONDS times 1.2 must be less than the renew deadline")
         return cls(
-            name=name,
-            lifetime_seconds=lifetime,
-            priority=priority,
-            pod_name=text(env, "MODELAPP_POD_NAME"),
-            pod_uid=text(env, "MODELAPP_POD_UID"),
-            advertise=advertise,
+            lease_name=name,
+            namespace=namespace,
+            identity=identity,
+            lease_seconds=lease,
+            renew_deadline_seconds=deadline,
+            retry_seconds=retry,
         )
 
 
@@ -313,7 +354,7 @@ class OperatorConfig:
     registry_azure_identity_hosts: frozenset[str] = frozenset()
     watch: WatchConfig | None = None  # change detection (coalescing, concurrency); None: defaults
     receiver: ReceiverConfig | None = None  # webhook receiver; None: off
-    peering: PeeringConfig | None = None  # two replicas, one active; None: standalone (one replica)
+    leader_election: LeaderElectionConfig | None = None  # two replicas, one active; None: standalone (one replica)
     metrics_port: int | None = DEFAULT_METRICS_PORT  # Prometheus /metrics; None: off
     metrics_bind: str = "0.0.0.0"  # noqa: S104 - Prometheus scrapes the pod IP
     # How long a Secret read is reused (pull and storage credentials; 0: read every time). A cold
@@ -382,7 +423,7 @@ class OperatorConfig:
             registry_azure_identity_hosts=azure_hosts,
             watch=WatchConfig.from_env(env),
             receiver=receiver,
-            peering=PeeringConfig.from_env(env, receiver.port),
+            leader_election=LeaderElectionConfig.from_env(env),
             metrics_port=metrics_port,
             metrics_bind=text(env, "MODELAPP_METRICS_BIND") or "0.0.0.0",  # noqa: S104
             secret_cache_seconds=secret_cache,

@@ -86,10 +86,9 @@ async def configure(
     settings.networking.request_timeout = 60
     settings.networking.connect_timeout = 10
     settings.execution.default_backoff = 30
-    if config.peering is not None:
-        # A replica silent this long is dead: the standby takes over after it (a SIGTERMed one leaves at once).
-        settings.peering.lifetime = config.peering.lifetime_seconds
-        settings.peering.stealth = True
+    # Two replicas: kopf runs standalone on both (no peering: its object would sit in the tenants'
+    # namespaces). Its handlers only enqueue; the queue acts only on the holder of the leader Lease
+    # (leader.py), and kopf itself writes nothing here but warning events (no finalizers, no diff base).
     # Watch only our own Deployments: the handler's `labels=` filter is client-side, so without
     # this kopf lists, parses and queues every Deployment in the cluster.
     settings.watching.label_selectors["apps", "deployments"] = CHILD_SELECTOR
@@ -173,6 +172,8 @@ async def on_child_deployment(event: kopf.RawEvent, body: kopf.Body, memo: Any, 
     if event.get("type") == "DELETED":
         _recreate(running, app)
         return
+    if not running.leading():
+        return  # the standby writes no status; the leader's own refresher and reconciles catch up
     # The event's copy is as fresh as a GET would be: spare the API server that read.
     deployment = event.get("object")
     if deployment:

@@ -25,17 +25,23 @@ from typing import Any
 import pytest
 from azure.storage.blob import ContainerClient
 from modelapp_localstack import Azurite, KubeCluster, Registry
-from modelapp_localstack.binaries import REPO_ROOT
 from modelapp_localstack.operator import OperatorProcess, apply_crd
 from modelapp_localstack.procs import free_port
 
 from tests.cluster.helpers import App, apply, conditions, get, modelapp, prepare, wait_for, wait_ready
+from tests.cluster.operator_pods import operator_namespace, stand_in_pod
 
 pytestmark = pytest.mark.chaos
 
 POLL_SECONDS = 2
 OUTAGE_SECONDS = float(os.environ.get("MODELAPP_CHAOS_OUTAGE_SECONDS", "60"))
-PEERING_CRDS = REPO_ROOT / "crds" / "kopf-peering.yaml"
+# Leader election for the failover test: short, as client-go allows (lease > deadline > 1.2 x retry); a killed
+# leader is replaced within the lease plus a retry.
+LEADER_ELECTION = {
+    "MODELAPP_LEADER_ELECTION_LEASE_SECONDS": "10",
+    "MODELAPP_LEADER_ELECTION_RENEW_DEADLINE_SECONDS": "7",
+    "MODELAPP_LEADER_ELECTION_RETRY_SECONDS": "1",
+}
 
 
 def report(test: str, **figures: Any) -> None:
@@ -300,14 +306,11 @@ def test_azurite_then_the_registry_down_status_says_why_no_rollout_and_recovery_
 
 
 @pytest.fixture
-def peering(kube: KubeCluster) -> Iterator[str]:
-    kube.kubectl("apply", "--server-side", "-f", str(PEERING_CRDS))
-    kube.kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=60s")
-    name = f"chaos-{uuid.uuid4().hex[:6]}"
-    kube.kubectl("apply", "-f", "-", input=json.dumps(
-        {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}}))  # fmt: skip
+def lease_namespace(kube: KubeCluster) -> Iterator[str]:
+    """The operators' own namespace, with the Lease they elect one active with and their (stand-in) pods."""
+    name = operator_namespace(kube, f"chaos-{uuid.uuid4().hex[:6]}")
     yield name
-    kube.kubectl("delete", "clusterkopfpeering", name, "--ignore-not-found")
+    kube.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")
 
 
 def test_failover_active_replica_killed_during_a_stream_of_changes(
@@ -318,28 +321,27 @@ def test_failover_active_replica_killed_during_a_stream_of_changes(
     registry_notify_port: int,
     registry_notify_token: str,
     setup: None,
-    peering: str,
+    lease_namespace: str,
     tmp_path: Path,
 ) -> None:
     prefix = f"cf-{uuid.uuid4().hex[:4]}"
     apps = apps_with_operator(kube, registry, azurite, models, prefix)
     port_b = free_port()
 
-    def env(port: int) -> dict[str, str]:
-        return operator_env(
-            registry_notify_token, port, MODELAPP_PEERING=peering, MODELAPP_PEERING_ADVERTISE=f"127.0.0.1:{port}"
-        )
-
-    def cluster_wide(log: Path, port: int) -> OperatorProcess:
-        return OperatorProcess.start(kube, registry, log, env(port))  # peering: a ClusterKopfPeering
+    def cluster_wide(log: Path, pod: str, port: int) -> OperatorProcess:
+        # Each replica is a pod of the Lease's namespace (a stand-in: the standby forwards to its IP and port).
+        stand_in_pod(kube, lease_namespace, pod, port)
+        election = {"MODELAPP_LEADER_ELECTION": "modelapp-operator", "MODELAPP_POD_NAMESPACE": lease_namespace}
+        env = operator_env(registry_notify_token, port, MODELAPP_POD_NAME=pod, **election, **LEADER_ELECTION)
+        return OperatorProcess.start(kube, registry, log, env)
 
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
-    first = cluster_wide(log_a, registry_notify_port)  # the registry's webhooks go to this port
+    first = cluster_wide(log_a, "operator-a", registry_notify_port)  # the registry's webhooks go to this port
     second: OperatorProcess | None = None
     again: OperatorProcess | None = None
     try:
         wait_for("the first replica active", lambda: "is now active" in first.log_text(), first, 60, 0.2)
-        second = cluster_wide(log_b, port_b)
+        second = cluster_wide(log_b, "operator-b", port_b)
         for app in apps:
             wait_ready(kube, app, first)
         newest = {app.namespace: app.digest for app in apps}
@@ -363,8 +365,8 @@ def test_failover_active_replica_killed_during_a_stream_of_changes(
                 killed_at = time.monotonic()
                 threading.Thread(target=watch_takeover, daemon=True).start()
             if i == 9:
-                # The killed replica comes back on the webhook port: now the standby, it forwards them.
-                again = cluster_wide(tmp_path / "a-again.log", registry_notify_port)
+                # The killed replica comes back (a new pod) on the webhook port: now the standby, it forwards them.
+                again = cluster_wide(tmp_path / "a-again.log", "operator-a2", registry_notify_port)
             time.sleep(1.0)
         seconds = wait_converged(kube, apps, newest, second)
         figures = verdict(kube, apps, newest, changes)

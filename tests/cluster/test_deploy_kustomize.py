@@ -33,9 +33,9 @@ SERVICE_ACCOUNT = f"system:serviceaccount:{OPERATOR_NS}:modelapp-operator"
 
 @pytest.fixture(scope="module")
 def deployed(kube: KubeCluster) -> Iterator[None]:
-    # The CRDs first: the tenant's KopfPeering object needs kopf's CRD established.
+    # The CRDs first (docs/operations.md, "Install").
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(DEPLOY.parent / "crds"))
-    kube.kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=60s")
+    kube.kubectl("wait", "--for=condition=Established", "crd/modelapps.modelapp.io", "--timeout=60s")
     kube.kubectl("apply", "-k", str(DEPLOY))
     # The receiver's token: a Secret the installer creates (docs/operations.md, "Webhooks").
     token = {"apiVersion": "v1", "kind": "Secret",
@@ -121,7 +121,9 @@ def can_i(kube: KubeCluster, *args: str) -> bool:
 
 
 ALLOWED = [
-    ("patch", "kopfpeerings.kopf.dev", "-n", APP_NS),  # two replicas, one active
+    ("create", "leases.coordination.k8s.io", "-n", OPERATOR_NS),  # two replicas, one active
+    ("update", "leases.coordination.k8s.io/modelapp-operator", "-n", OPERATOR_NS),
+    ("get", "pods/any-operator-pod", "-n", OPERATOR_NS),  # the Lease holder's pod: where webhooks go
     ("get", "secrets", "-n", APP_NS),
     ("watch", "modelapps.modelapp.io", "-n", APP_NS),
     ("patch", "modelapps.modelapp.io", "--subresource=status", "-n", APP_NS),
@@ -158,6 +160,11 @@ DENIED = [
     ("update", "customresourcedefinitions.apiextensions.k8s.io"),
     ("create", "serviceaccounts/token", "-n", APP_NS),
     ("impersonate", "serviceaccounts", "-n", APP_NS),
+    ("update", "leases.coordination.k8s.io/kube-controller-manager", "-n", "kube-system"),
+    ("update", "leases.coordination.k8s.io/another-lease", "-n", OPERATOR_NS),  # only its own Lease
+    ("delete", "leases.coordination.k8s.io/modelapp-operator", "-n", OPERATOR_NS),
+    ("create", "leases.coordination.k8s.io", "-n", APP_NS),
+    ("list", "pods", "-n", OPERATOR_NS),
 ]
 
 

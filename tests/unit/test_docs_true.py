@@ -166,6 +166,7 @@ def test_the_permission_table_is_what_deploy_grants_verb_for_verb() -> None:
     deploy = ROOT / "deploy"
     granted = _granted(deploy / "base" / "clusterrole.yaml", "ClusterRole", "cluster")
     granted |= _granted(deploy / "tenant" / "role.yaml", "Role", "app namespace")
+    granted |= _granted(deploy / "base" / "leader-election.yaml", "Role", "operator namespace")
     assert documented == granted
 
 

@@ -40,7 +40,7 @@ def test_base_takes_the_crd_from_the_crds_folder() -> None:
     base = yaml.safe_load((DEPLOY / "base" / "kustomization.yaml").read_text())
     assert "../../crds" in base["resources"]
     crds = yaml.safe_load((REPO_ROOT / "crds" / "kustomization.yaml").read_text())
-    assert crds["resources"] == ["modelapp.yaml", "kopf-peering.yaml"]
+    assert crds["resources"] == ["modelapp.yaml"]
 
 
 def test_top_level_kustomization_is_base_plus_tenant() -> None:
@@ -85,7 +85,6 @@ def test_namespaced_role_grants_exactly_what_the_operator_uses() -> None:
         ("", "configmaps"): {"get"},  # the public key of spec.model.signature
         ("", "events"): {"create", "patch", "list"},
         ("events.k8s.io", "events"): {"create", "patch"},
-        ("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"},  # two replicas, one active
     }
     binding = one(DEPLOY / "tenant" / "role.yaml", "RoleBinding")
     assert binding["subjects"] == [
@@ -108,8 +107,6 @@ def test_operator_deployment_is_two_replicas_one_active_restricted_and_probed() 
     pdb = one(DEPLOY / "base" / "pdb.yaml", "PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] == 1 and pdb["spec"]["selector"] == spec["selector"]
     assert "pdb.yaml" in kustomization("base")["resources"]
-    peering = one(DEPLOY / "tenant" / "peering.yaml", "KopfPeering")
-    assert "peering.yaml" in kustomization("tenant")["resources"]
     pod = spec["template"]["spec"]
     assert pod["serviceAccountName"] == "modelapp-operator"
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
@@ -131,10 +128,21 @@ def test_operator_deployment_is_two_replicas_one_active_restricted_and_probed() 
     # The receiver's token only ever comes from the Secret (never a literal in deploy/).
     env = {item["name"]: item.get("value", item.get("valueFrom")) for item in container["env"]}
     assert env["MODELAPP_RECEIVER_ENABLED"] == "true" and "MODELAPP_RECEIVER_TOKEN" not in settings
-    # kopf peering: every replica names itself and its receiver address from the downward API.
-    assert env["MODELAPP_PEERING"] == peering["metadata"]["name"]
-    assert env["MODELAPP_POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
-    assert env["MODELAPP_POD_UID"] == {"fieldRef": {"fieldPath": "metadata.uid"}}
+    # Leader election: a Lease in the operator's own namespace; each replica is its pod (downward API).
+    assert env["MODELAPP_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["MODELAPP_POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    election = OperatorConfig.from_env(
+        {**settings, "MODELAPP_LEADER_ELECTION": str(env["MODELAPP_LEADER_ELECTION"])}
+        | {"MODELAPP_POD_NAME": "modelapp-operator-abc", "MODELAPP_POD_NAMESPACE": "modelapp-system"}
+    ).leader_election
+    assert election is not None and election.namespace == kustomization("base")["namespace"]
+    assert "leader-election.yaml" in kustomization("base")["resources"]
+    assert rules(DEPLOY / "base" / "leader-election.yaml", "Role") == {
+        ("coordination.k8s.io", "leases"): {"create", "get", "update"},
+        ("", "pods"): {"get"},
+    }
+    (named,) = [r for r in one(DEPLOY / "base" / "leader-election.yaml", "Role")["rules"] if "update" in r["verbs"]]
+    assert named["resourceNames"] == [election.lease_name]  # it can update no other Lease
     mount = next(m for m in container["volumeMounts"] if m["name"] == "receiver-token")
     assert env["MODELAPP_RECEIVER_TOKEN_FILE"].startswith(mount["mountPath"] + "/") and mount["readOnly"] is True
     volume = next(v for v in pod["volumes"] if v["name"] == "receiver-token")

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from modelapp_operator.config import DEFAULT_RECEIVER_PORT as DEFAULT_PORT
 from modelapp_operator.config import ConfigError, ReceiverConfig, TokenSource
 from modelapp_operator.receiver.payloads import REGISTRY_EVENTS_MEDIA_TYPE
@@ -92,19 +93,27 @@ def acr_event() -> dict[str, Any]:
     }
 
 
-async def test_bearer_and_query_token_are_accepted(running: Running) -> None:
+async def test_the_token_is_taken_from_the_header_only_and_refused_in_the_url(
+    running: Running, caplog: pytest.LogCaptureFixture
+) -> None:
     assert await running.post("/webhooks/acr", acr_event()) == (202, {"accepted": 1})
-    status, _ = await running.post("/webhooks/acr", acr_event(), token=None, params={"token": TOKEN})
-    assert status == 202
+    # A right token in the URL is refused too (400, not 401: the sender is told where it belongs).
+    for params, token in (({"token": TOKEN}, None), ({"token": TOKEN}, TOKEN), ({"access_token": TOKEN}, None)):
+        status, body = await running.post("/webhooks/acr", acr_event(), token=token, params=params)
+        assert (status, body["error"]) == (400, "token_in_url")
+        assert "Authorization: Bearer" in body["message"]
+    async with running.session.get(running.url("/stats"), params={"token": TOKEN}) as response:
+        assert response.status == 400
     await running.receiver.drain()
-    assert running.sink.images == [("reg.azurecr.io", "a/b", "v1", DIGEST)] * 2
+    assert running.sink.images == [("reg.azurecr.io", "a/b", "v1", DIGEST)]
+    assert TOKEN not in caplog.text
 
 
 async def test_missing_or_wrong_token_is_401_and_never_logged(
     running: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    for token, params in ((None, {}), ("wrong", {}), (None, {"token": "wrong"}), (None, {"token": ""})):
+    for token, params in ((None, {}), ("wrong", {}), ("", {})):
         async with running.session.post(
             running.url("/webhooks/registry"),
             json={"events": []},
@@ -115,7 +124,7 @@ async def test_missing_or_wrong_token_is_401_and_never_logged(
             assert response.headers["WWW-Authenticate"].startswith("Bearer")
             assert (await response.json())["error"] == "unauthorized"
     assert running.sink.images == []  # nothing refused reached the hub
-    await running.post("/webhooks/acr", acr_event(), token=None, params={"token": TOKEN})
+    await running.post("/webhooks/acr", acr_event())
     await running.receiver.drain()
     assert running.sink.images == [("reg.azurecr.io", "a/b", "v1", DIGEST)]
     assert TOKEN not in caplog.text
@@ -218,10 +227,32 @@ async def test_cloudevents_options_handshake(running: Running) -> None:
         running.url("/webhooks/eventgrid"), headers={"Authorization": f"Bearer {TOKEN}"}
     ) as response:
         assert response.status == 400
+    # No token: Event Grid's handshakes carry no change, and may come without delivery headers.
     async with running.session.options(
         running.url("/webhooks/eventgrid"), headers={"WebHook-Request-Origin": "x"}
     ) as response:
-        assert response.status == 401
+        assert response.status == 200 and response.headers["WebHook-Allowed-Origin"] == "x"
+
+
+async def test_the_validation_event_is_answered_without_a_token_and_nothing_else_is(running: Running) -> None:
+    handshake = [
+        {"id": "v", "eventType": "Microsoft.EventGrid.SubscriptionValidationEvent", "data": {"validationCode": "c"}}
+    ]
+    assert await running.post("/webhooks/eventgrid", handshake, token=None) == (200, {"validationResponse": "c"})
+    blob = {
+        "id": "b",
+        "eventType": "Microsoft.Storage.BlobCreated",
+        "subject": "/blobServices/default/containers/models/blobs/m.onnx",
+        "data": {"url": "https://acct.blob.core.windows.net/models/m.onnx", "eTag": "0x1"},
+    }
+    for body in ([blob], b"{not json", [*handshake, blob]):
+        status, answer = await running.post("/webhooks/eventgrid", body, token=None)
+        if status == 200:
+            assert "validationResponse" in answer  # a handshake batch is answered as one: no change is taken
+        else:
+            assert status == 401
+    await running.receiver.drain()
+    assert running.sink.blobs == []
 
 
 async def test_healthz_and_stats(running: Running) -> None:
@@ -229,7 +260,7 @@ async def test_healthz_and_stats(running: Running) -> None:
         assert response.status == 200 and await response.json() == {"status": "ok"}
     async with running.session.get(running.url("/stats")) as response:
         assert response.status == 401
-    async with running.session.get(running.url("/stats"), params={"token": TOKEN}) as response:
+    async with running.session.get(running.url("/stats"), headers={"Authorization": f"Bearer {TOKEN}"}) as response:
         assert await response.json() == {"received": 0, "watch": {"polls": 3}}
 
 
@@ -273,6 +304,80 @@ def test_token_file_is_reread_when_it_changes(tmp_path: Path) -> None:
     os.utime(path, (1, 1))  # a distinct mtime even on coarse clocks
     assert source.matches("second") and not source.matches("first")
     empty = tmp_path / "empty"
-    empty.write_text("\n")
+    empty.write_text("\n# only a comment\n")
     with pytest.raises(ConfigError, match="empty"):
         TokenSource(file=empty)
+
+
+def test_a_rotation_accepts_the_new_and_the_old_token_until_the_old_line_goes(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("old-token\n")
+    source = TokenSource(file=path)
+    path.write_text("# rotating: new first, old until every sender has the new one\nnew-token\n  old-token  \n\n")
+    os.utime(path, (2, 2))
+    assert source.matches("new-token") and source.matches("old-token") and source.count == 2
+    assert not source.matches("") and not source.matches("# rotating") and not source.matches("new-token old-token")
+    path.write_text("new-token\n")
+    os.utime(path, (3, 3))
+    assert source.matches("new-token") and not source.matches("old-token")
+
+
+async def test_either_token_of_a_rotation_passes_the_receiver(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("new-token\nold-token\n")
+    receiver = Receiver(Sink(), TokenSource(file=path), bind="127.0.0.1", port=0)
+    await receiver.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            for token, expected in (("new-token", 202), ("old-token", 202), ("other", 401)):
+                async with session.post(
+                    f"http://127.0.0.1:{receiver.port}/webhooks/acr",
+                    json=acr_event(),
+                    headers={"Authorization": f"Bearer {token}"},
+                ) as response:
+                    assert response.status == expected
+    finally:
+        await receiver.stop()
+
+
+async def test_the_standby_forwards_to_the_leader_with_the_token_in_the_header_only() -> None:
+    """forward_to is leader.LeaderElector.forward_target: the leader pod's IP from the API, or "" if unknown."""
+    seen: list[tuple[str, str]] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        seen.append((request.path_qs, request.headers.get("Authorization", "")))
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    leader_sink = Sink()
+    leader = Receiver(leader_sink, TOKEN, bind="127.0.0.1", port=0)
+    app = leader.application()
+    app.middlewares.insert(0, record)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    target = f"127.0.0.1:{port}"
+    standby = Receiver(Sink(), TOKEN, bind="127.0.0.1", port=0, forward_to=lambda: target)
+    await standby.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{standby.port}/webhooks/acr"
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            async with session.post(url, json=acr_event(), headers=auth) as response:
+                assert response.status == 202
+            async with session.post(url, json=acr_event(), headers={"Authorization": "Bearer wrong"}) as response:
+                assert response.status == 401  # refused at the standby: nothing forwarded
+            async with session.post(url, json=acr_event(), headers=auth, params={"token": TOKEN}) as response:
+                assert response.status == 400  # a token in the URL never travels on
+            target = ""  # the Lease names no pod that exists (or none): nobody to forward to
+            async with session.post(url, json=acr_event(), headers=auth) as response:
+                assert response.status == 503 and response.headers["Retry-After"]
+        await leader.drain()
+        assert seen == [("/webhooks/acr", f"Bearer {TOKEN}")]
+        assert leader_sink.images == [("reg.azurecr.io", "a/b", "v1", DIGEST)]
+    finally:
+        await standby.stop()
+        await runner.cleanup()

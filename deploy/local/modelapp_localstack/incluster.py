@@ -164,7 +164,7 @@ def install_operator(
         receiver_token or secrets.token_urlsafe(24), receiver_address(service_cidr) if service_cidr else None,
         kube.kubectl("get", "service", "kubernetes", "-n", "default", "-o", "jsonpath={.spec.clusterIP}").stdout,
     )
-    # The CRDs first (as docs/operations.md says): deploy/ holds objects of their kinds (kopf's peering).
+    # The CRDs first (as docs/operations.md says).
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(REPO_ROOT / "crds"), timeout=120)
     kube.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
     applied = kube.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(overlay), timeout=120,

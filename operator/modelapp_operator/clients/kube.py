@@ -102,6 +102,7 @@ _PLURALS = {
     "Secret": "secrets",
     "ConfigMap": "configmaps",
     "Event": "events",
+    "Lease": "leases",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
     KIND: PLURAL,
 }
@@ -241,11 +242,34 @@ class AiohttpKubeClient:
         return [item for item in items or [] if isinstance(item, dict)]
 
     async def get_path(self, path: str) -> dict[str, Any] | None:
-        """GET any API path (e.g. kopf's peering object); None if it does not exist."""
+        """GET any API path; None if it does not exist."""
         status, payload = await self._request("GET", path)
         if status == 404:
             return None
         self._check(status, payload, f"get {path}")
+        return payload  # type: ignore[no-any-return]
+
+    async def create(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """POST a new object (the leader election's Lease); ConflictError if one of that name exists."""
+        metadata = obj["metadata"]
+        status, payload = await self._request(
+            "POST", resource_path(obj["apiVersion"], obj["kind"], metadata["namespace"]), body=obj
+        )
+        what = f"create {obj['kind']} {metadata['namespace']}/{metadata['name']}"
+        if status == 409:
+            raise ConflictError(status, f"{what}: it exists")
+        self._check(status, payload, what)
+        return payload  # type: ignore[no-any-return]
+
+    async def replace(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """PUT the object; with metadata.resourceVersion set, ConflictError if it changed since that version."""
+        metadata = obj["metadata"]
+        path = resource_path(obj["apiVersion"], obj["kind"], metadata["namespace"], metadata["name"])
+        status, payload = await self._request("PUT", path, body=obj)
+        what = f"replace {obj['kind']} {metadata['namespace']}/{metadata['name']}"
+        if status == 409:
+            raise ConflictError(status, f"{what}: changed since it was read")
+        self._check(status, payload, what)
         return payload  # type: ignore[no-any-return]
 
     async def apply(self, obj: Mapping[str, Any], *, force: bool = True) -> dict[str, Any]:

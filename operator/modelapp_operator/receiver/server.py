@@ -8,10 +8,15 @@ One aiohttp server inside the operator. Routes:
   GET /healthz              liveness (no token: probes cannot carry one)
   GET /stats                the watch hub's counters (token required)
 
-ACR webhooks and Event Grid cannot sign requests; they can only add a header or put a
-secret in the URL. So every webhook request must carry the shared secret as
-`Authorization: Bearer <token>` or `?token=<token>`. The access log is off (it would
-print the query string); nothing here logs a token.
+ACR webhooks and Event Grid cannot sign requests; both can add a header (ACR's `--headers`, Event
+Grid's delivery properties). So every webhook request must carry a shared secret as
+`Authorization: Bearer <token>`; a token in the URL (`?token=`) is refused with 400 and never
+forwarded: URLs end up in proxies' and ingresses' access logs. Several tokens may be accepted at
+once (a rotation: config.TokenSource). Event Grid's validation handshakes are answered without a
+token (they carry no change and only echo what they sent). Nothing here logs a token.
+
+Two replicas: a webhook that reaches the standby is forwarded to the leader's pod (leader.py finds
+its IP from the API, in the operator's namespace), with the token in the header.
 
 Handlers only parse and hand the changes to the hub in background tasks: answers are fast,
 and a flood of events for one push costs one registry request (the hub's single-flight).
@@ -96,6 +101,20 @@ async def _count_requests(
     return response
 
 
+@web.middleware
+async def _refuse_token_in_url(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A token in the URL is refused (even a right one): URLs are logged by proxies and ingresses."""
+    if "token" in request.query or "access_token" in request.query:
+        return _error(
+            400,
+            "token_in_url",
+            "send the token as Authorization: Bearer <token>, never in the URL (rotate a token that was sent there)",
+        )
+    return await handler(request)
+
+
 class Receiver:
     """The webhook server. `await start()`, `await stop()`; `port` is the bound port (for port 0)."""
 
@@ -151,7 +170,8 @@ class Receiver:
 
     def application(self) -> web.Application:
         app = web.Application(
-            middlewares=[_count_requests, _json_errors, self._forward_from_standby], client_max_size=self._max_body
+            middlewares=[_count_requests, _json_errors, _refuse_token_in_url, self._forward_from_standby],
+            client_max_size=self._max_body,
         )
         app.router.add_post("/webhooks/acr", self._acr)
         app.router.add_post("/webhooks/registry", self._registry)
@@ -169,12 +189,15 @@ class Receiver:
 
         The Service sends webhooks to either replica (both are Ready: a readiness gate on the
         standby would keep the PodDisruptionBudget from ever allowing the active one's eviction).
-        With no active replica known, 503 + Retry-After: registries and Event Grid retry."""
+        With no active replica known, 503 + Retry-After: registries and Event Grid retry. The target is
+        the leader's pod IP read from the API (leader.LeaderElector.forward_target), never an address a
+        tenant could write; only requests with a valid token go there (the handler answers the others:
+        401, or a validation handshake, which needs no leader)."""
         target = self._forward_to() if self._forward_to is not None else None
         if target is None or not request.path.startswith("/webhooks/") or request.method != "POST":
             return await handler(request)
         if not self._authorized(request):
-            return self._unauthorized()
+            return await handler(request)
         if not target or request.headers.get(FORWARDED_HEADER):
             return _error(503, "standby", "this replica stands by and knows no active one: retry", {"Retry-After": "2"})
         body = await request.read()
@@ -183,7 +206,7 @@ class Receiver:
         try:
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_SECONDS)) as session,
-                session.post(f"http://{target}{request.path_qs}", data=body, headers=headers) as answer,
+                session.post(f"http://{target}{request.path}", data=body, headers=headers) as answer,
             ):
                 payload = await answer.read()
                 _log.debug("receiver: forwarded %s to the active replica %s: %d", request.path, target, answer.status)
@@ -193,7 +216,7 @@ class Receiver:
             return _error(503, "standby", "the active replica did not answer: retry", {"Retry-After": "2"})
 
     async def start(self) -> None:
-        # access_log=None: the default access log prints the query string, which may hold the token.
+        # access_log=None: a refused `?token=` would still be in the query string the access log prints.
         runner = web.AppRunner(self.application(), access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, self._bind, self._port, reuse_address=True)
@@ -228,16 +251,13 @@ class Receiver:
     def _authorized(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
         scheme, _, credentials = header.partition(" ")
-        if scheme.lower() == "bearer" and credentials.strip():
-            return self._token.matches(credentials.strip())
-        query = request.query.get("token")
-        return bool(query) and self._token.matches(query or "")
+        return scheme.lower() == "bearer" and bool(credentials.strip()) and self._token.matches(credentials.strip())
 
     def _unauthorized(self) -> web.Response:
         return _error(
             401,
             "unauthorized",
-            "missing or wrong token: send Authorization: Bearer <token> or add ?token=<token> to the URL",
+            "missing or wrong token: send Authorization: Bearer <token>",
             {"WWW-Authenticate": 'Bearer realm="modelapp-receiver"'},
         )
 
@@ -267,9 +287,17 @@ class Receiver:
             ) from None
 
     async def _handle(
-        self, request: web.Request, parse: Callable[[Any], tuple[list[Change], web.Response | None]], status: int
+        self,
+        request: web.Request,
+        parse: Callable[[Any], tuple[list[Change], web.Response | None]],
+        status: int,
+        *,
+        handshake_without_token: bool = False,
     ) -> web.Response:
-        if not self._authorized(request):
+        """handshake_without_token: an answer that carries no change (`early`, Event Grid's validation)
+        is given without a token; everything else needs it."""
+        authorized = self._authorized(request)
+        if not authorized and not handshake_without_token:
             return self._unauthorized()
         try:
             document = await self._json_body(request)
@@ -277,9 +305,11 @@ class Receiver:
         except _TooLarge:
             return _error(413, "payload_too_large", f"the body is larger than {self._max_body} bytes")
         except PayloadError as error:
-            return _error(400, "bad_request", str(error))
+            return _error(400, "bad_request", str(error)) if authorized else self._unauthorized()
         if early is not None:
             return early
+        if not authorized:
+            return self._unauthorized()
         for change in changes:
             self._hand_off(change)
         _log.debug("receiver: %s: %d change(s)", request.path, len(changes))
@@ -323,12 +353,10 @@ class Receiver:
                 return [], web.json_response({"validationResponse": batch.validation_code})
             return list(batch.changes), None
 
-        return await self._handle(request, parse, 200)
+        return await self._handle(request, parse, 200, handshake_without_token=True)
 
     async def _eventgrid_options(self, request: web.Request) -> web.Response:
-        """CloudEvents webhook validation: echo the origin back as allowed."""
-        if not self._authorized(request):
-            return self._unauthorized()
+        """CloudEvents webhook validation: echo the origin back as allowed (no token: it carries no change)."""
         origin = request.headers.get("WebHook-Request-Origin", "").strip()
         if not origin:
             return _error(400, "bad_request", "OPTIONS needs a WebHook-Request-Origin header")

@@ -29,6 +29,7 @@ from typing import Any
 from modelapp_operator.names import ANNOTATION_RECONCILE_REQUEST
 from modelapp_operator.reconcile.caches import generation_of
 from modelapp_operator.reconcile.reconciler import (
+    NotLeading,
     PermanentReconcileError,
     ReconcileResult,
     TemporaryReconcileError,
@@ -105,8 +106,9 @@ class ReconcileQueue:
         self._active: Callable[[], bool] = lambda: True
 
     def set_active_check(self, active: Callable[[], bool]) -> None:
-        """Two replicas: only the active one reconciles. A request on a standby (a retry due from when it
-        was active, or an event seen before its view of the peering caught up) waits until it is active."""
+        """Two replicas: only the one holding the leader Lease reconciles (leader.LeaderElector.leading). A
+        request on a standby (every watch event: both replicas watch; a retry due from when it led) waits
+        until it leads; a reconcile under way when the Lease is lost stops at its next write (NotLeading)."""
         self._active = active
 
     def observe(self, key: AppKey, body: Mapping[str, Any]) -> bool:
@@ -166,6 +168,9 @@ class ReconcileQueue:
             return STANDBY_RECHECK_SECONDS  # kept, not dropped: it runs once this replica is the active one
         try:
             result = await self._reconcile(key, trigger)
+        except NotLeading:
+            self._logger.info("%s/%s: not the leader any more: nothing written (%s)", namespace, name, trigger)
+            return STANDBY_RECHECK_SECONDS
         except PermanentReconcileError as error:
             self._logger.warning("%s/%s: %s (waiting for the ModelApp to change)", namespace, name, error)
         except TemporaryReconcileError as error:

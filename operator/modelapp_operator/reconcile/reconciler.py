@@ -84,6 +84,10 @@ class ReconcileError(Exception):
         self.message = redact(message)
 
 
+class NotLeading(Exception):
+    """This replica does not hold the leader Lease (or missed its renew deadline): it must not write."""
+
+
 class PermanentReconcileError(ReconcileError):
     """Retrying cannot help until the ModelApp changes (invalid spec)."""
 
@@ -111,6 +115,9 @@ class Clients:
     # Posts events in the background (None: each is posted before the reconcile goes on).
     events: EventRecorder | None = None
     in_flight: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(RECONCILES_AT_ONCE))
+    # Two replicas: whether this one holds the leader Lease within its renew deadline (leader.LeaderElector.leading),
+    # asked right before every apply and status write.
+    may_write: Callable[[], bool] = field(default=lambda: True)
     refresh_in_flight: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(REFRESHES_AT_ONCE))
     # The registries and storage accounts each namespace may use (config.py; None: any, only for tests that
     # build their own clients). A host outside them gets no request at all.
@@ -287,6 +294,7 @@ async def _apply(
     applied_deployment: Mapping[str, Any] | None = None
     for obj in plan.apply:
         creating = obj["kind"] in absent
+        _must_lead(deps.clients)
         try:
             answer = await deps.clients.kube.apply(obj, force=not creating)
         except ConflictError:
@@ -335,6 +343,7 @@ async def _write_status(deps: Dependencies, body: Mapping[str, Any], update: Sta
     metadata = body.get("metadata") or {}
     if update.changed:
         key = (str(metadata["namespace"]), str(metadata["name"]))
+        _must_lead(deps.clients)
         try:
             written = await deps.clients.kube.patch_modelapp_status(
                 *key, update.status, previous=body.get("status") or {}, resource_version=metadata.get("resourceVersion")
@@ -349,6 +358,13 @@ async def _write_status(deps: Dependencies, body: Mapping[str, Any], update: Sta
     METRICS.status_observed((str(metadata["namespace"]), str(metadata["name"])), update.status)
     for event in update.events:
         await _post_event(deps.clients, body, event)
+
+
+def _must_lead(clients: Clients) -> None:
+    """The apply guard: a replica that lost the Lease (or could not renew it in time) writes nothing.
+    What remains is the time between this check and the write reaching the API server (docs/operations.md)."""
+    if not clients.may_write():
+        raise NotLeading("this replica does not hold the leader Lease")
 
 
 async def _post_event(clients: Clients, body: Mapping[str, Any], event: Event) -> None:
