@@ -12,13 +12,23 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/modelapp
 WORKDIR /src
+# Every dependency comes from the hashed lock (requirements/app-lock.txt, made from pyproject.toml by
+# requirements/lock.sh): pip refuses a file whose sha256 is not listed and a requirement without one, and takes
+# wheels only, so no package's build code runs here. It is installed before the sources are copied, so a source
+# change reuses this layer.
+COPY requirements/app-lock.txt requirements/
+RUN /opt/modelapp/bin/pip install --require-hashes --only-binary=:all: -r requirements/app-lock.txt
 # The project is one distribution with several source roots; this image takes only the app's and the contract
 # it shares with the operator (setuptools builds the roots that are there), so an operator change never
 # rebuilds it. The other roots' commands are not installed.
 COPY pyproject.toml README.md ./
 COPY contract/ contract/
 COPY app/ app/
-RUN /opt/modelapp/bin/pip install ".[app]" \
+# The project itself with the locked setuptools (its build backend) and nothing from an index; `pip check` fails
+# the build if the lock lacks a dependency. setuptools is then removed: nothing runs it.
+RUN /opt/modelapp/bin/pip install --no-deps --no-build-isolation --no-index . \
+    && /opt/modelapp/bin/pip check \
+    && /opt/modelapp/bin/pip uninstall --yes --quiet setuptools \
     && rm -f /opt/modelapp/bin/modelapp /opt/modelapp/bin/kubectl-modelapp /opt/modelapp/bin/modelapp-operator \
         /opt/modelapp/bin/modelapp-stack /opt/modelapp/bin/modelapp-demo \
     && /opt/modelapp/bin/python -m compileall -q /opt/modelapp
