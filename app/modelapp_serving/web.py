@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from a2wsgi import WSGIMiddleware
 from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from modelapp_serving import __version__
 from modelapp_serving.config import ServingConfig
@@ -127,6 +127,22 @@ def error_body(message: str, status: int) -> bytes:
     return json.dumps({"error": message, "status": status}, separators=(",", ":")).encode()
 
 
+def _request_body() -> bytes:
+    """The request body, refused with a 413 past MAX_CONTENT_LENGTH. werkzeug refuses a longer Content-Length
+    itself, but cuts a body without one (chunked) at the limit silently, which then read as "not valid JSON";
+    one more byte from the server's own stream (which ends where the body ends) says whether it went on."""
+    body = request.get_data(cache=False)
+    limit = request.max_content_length
+    if (
+        request.content_length is None
+        and limit is not None
+        and len(body) >= limit
+        and request.environ["wsgi.input"].read(1)
+    ):
+        raise RequestEntityTooLarge()
+    return body
+
+
 def _install_routes(app: Flask, state: ModelState, metrics: ServingMetrics, image: str | None = None) -> None:
     def not_ready() -> Response:
         return error_response(f"model not ready: {state.reason}", 503, {"Retry-After": "5"})
@@ -140,7 +156,7 @@ def _install_routes(app: Flask, state: ModelState, metrics: ServingMetrics, imag
         if mimetype != JSON_MIMETYPE and not mimetype.endswith("+json"):
             return error_response("the body must be JSON (Content-Type: application/json)", 415)
         try:
-            features = parse_features(request.get_data(cache=False), model)
+            features = parse_features(_request_body(), model)
         except BadInput as error:
             return error_response(str(error), 400)
         return Response(predictions_body(model.predict(features)), mimetype=JSON_MIMETYPE)
@@ -218,7 +234,7 @@ def _install_oip_routes(app: Flask, state: ModelState, oip: OipApi) -> None:
                 "the binary tensor data extension is not supported: send the tensors as JSON "
                 "(tritonclient: binary_data=False)"
             )
-        return Response(served.infer(request.get_data(cache=False)), mimetype=JSON_MIMETYPE)
+        return Response(served.infer(_request_body()), mimetype=JSON_MIMETYPE)
 
 
 def v2_error_response(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
@@ -402,7 +418,8 @@ class AsgiPredictApp:
         self, flask_app: Flask, state: ModelState, max_request_bytes: int, metrics: MetricsMiddleware, oip: OipApi
     ) -> None:
         # a2wsgi types scopes and messages as TypedDicts; this class passes them on as it got them.
-        self._fallback: Callable[[Any, Any, Any], Awaitable[None]] = WSGIMiddleware(flask_app)  # type: ignore[arg-type]
+        fallback = WSGIMiddleware(_input_terminated(flask_app))  # type: ignore[arg-type]
+        self._fallback: Callable[[Any, Any, Any], Awaitable[None]] = fallback
         self._state = state
         self._max_request_bytes = max_request_bytes
         self._metrics = metrics
@@ -475,6 +492,20 @@ class AsgiPredictApp:
         )
         await send({"type": "http.response.body", "body": payload})
         self._metrics.count(endpoint, "POST", str(status), time.perf_counter() - started)
+
+
+def _input_terminated(app: WSGIApplication) -> WSGIApplication:
+    """a2wsgi's `wsgi.input` ends where the ASGI request body ends, but a2wsgi does not say so: werkzeug then reads
+    nothing of a body without Content-Length (chunked), and a chunked /predict got "not valid JSON". Said, werkzeug
+    reads it up to MAX_CONTENT_LENGTH (and `_request_body` answers 413 past it), as under gunicorn's own workers.
+    A body with a Content-Length is still read as long as that says (a shorter one is a 400)."""
+
+    def terminated(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if "CONTENT_LENGTH" not in environ:
+            environ["wsgi.input_terminated"] = True
+        return app(environ, start_response)
+
+    return terminated
 
 
 def _replay(body: bytes) -> Receive:

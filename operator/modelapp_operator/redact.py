@@ -1,48 +1,17 @@
 """Remove credentials from text before it reaches status, events or logs.
 
-Error messages from the storage SDK, aiohttp and registries can echo connection
-strings, SAS query strings, bearer tokens or URLs with user:password; every
-message the operator publishes goes through `redact` first.
+The rules are the contract's (modelapp_contract.redact), which the pods' termination messages go through too
+before they enter status (plan/pods.py); every message the operator publishes goes through `redact` first,
+and `RedactingFilter` cleans every log record.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 
-REDACTED = "***"
+from modelapp_contract.redact import REDACTED, redact
 
-_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    # Connection-string secrets: AccountKey=...;SharedAccessSignature=...;
-    (
-        re.compile(r"(?i)\b(AccountKey|SharedAccessSignature|SharedAccessKey|Password|Pwd)=([^;\s\"']+)"),
-        rf"\1={REDACTED}",
-    ),
-    # SAS and other secret query parameters: ?sv=...&sig=...
-    (
-        re.compile(r"(?i)([?&](sig|signature|token|access_token|refresh_token|code|password)=)[^&\s\"'#]+"),
-        rf"\1{REDACTED}",
-    ),
-    # Authorization headers and bearer/basic tokens.
-    (re.compile(r"(?i)\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]{8,}"), rf"\1 {REDACTED}"),
-    # Credentials inside URLs: scheme://user:password@host
-    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@"), rf"\1{REDACTED}@"),
-    # JSON-ish secret fields: "password": "...", "auth": "...", "token": "..."
-    (
-        re.compile(
-            r"(?i)(\"(?:password|auth|token|access_token|refresh_token|identitytoken|"
-            r"connectionString)\"\s*:\s*\")[^\"]*\""
-        ),
-        rf'\1{REDACTED}"',
-    ),
-)
-
-
-def redact(text: str) -> str:
-    """Return text with anything that looks like a credential replaced by ***."""
-    for pattern, replacement in _PATTERNS:
-        text = pattern.sub(replacement, text)
-    return text
+__all__ = ["REDACTED", "RedactingFilter", "redact"]
 
 
 class RedactingFilter(logging.Filter):

@@ -8,7 +8,9 @@ how often), the image pull, the pod's configuration, or scheduling. Only pods of
 current template (its pair's annotations) count, and only pods whose app container is not ready.
 
 Pods are read only while a rollout is not complete (a label-selector list, never in steady state),
-on the status refresher's rechecks and while a problem is shown.
+on the status refresher's rechecks and while a problem is shown. What a pod says (its termination message,
+its last lines, the kubelet's messages) is redacted before it enters a PodProblem, so a secret, a token or a
+SAS URL a crashing container printed never reaches status, history or events.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from modelapp_contract.redact import redact
 from modelapp_contract.termination import Refusal, parse_refusal
 from modelapp_operator.names import (
     ANNOTATION_IMAGE_DIGEST,
@@ -63,6 +66,10 @@ class PodProblem:
     message: str
     refusal: Refusal | None = None  # the app's own refusal, when the model is the part that failed
     crash_looping: bool = False
+
+    def __post_init__(self) -> None:
+        # Every message is built from what the pod said: redacted here, once, whoever built it.
+        object.__setattr__(self, "message", redact(self.message))
 
 
 @dataclass(frozen=True)
@@ -134,8 +141,9 @@ def _last_termination(status: Mapping[str, Any]) -> Mapping[str, Any] | None:
 
 
 def _output(message: str) -> str:
-    """The last lines of a container's output, on one line, bounded (the tail says most)."""
-    text = " | ".join(line.strip() for line in message.strip().splitlines() if line.strip())
+    """The last lines of a container's output, on one line, bounded (the tail says most); redacted before it is
+    cut, so a secret cut in half is still found."""
+    text = " | ".join(line.strip() for line in redact(message).strip().splitlines() if line.strip())
     return text if len(text) <= OUTPUT_MAX_CHARS else "..." + text[-(OUTPUT_MAX_CHARS - 3) :]
 
 
