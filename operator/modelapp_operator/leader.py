@@ -133,8 +133,8 @@ class LeaderElector:
     def holder(self) -> str | None:
         """The replica another one's Lease names while it is unexpired as seen here (None: none known)."""
         record = self._observed
-        if record is None or not record.holder or self.leading():
-            return None
+        if record is None or not record.holder or record.holder == self.identity or self.leading():
+            return None  # none, or this replica: a webhook is never forwarded to itself
         if self._scheduler.time() >= self._observed_at + self._duration(record):
             return None
         return record.holder

@@ -138,9 +138,11 @@ async def test_a_leader_that_cannot_renew_stops_before_its_lease_expires_and_the
         await clock.advance(2)
         await a.attempt()
     assert a.leading()  # 8 s since its last renewal: within the renew deadline
+    assert a.forward_target() is None
     await clock.advance(2)
     await a.attempt()
     assert not a.leading()  # 10 s: stops acting, 5 s before anyone may take the Lease
+    assert a.holder() is None and a.forward_target() == ""  # the Lease still names a: never forwarded to itself
     store.down = False
     await b.attempt()
     assert not b.leading() and clock.time() < seen_at + 15  # b waits the lease duration out
