@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from modelapp_localstack import Buildah, Registry, Stack, images
@@ -137,3 +138,29 @@ def test_operator_image_runs_the_operator(project_images: dict[str, images.Image
     code, output = run_in(image, ["modelapp-operator", "--help"])
     assert code == 0, output
     assert "ModelApp" in output
+
+
+@pytest.mark.parametrize("which", ["app", "operator"])
+def test_project_image_holds_only_what_it_runs(
+    project_images: dict[str, images.ImageArchive], run_in: RunIn, which: images.ProjectImage
+) -> None:
+    """Installed from its hashed lock: consistent (`pip check`), and with no local stack, no development tool
+    and no build backend left in it."""
+    image = project_images[which]
+    code, output = run_in(image, ["/opt/modelapp/bin/pip", "check"])
+    assert code == 0, output
+    absent = ["modelapp_localstack", "pytest", "mypy", "ruff", "hypothesis", "skl2onnx", "setuptools"]
+    check = (
+        "import importlib.util as u, shutil; "
+        f"print([m for m in {absent!r} if u.find_spec(m)], shutil.which('modelapp-stack'), shutil.which('pytest'))"
+    )
+    code, output = run_in(image, ["python3", "-c", check])
+    assert code == 0, output
+    assert output.strip().endswith("[] None None"), output
+    code, output = run_in(image, ["/opt/modelapp/bin/pip", "list", "--format=freeze"])
+    assert code == 0, output
+    installed = {line.partition("==")[0].lower().replace("_", "-") for line in output.split() if "==" in line}
+    locked = (Path(__file__).resolve().parents[2] / "requirements" / f"{which}-lock.txt").read_text()
+    pinned = {line.partition("==")[0].lower().replace("_", "-") for line in locked.splitlines() if "==" in line}
+    # Everything installed is the project, pip, or a locked pin.
+    assert installed - pinned - {"modelapp", "pip"} == set()
