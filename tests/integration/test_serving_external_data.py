@@ -1,0 +1,58 @@
+"""An ONNX model that references external data, published to Blob Storage (Azurite) with its sha256, is refused by
+the real serving process (gunicorn, its workers, the verified download) with the refusal exit code (the refusal
+is ModelCannotLoad: state.py reports every ModelLoadError so), and the file it names is never opened."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from modelapp_contract.termination import EXIT_MODEL_REFUSED
+from modelapp_localstack import Azurite
+from modelapp_serving.publish import publish_model
+
+from tests.integration.test_serving_process_health import serve, stop
+from tests.unit.test_serving_onnx_external_data import TRAVERSAL, in_initializer, in_subgraph, opened_watch, write
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("location", [TRAVERSAL, "secret-beside-the-model"])
+def test_a_published_model_with_external_data_is_refused_by_the_server(
+    azurite: Azurite, tmp_path: Path, location: str
+) -> None:
+    source = write(in_initializer(location), tmp_path / "model.onnx")
+    url = f"{azurite.blob_endpoint}/models-{uuid.uuid4().hex[:12]}/external.onnx"
+    published = publish_model(source, url, connection_string=azurite.connection_string)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    # A file where the reference points, inside the cache folder the model is downloaded into.
+    beside = cache / "secret-beside-the-model"
+    beside.write_bytes(b"\x00" * 64)
+    with opened_watch(beside) as touched:
+        server, _, _, log_path = serve(
+            azurite, published, tmp_path, MODELAPP_EXIT_ON_REFUSAL="true", MODELAPP_MODEL_CACHE_DIR=str(cache)
+        )
+        try:
+            code = server.wait(timeout=90)
+        finally:
+            stop(server)
+        assert not touched()
+    log_text = log_path.read_text()
+    assert code == EXIT_MODEL_REFUSED, log_text
+    assert f"references external data (tensor 'W' in file {location!r})" in log_text
+
+
+def test_external_data_in_a_subgraph_is_refused_by_the_server(azurite: Azurite, tmp_path: Path) -> None:
+    source = write(in_subgraph(TRAVERSAL), tmp_path / "model.onnx")
+    url = f"{azurite.blob_endpoint}/models-{uuid.uuid4().hex[:12]}/external.onnx"
+    published = publish_model(source, url, connection_string=azurite.connection_string)
+    server, _, _, log_path = serve(azurite, published, tmp_path, MODELAPP_EXIT_ON_REFUSAL="true")
+    try:
+        code = server.wait(timeout=90)
+    finally:
+        stop(server)
+    log_text = log_path.read_text()
+    assert code == EXIT_MODEL_REFUSED, log_text
+    assert "references external data (tensor 'W' in file" in log_text
