@@ -18,7 +18,7 @@ from pathlib import Path
 from modelapp_contract import container
 from modelapp_contract.blob import BlobAddress, ModelFormat, PinnedVersion, parse_blob_url
 from modelapp_contract.probes import default_liveness_port
-from modelapp_contract.settings import ConfigError, Variable, boolean, choice, integer, required, text
+from modelapp_contract.settings import ConfigError, Variable, boolean, choice, file_text, integer, required, text
 
 __all__ = ["VARIABLES", "ConfigError", "ModelFormat", "ModelSpec", "ServerConfig", "ServingConfig"]
 
@@ -40,7 +40,12 @@ MODEL_VARIABLES: tuple[Variable, ...] = (
     Variable(container.MODEL_SHA256, "", "the sha256 (hex) the file must have (required): a mismatch is refused"),
     Variable(container.MODEL_FORMAT, "", "onnx, skops or pickle (required)"),
     Variable(container.MODEL_PIN, "", "versionid=<id> or snapshot=<time>: the immutable version to download"),
-    Variable(container.MODEL_CONNECTION_STRING, "", "storage connection string; unset: DefaultAzureCredential"),
+    Variable(
+        container.MODEL_CONNECTION_STRING_FILE,
+        "",
+        "a file holding the storage connection string (the operator mounts its Secret there); wins over the next",
+    ),
+    Variable(container.MODEL_CONNECTION_STRING, "", "storage connection string; neither set: DefaultAzureCredential"),
     Variable(container.MODEL_SIGNATURE_PUBLIC_KEY, "", "PEM public key: the model must carry a signature by it"),
     Variable(container.MODEL_CACHE_DIR, container.CACHE_DIR, "where the verified model is cached"),
     Variable(container.ALLOW_PICKLE, "false", "true to allow pickle/joblib models (loading them runs code)"),
@@ -127,7 +132,9 @@ class ServingConfig:
         env = os.environ if env is None else env
         return cls(
             model=_model_spec(env),
-            connection_string=text(env, container.MODEL_CONNECTION_STRING) or None,
+            connection_string=file_text(env, container.MODEL_CONNECTION_STRING_FILE)
+            or text(env, container.MODEL_CONNECTION_STRING)
+            or None,
             cache_dir=_cache_dir(env),
             allow_pickle=boolean(env, container.ALLOW_PICKLE, default=False),
             exit_on_refusal=boolean(env, container.EXIT_ON_REFUSAL, default=False),

@@ -18,7 +18,10 @@ MODEL_FORMAT: Final = "MODELAPP_MODEL_FORMAT"  # onnx, skops or pickle (modelapp
 MODEL_PIN: Final = "MODELAPP_MODEL_PIN"  # versionid=... or snapshot=... (PinnedVersion.query); absent: the ETag only
 MODEL_CACHE_DIR: Final = "MODELAPP_MODEL_CACHE_DIR"
 MODEL_SIGNATURE_PUBLIC_KEY: Final = "MODELAPP_MODEL_SIGNATURE_PUBLIC_KEY"  # PEM: the model's signature is checked
-MODEL_CONNECTION_STRING: Final = "MODELAPP_MODEL_CONNECTION_STRING"  # else DefaultAzureCredential
+# The storage connection string: the operator mounts the ModelApp's Secret as a file and names the file (a value
+# in the environment is read by anything that can read /proc/<pid>/environ or a crash's dump of it).
+MODEL_CONNECTION_STRING_FILE: Final = "MODELAPP_MODEL_CONNECTION_STRING_FILE"
+MODEL_CONNECTION_STRING: Final = "MODELAPP_MODEL_CONNECTION_STRING"  # the value itself, for runs outside a pod
 ALLOW_PICKLE: Final = "MODELAPP_ALLOW_PICKLE"  # loading a pickle runs code: only with the spec's consent
 # A refused model (sha256, signature, load) stops the container, its reason in the termination message.
 EXIT_ON_REFUSAL: Final = "MODELAPP_EXIT_ON_REFUSAL"
@@ -36,7 +39,7 @@ RENDERED: Final = (
     MODEL_PIN,
     MODEL_CACHE_DIR,
     MODEL_SIGNATURE_PUBLIC_KEY,
-    MODEL_CONNECTION_STRING,
+    MODEL_CONNECTION_STRING_FILE,
     ALLOW_PICKLE,
     EXIT_ON_REFUSAL,
     PORT,
@@ -49,5 +52,8 @@ RENDERED: Final = (
 DEFAULT_PORT: Final = 8080
 # The model cache: an emptyDir the operator mounts here (the root filesystem is read-only); the image creates it.
 CACHE_DIR: Final = "/var/cache/modelapp"
+# Where the storage Secret's key is mounted (read-only, mode 0440, group RUN_AS_USER), and the file's name.
+STORAGE_SECRET_DIR: Final = "/var/run/secrets/modelapp/storage"  # noqa: S105 - a folder, not a password
+CONNECTION_STRING_FILE: Final = f"{STORAGE_SECRET_DIR}/connectionString"
 # The numeric user and group the container runs as (Pod Security `restricted`: non-root); Dockerfile.app's USER.
 RUN_AS_USER: Final = 10001

@@ -104,6 +104,20 @@ def choice(env: Mapping[str, str], name: str, default: str, choices: Iterable[st
     return value
 
 
+def file_text(env: Mapping[str, str], name: str) -> str | None:
+    """The content of the file the variable names, without surrounding blanks (a mounted Secret's key); None
+    when unset. ConfigError naming the variable when the file cannot be read (never its content)."""
+    path = text(env, name)
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{name}: cannot read {path}: {reason}") from None
+
+
 def items(env: Mapping[str, str], name: str) -> list[str]:
     """A comma-separated list, blanks dropped."""
     return [item.strip() for item in text(env, name).split(",") if item.strip()]

@@ -67,7 +67,9 @@ def test_create_renders_children_by_digest_and_becomes_ready(
     assert env["MODELAPP_MODEL_ETAG"] == app.model_etag
     assert env["MODELAPP_MODEL_SHA256"] == app.model_sha256
     assert env["MODELAPP_MODEL_FORMAT"] == "onnx"
-    assert env["MODELAPP_MODEL_CONNECTION_STRING"] == {"secretKeyRef": {"name": "storage", "key": "connectionString"}}
+    # The connection string is a file of a Secret volume, never a value in the environment.
+    assert env["MODELAPP_MODEL_CONNECTION_STRING_FILE"] == "/var/run/secrets/modelapp/storage/connectionString"
+    assert "MODELAPP_MODEL_CONNECTION_STRING" not in env
     assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
     owner = deployment["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["uid"], owner["controller"], owner["blockOwnerDeletion"]) == (

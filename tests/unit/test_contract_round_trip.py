@@ -57,23 +57,42 @@ def _release(url: str) -> Release:
     return Release(ResolvedImage("registry.example/team/iris", DIGEST), model)
 
 
-def _container_env(deployment: dict[str, Any]) -> dict[str, str]:
-    """The container's environment as the kubelet gives it: values, and references read from the objects."""
+def _container_env(deployment: dict[str, Any], root: Path) -> dict[str, str]:
+    """The container's environment as the kubelet gives it: values, and references read from the objects; a
+    Secret volume's files are written under `root` (a path in the env under its mount is moved there)."""
+    pod = deployment["spec"]["template"]["spec"]
+    mounts: dict[str, Path] = {}
+    for volume in pod["volumes"]:
+        if "secret" not in volume:
+            continue
+        mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
+        folder = root / volume["name"]
+        folder.mkdir()
+        for item in volume["secret"]["items"]:
+            (folder / item["path"]).write_text(
+                REFERENCED[("secretKeyRef", volume["secret"]["secretName"], item["key"])]
+            )
+        mounts[mount["mountPath"]] = folder
     env: dict[str, str] = {}
-    for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]:
+    for item in pod["containers"][0]["env"]:
         if "value" in item:
-            env[item["name"]] = item["value"]
+            value = item["value"]
+            for mount_path, folder in mounts.items():
+                if value.startswith(mount_path + "/"):
+                    value = str(folder / value[len(mount_path) + 1 :])
+            env[item["name"]] = value
             continue
         ((kind, ref),) = item["valueFrom"].items()
         env[item["name"]] = REFERENCED[(kind, ref["name"], ref["key"])]
     return env
 
 
-def test_the_app_reads_what_the_operator_renders() -> None:
+def test_the_app_reads_what_the_operator_renders(tmp_path: Path) -> None:
     app = _app()
     release = _release(app.spec.model.blob.url)
     deployment = build_deployment(app, release)
-    env = _container_env(deployment)
+    env = _container_env(deployment, tmp_path)
+    assert CONNECTION_STRING not in env.values(), "the connection string is a file's, never the environment's"
 
     config = ServingConfig.from_env(env)
     assert config.model is not None
@@ -97,8 +116,9 @@ def test_the_app_reads_what_the_operator_renders() -> None:
     assert pod["securityContext"]["runAsUser"] == app_container["securityContext"]["runAsUser"] == container.RUN_AS_USER
 
 
-def test_every_contract_variable_is_one_the_app_knows() -> None:
-    env = _container_env(build_deployment(_app(), _release("https://acct.blob.core.windows.net/models/iris.pkl")))
+def test_every_contract_variable_is_one_the_app_knows(tmp_path: Path) -> None:
+    release = _release("https://acct.blob.core.windows.net/models/iris.pkl")
+    env = _container_env(build_deployment(_app(), release), tmp_path)
     rendered = {name for name in env if name.startswith("MODELAPP_")}
     assert rendered <= set(container.RENDERED), "the operator renders only the contract's names"
     assert set(container.RENDERED) <= {variable.name for variable in VARIABLES}, "the app lists each in --help"

@@ -86,7 +86,7 @@ def test_deployment_runs_image_by_digest_with_contract_env() -> None:
         "MODELAPP_LIVENESS_PORT": "8081",
         "MODELAPP_IMAGE": f"127.0.0.1:5000/team/iris@{DIGEST}",
         "MODELAPP_MODEL_NAME": "iris",
-        "MODELAPP_MODEL_CONNECTION_STRING": {"secretKeyRef": {"name": "storage", "key": "connectionString"}},
+        "MODELAPP_MODEL_CONNECTION_STRING_FILE": "/var/run/secrets/modelapp/storage/connectionString",
         "LOG_LEVEL": "debug",
     }
     assert pod["metadata"]["annotations"] == {
@@ -150,8 +150,15 @@ def test_pod_template_passes_restricted_and_has_writable_mounts() -> None:
     assert context["capabilities"] == {"drop": ["ALL"]}
     assert context["runAsUser"] == 10001 and context["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
-    assert mounts == {"/var/cache/modelapp": "model-cache", "/tmp": "tmp"}
+    storage = "/var/run/secrets/modelapp/storage"
+    assert mounts == {"/var/cache/modelapp": "model-cache", "/tmp": "tmp", storage: "storage-credentials"}
     assert {v["name"] for v in pod["volumes"] if "emptyDir" in v} == {"model-cache", "tmp"}
+    # The storage Secret's one key as a read-only file (mode 0440, group fsGroup): never a value in env.
+    secret = next(v["secret"] for v in pod["volumes"] if v["name"] == "storage-credentials")
+    assert secret == {"secretName": "storage", "items": [{"key": "connectionString", "path": "connectionString"}],
+                      "defaultMode": 0o440}  # fmt: skip
+    assert next(m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == storage)["readOnly"] is True
+    assert not any("valueFrom" in e and "secretKeyRef" in e["valueFrom"] for e in pod["containers"][0]["env"])
 
 
 def test_workload_identity_and_pickle() -> None:
@@ -170,7 +177,8 @@ def test_workload_identity_and_pickle() -> None:
     assert pod["metadata"]["labels"]["azure.workload.identity/use"] == "true"
     assert env["AZURE_CLIENT_ID"] == "00000000-0000-0000-0000-000000000001"
     assert env["MODELAPP_ALLOW_PICKLE"] == "true"
-    assert "MODELAPP_MODEL_CONNECTION_STRING" not in env
+    assert "MODELAPP_MODEL_CONNECTION_STRING" not in env and "MODELAPP_MODEL_CONNECTION_STRING_FILE" not in env
+    assert all(v["name"] != "storage-credentials" for v in pod["spec"]["volumes"])
 
 
 def test_modelapp_labels_do_not_reach_the_pod_template() -> None:

@@ -84,16 +84,25 @@ def container_env(app: ModelApp, release: Release) -> list[dict[str, Any]]:
         env.append({"name": container.ALLOW_PICKLE, "value": "true"})
     credentials = spec.model.credentials
     if credentials.secret_ref is not None:
-        env.append(
-            {
-                "name": container.MODEL_CONNECTION_STRING,
-                "valueFrom": {"secretKeyRef": {"name": credentials.secret_ref.name, "key": credentials.secret_ref.key}},
-            }
-        )
+        # The file of the Secret volume (storage_secret_volume), never the value: env is read more widely.
+        env.append({"name": container.MODEL_CONNECTION_STRING_FILE, "value": container.CONNECTION_STRING_FILE})
     if credentials.client_id is not None:
         env.append({"name": "AZURE_CLIENT_ID", "value": credentials.client_id})
     env.extend({"name": item.name, "value": item.value} for item in spec.env)
     return env
+
+
+STORAGE_SECRET_VOLUME = "storage-credentials"  # noqa: S105 - a volume name, not a password
+
+
+def storage_secret_volume(app: ModelApp) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The volume and the mount of the storage Secret's one key (none without a secretRef)."""
+    ref = app.spec.model.credentials.secret_ref
+    if ref is None:
+        return [], []
+    secret = {"secretName": ref.name, "items": [{"key": ref.key, "path": "connectionString"}], "defaultMode": 0o440}
+    mount = {"name": STORAGE_SECRET_VOLUME, "mountPath": container.STORAGE_SECRET_DIR, "readOnly": True}
+    return [{"name": STORAGE_SECRET_VOLUME, "secret": secret}], [mount]
 
 
 def container_security_context() -> dict[str, Any]:
@@ -165,6 +174,7 @@ def pod_template(app: ModelApp, release: Release) -> dict[str, Any]:
     resources: dict[str, Any] = {"requests": spec.resources.requests.as_dict()}
     if spec.resources.limits is not None and spec.resources.limits.as_dict():
         resources["limits"] = spec.resources.limits.as_dict()
+    storage_volumes, storage_mounts = storage_secret_volume(app)
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -198,10 +208,11 @@ def pod_template(app: ModelApp, release: Release) -> dict[str, Any]:
                 "volumeMounts": [
                     {"name": "model-cache", "mountPath": CACHE_DIR},
                     {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - a mount point, not a temp file
+                    *storage_mounts,
                 ],
             }
         ],
-        "volumes": [{"name": "model-cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+        "volumes": [{"name": "model-cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}, *storage_volumes],
     }
     if credentials.service_account_name is not None:
         pod_spec["serviceAccountName"] = credentials.service_account_name
