@@ -108,6 +108,7 @@ def attacker() -> Iterator[int]:
     thread.start()
     yield int(server.server_address[1])
     server.shutdown()
+    server.server_close()
 
 
 def test_two_operators_one_acts_and_a_patched_lease_redirects_no_webhook(
