@@ -219,7 +219,7 @@ def _in_cluster_objects(
                              {"name": "MODELAPP_POLL_INTERVAL_SECONDS", "value": "2"},
                              {"name": "MODELAPP_RECEIVER_ENABLED", "value": "false"},
                              {"name": "MODELAPP_METRICS_PORT", "value": "off"},
-                             # Standalone (deploy/ runs peering): kopf names itself after the user, and the
+                             # Standalone (no MODELAPP_LEADER_ELECTION): kopf names itself after the user, and the
                              # image's UID has no passwd entry.
                              {"name": "USER", "value": "modelapp"},
                              *({"name": f"MODELAPP_POD_{key.upper()}", "valueFrom": {"fieldRef": {"fieldPath": path}}}

@@ -164,7 +164,7 @@ class OperatorProcess:
             self.process.wait(timeout=10)
 
     def kill(self) -> None:
-        """SIGKILL (a crash: no clean-up, no peering goodbye); returns once it is gone."""
+        """SIGKILL (a crash: no clean-up, its Lease not released); returns once it is gone."""
         self._signal_group(signal.SIGKILL)
         self.process.wait(timeout=10)
 
