@@ -15,6 +15,7 @@ from modelapp_operator.reconcile.caches import ChildCache, ModelAppCache, Stored
 from modelapp_operator.reconcile.events import EventRecorder
 from modelapp_operator.reconcile.queue import ReconcileQueue, handled_state, wants_reconcile
 from modelapp_operator.reconcile.reconciler import (
+    NotLeading,
     PermanentReconcileError,
     ReconcileResult,
     TemporaryReconcileError,
@@ -27,6 +28,7 @@ from tests.unit.virtual_time import VirtualScheduler
 pytestmark = pytest.mark.unit
 
 KEY = ("ns", "app")
+OTHER = ("ns", "other")
 
 
 def body(generation: int = 1, rv: str = "10", request: str | None = None, **status: Any) -> dict[str, Any]:
@@ -232,9 +234,31 @@ async def test_a_standby_replica_runs_no_reconcile_but_keeps_it_for_when_it_is_a
     active = False
     queue.set_active_check(lambda: active)
     queue.submit(KEY, "poll")
+    queue.submit(OTHER, "event")
     await clock.settle()
-    assert recorder.calls == 0 and queue.waiting_retries == 1
+    assert recorder.calls == 0 and queue.parked == 2 and queue.waiting_retries == 0
+    assert clock.timers == 1  # one timer for all that wait, however many ModelApps the standby sees
+    await clock.advance(queue_module.STANDBY_RECHECK_SECONDS * 3)
+    assert recorder.calls == 0 and queue.parked == 2 and clock.timers == 1
     active = True
     await clock.advance(queue_module.STANDBY_RECHECK_SECONDS)
-    assert recorder.triggers == ["poll"] and queue.waiting_retries == 0
+    assert sorted(recorder.triggers) == ["event", "poll"] and queue.parked == 0 and clock.timers == 0
+    await queue.close()
+
+
+async def test_a_reconcile_that_finds_the_lease_lost_writes_nothing_and_waits_for_leadership(
+    clock: VirtualScheduler,
+) -> None:
+    recorder = Recorder([NotLeading("lost")])  # the apply guard (reconciler._must_lead) refused the write
+    queue = make_queue(recorder, clock)
+    leading = True
+    queue.set_active_check(lambda: leading)
+    queue.submit(KEY, "webhook")
+    await clock.settle()
+    leading = False
+    await clock.advance(queue_module.STANDBY_RECHECK_SECONDS * 5)
+    assert recorder.triggers == ["webhook"] and queue.parked == 1
+    leading = True
+    await clock.advance(queue_module.STANDBY_RECHECK_SECONDS)
+    assert recorder.triggers == ["webhook", "webhook"] and queue.parked == 0
     await queue.close()

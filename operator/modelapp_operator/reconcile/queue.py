@@ -104,6 +104,10 @@ class ReconcileQueue:
         self._unexpected_delays: dict[AppKey, float] = {}
         self._last: dict[AppKey, Handled] = {}
         self._active: Callable[[], bool] = lambda: True
+        # A standby's requests wait here, all behind one timer (not one retry each: a standby sees every
+        # ModelApp's events too), and run once this replica leads.
+        self._parked: dict[AppKey, Trigger] = {}
+        self._unpark: Timer | None = None
 
     def set_active_check(self, active: Callable[[], bool]) -> None:
         """Two replicas: only the one holding the leader Lease reconciles (leader.LeaderElector.leading). A
@@ -144,12 +148,33 @@ class ReconcileQueue:
         if retry is not None:
             retry.cancel()
         self._pending.pop(key, None)
+        self._parked.pop(key, None)
         self._last.pop(key, None)
         self._unexpected_delays.pop(key, None)
 
     @property
     def waiting_retries(self) -> int:
         return len(self._retries)
+
+    @property
+    def parked(self) -> int:
+        """Requests a standby keeps for when it leads."""
+        return len(self._parked)
+
+    def _park(self, key: AppKey, trigger: Trigger) -> None:
+        self._parked.setdefault(key, trigger)
+        if self._unpark is None:
+            self._unpark = self._scheduler.call_later(STANDBY_RECHECK_SECONDS, self._run_parked)
+
+    def _run_parked(self) -> None:
+        self._unpark = None
+        if not self._active():
+            if self._parked:
+                self._unpark = self._scheduler.call_later(STANDBY_RECHECK_SECONDS, self._run_parked)
+            return
+        parked, self._parked = self._parked, {}
+        for key, trigger in parked.items():
+            self.submit(key, trigger)
 
     async def _drain(self, key: AppKey) -> None:
         try:
@@ -165,12 +190,14 @@ class ReconcileQueue:
         """One reconcile; returns the delay before retrying it, or None."""
         namespace, name = key
         if not self._active():
-            return STANDBY_RECHECK_SECONDS  # kept, not dropped: it runs once this replica is the active one
+            self._park(key, trigger)  # kept, not dropped: it runs once this replica leads
+            return None
         try:
             result = await self._reconcile(key, trigger)
         except NotLeading:
             self._logger.info("%s/%s: not the leader any more: nothing written (%s)", namespace, name, trigger)
-            return STANDBY_RECHECK_SECONDS
+            self._park(key, trigger)
+            return None
         except PermanentReconcileError as error:
             self._logger.warning("%s/%s: %s (waiting for the ModelApp to change)", namespace, name, error)
         except TemporaryReconcileError as error:
@@ -201,9 +228,12 @@ class ReconcileQueue:
         return None
 
     async def close(self) -> None:
-        await stop_all(self._retries.values(), self._tasks.values())
+        unpark = [self._unpark] if self._unpark is not None else []
+        await stop_all([*self._retries.values(), *unpark], self._tasks.values())
         self._retries.clear()
         self._pending.clear()
+        self._parked.clear()
+        self._unpark = None
 
 
 async def stop_all(timers: Iterable[Timer], tasks: Iterable[asyncio.Task[None]]) -> None:
