@@ -367,8 +367,13 @@ def _must_lead(clients: Clients) -> None:
         raise NotLeading("this replica does not hold the leader Lease")
 
 
+# What an event names of its ModelApp (its involvedObject); an event waiting to be posted keeps only these.
+INVOLVED_FIELDS = ("name", "namespace", "uid", "resourceVersion")
+
+
 async def _post_event(clients: Clients, body: Mapping[str, Any], event: Event) -> None:
-    involved = {"apiVersion": API_VERSION, "kind": KIND, "metadata": dict(body.get("metadata") or {})}
+    metadata = body.get("metadata") or {}
+    involved = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {k: metadata.get(k) for k in INVOLVED_FIELDS}}
     if clients.events is not None:
         clients.events.record(involved, event.type, event.reason, event.message)
     else:
