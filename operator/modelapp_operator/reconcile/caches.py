@@ -27,7 +27,7 @@ from modelapp_operator.watch.keys import AppKey
 Body = Mapping[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Stored:
     """One object as kept here: compact JSON, deflated, not parsed. A parsed Deployment or ModelApp costs
     10-30 KiB of Python objects, its kept JSON 1-4 KiB, deflated a third of that (zlib's fastest level:
