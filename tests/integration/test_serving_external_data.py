@@ -18,41 +18,36 @@ from tests.unit.test_serving_onnx_external_data import TRAVERSAL, in_initializer
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("location", [TRAVERSAL, "secret-beside-the-model"])
-def test_a_published_model_with_external_data_is_refused_by_the_server(
-    azurite: Azurite, tmp_path: Path, location: str
-) -> None:
-    source = write(in_initializer(location), tmp_path / "model.onnx")
+def refusal_log(azurite: Azurite, tmp_path: Path, model: Path, **overrides: str) -> str:
+    """Publish `model`, serve it until the server ends, check it ended refusing the model; its log."""
     url = f"{azurite.blob_endpoint}/models-{uuid.uuid4().hex[:12]}/external.onnx"
-    published = publish_model(source, url, connection_string=azurite.connection_string)
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    # A file where the reference points, inside the cache folder the model is downloaded into.
-    beside = cache / "secret-beside-the-model"
-    beside.write_bytes(b"\x00" * 64)
-    with opened_watch(beside) as touched:
-        server, _, _, log_path = serve(
-            azurite, published, tmp_path, MODELAPP_EXIT_ON_REFUSAL="true", MODELAPP_MODEL_CACHE_DIR=str(cache)
-        )
-        try:
-            code = server.wait(timeout=90)
-        finally:
-            stop(server)
-        assert not touched()
-    log_text = log_path.read_text()
-    assert code == EXIT_MODEL_REFUSED, log_text
-    assert f"references external data (tensor 'W' in file {location!r})" in log_text
-
-
-def test_external_data_in_a_subgraph_is_refused_by_the_server(azurite: Azurite, tmp_path: Path) -> None:
-    source = write(in_subgraph(TRAVERSAL), tmp_path / "model.onnx")
-    url = f"{azurite.blob_endpoint}/models-{uuid.uuid4().hex[:12]}/external.onnx"
-    published = publish_model(source, url, connection_string=azurite.connection_string)
-    server, _, _, log_path = serve(azurite, published, tmp_path, MODELAPP_EXIT_ON_REFUSAL="true")
+    published = publish_model(model, url, connection_string=azurite.connection_string)
+    server, _, _, log_path = serve(azurite, published, tmp_path, MODELAPP_EXIT_ON_REFUSAL="true", **overrides)
     try:
         code = server.wait(timeout=90)
     finally:
         stop(server)
     log_text = log_path.read_text()
     assert code == EXIT_MODEL_REFUSED, log_text
+    return log_text
+
+
+@pytest.mark.parametrize("location", [TRAVERSAL, "secret-beside-the-model"])
+def test_a_published_model_with_external_data_is_refused_by_the_server(
+    azurite: Azurite, tmp_path: Path, location: str
+) -> None:
+    model = write(in_initializer(location), tmp_path / "model.onnx")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    # A file where the reference points, inside the cache folder the model is downloaded into.
+    beside = cache / "secret-beside-the-model"
+    beside.write_bytes(b"\x00" * 64)
+    with opened_watch(beside) as touched:
+        log_text = refusal_log(azurite, tmp_path, model, MODELAPP_MODEL_CACHE_DIR=str(cache))
+        assert not touched()
+    assert f"references external data (tensor 'W' in file {location!r})" in log_text
+
+
+def test_external_data_in_a_subgraph_is_refused_by_the_server(azurite: Azurite, tmp_path: Path) -> None:
+    log_text = refusal_log(azurite, tmp_path, write(in_subgraph(TRAVERSAL), tmp_path / "model.onnx"))
     assert "references external data (tensor 'W' in file" in log_text
