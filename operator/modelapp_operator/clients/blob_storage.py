@@ -185,7 +185,12 @@ class AzureBlobResolver:
                 credential.connection_string, location.container, location.name, **options
             )
         if self._identity is None:
-            self._identity = ScopedCredential(DefaultAzureCredential(), {STORAGE_SCOPE})
+            try:
+                self._identity = ScopedCredential(DefaultAzureCredential(), {STORAGE_SCOPE})
+            except ValueError as error:  # e.g. an AZURE_CLIENT_ID that is no client ID
+                raise ModelResolutionError(
+                    Reason.AZURE_IDENTITY_UNAVAILABLE, f"the operator's Azure identity is not usable: {error}"
+                ) from None
         if container_only:
             return ContainerClient(
                 location.account_url.rstrip("/"), location.container, credential=self._identity, **options
