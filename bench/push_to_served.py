@@ -18,12 +18,14 @@ and, for every new pod, where its start-up went (create → Ready):
   other           the rest: scheduling, sandbox and container start, Python start-up, probe period
 
     .venv/bin/python bench/push_to_served.py [--changes 20] [--out bench/out/push_to_served.json]
+        [--before bench/out/push_to_served_before.json]   (the CDF draws that earlier run too)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import secrets
 import statistics
@@ -44,6 +46,7 @@ from modelapp_localstack import Stack, images  # noqa: E402
 from modelapp_localstack.demo import train_model  # noqa: E402
 from modelapp_localstack.incluster import TENANT_NAMESPACE, install_operator, receiver_url  # noqa: E402
 from modelapp_localstack.operator import tenant_secrets  # noqa: E402
+from modelapp_localstack.registry import Registry  # noqa: E402
 from modelapp_serving.publish import publish_model  # noqa: E402
 
 NAME = "bench"
@@ -120,76 +123,84 @@ def pod_breakdown(stack: Stack, digest: str) -> list[dict[str, float]]:
     return found
 
 
-def run(changes: int, out: Path) -> dict[str, Any]:
+def deploy_bench_app(stack: Stack, replicas: int) -> tuple[Registry, str]:
+    """Start the stack's parts, build and push the images, install the operator in-cluster with its webhook
+    receiver (polling at 300 s) and apply the ModelApp `bench` (`replicas` pods); wait until it is Ready.
+    Returns the registry and the app image (`repository@digest`). Shared with bench/pod_start.py."""
+    kube = stack.start_kube(nodes=1)
+    assert stack.network is not None
+    token = secrets.token_urlsafe(24)
+    registry = stack.start_registry(notify_url=receiver_url(stack.network.service_cidr), notify_token=token)
+    azurite = stack.start_azurite()
+    buildah = stack.buildah()
+    app = images.build_project_image(buildah, "app", registry, repository=REPOSITORY, tag=TAG)
+    operator = images.build_project_image(buildah, "operator", registry, repository="modelapp/operator", tag="bench")
+    install_operator(
+        kube,
+        registry,
+        operator,
+        stack.run_dir,
+        receiver_token=token,
+        service_cidr=stack.network.service_cidr,
+        settings={"MODELAPP_POLL_INTERVAL_SECONDS": "300"},
+    )
+    kube.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=json.dumps(
+            {"apiVersion": "v1", "kind": "List", "items": tenant_secrets(TENANT_NAMESPACE, registry, azurite)}
+        ),
+    )
+    model = train_model(stack.run_dir / "model", 1)
+    publish_model(
+        model,
+        ("models", f"{NAME}/model.onnx"),
+        connection_string=azurite.connection_string,
+        overwrite=True,
+        progress=False,
+    )
+    kube.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=json.dumps(
+            {
+                "apiVersion": "modelapp.io/v1alpha1",
+                "kind": "ModelApp",
+                "metadata": {"name": NAME, "namespace": TENANT_NAMESPACE},
+                "spec": {
+                    "image": {"repository": app.split("@")[0], "tag": TAG, "pullSecretName": "regcred"},
+                    "model": {
+                        "blob": {
+                            "accountUrl": azurite.blob_endpoint,
+                            "container": "models",
+                            "name": f"{NAME}/model.onnx",
+                        },
+                        "credentials": {"secretRef": {"name": "storage"}},
+                    },
+                    "replicas": replicas,
+                    "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "1Gi"}},
+                    "rollout": {"maxSurge": 1, "maxUnavailable": 0, "progressDeadlineSeconds": 300},
+                },
+            }
+        ),
+    )
+    digest = app.split("@")[1]
+    deadline = time.monotonic() + 300
+    while not _ready_on(stack, digest):
+        if time.monotonic() > deadline:
+            raise SystemExit("the first rollout did not become Ready")
+        time.sleep(1)
+    return registry, app
+
+
+def run(changes: int, out: Path, before: Path | None) -> dict[str, Any]:
+    load_before = list(os.getloadavg())
     stack = Stack.create(real_nodes=1)
     try:
-        kube = stack.start_kube(nodes=1)
-        assert stack.network is not None
-        token = secrets.token_urlsafe(24)
-        registry = stack.start_registry(notify_url=receiver_url(stack.network.service_cidr), notify_token=token)
-        azurite = stack.start_azurite()
-        buildah = stack.buildah()
-        app = images.build_project_image(buildah, "app", registry, repository=REPOSITORY, tag=TAG)
-        operator = images.build_project_image(
-            buildah, "operator", registry, repository="modelapp/operator", tag="bench"
-        )
-        install_operator(
-            kube,
-            registry,
-            operator,
-            stack.run_dir,
-            receiver_token=token,
-            service_cidr=stack.network.service_cidr,
-            settings={"MODELAPP_POLL_INTERVAL_SECONDS": "300"},
-        )
-        kube.kubectl(
-            "apply",
-            "-f",
-            "-",
-            input=json.dumps(
-                {"apiVersion": "v1", "kind": "List", "items": tenant_secrets(TENANT_NAMESPACE, registry, azurite)}
-            ),
-        )
-        model = train_model(stack.run_dir / "model", 1)
-        publish_model(
-            model,
-            ("models", f"{NAME}/model.onnx"),
-            connection_string=azurite.connection_string,
-            overwrite=True,
-            progress=False,
-        )
-        kube.kubectl(
-            "apply",
-            "-f",
-            "-",
-            input=json.dumps(
-                {
-                    "apiVersion": "modelapp.io/v1alpha1",
-                    "kind": "ModelApp",
-                    "metadata": {"name": NAME, "namespace": TENANT_NAMESPACE},
-                    "spec": {
-                        "image": {"repository": app.split("@")[0], "tag": TAG, "pullSecretName": "regcred"},
-                        "model": {
-                            "blob": {
-                                "accountUrl": azurite.blob_endpoint,
-                                "container": "models",
-                                "name": f"{NAME}/model.onnx",
-                            },
-                            "credentials": {"secretRef": {"name": "storage"}},
-                        },
-                        "replicas": 2,
-                        "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "1Gi"}},
-                        "rollout": {"maxSurge": 1, "maxUnavailable": 0, "progressDeadlineSeconds": 300},
-                    },
-                }
-            ),
-        )
+        registry, app = deploy_bench_app(stack, replicas=2)
         digest = app.split("@")[1]
-        deadline = time.monotonic() + 300
-        while not _ready_on(stack, digest):
-            if time.monotonic() > deadline:
-                raise SystemExit("the first rollout did not become Ready")
-            time.sleep(1)
         service = _json(stack, "get", "service", NAME, "-n", TENANT_NAMESPACE)
         base = f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
         served: list[float] = []
@@ -225,23 +236,32 @@ def run(changes: int, out: Path) -> dict[str, Any]:
             "pod_start_seconds_median": {stage: statistics.median(p[stage] for p in pods) for stage in stages},
             "pods_measured": len(pods),
         }
+        result["load_average_before"] = load_before
+        result["load_average_after"] = list(os.getloadavg())
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
-        _plot(served, out.with_suffix(".png"))
+        _plot(served, before, out.with_suffix(".png"))
         return result
     finally:
         stack.stop()
 
 
-def _plot(served: list[float], path: Path) -> None:
+def _plot(served: list[float], before: Path | None, path: Path) -> None:
+    """CDF of push → served; with `before` (an earlier run's JSON) both curves on one plot."""
     matplotlib.use("Agg")
-    ordered = sorted(served)
     figure, axes = plt.subplots(figsize=(6, 3.5))
-    axes.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], drawstyle="steps-post")
+    curves = [("now", served)]
+    if before is not None and before.is_file():
+        curves.insert(0, ("before", json.loads(before.read_text())["push_to_served_seconds"]["all"]))
+    for label, values in curves:
+        ordered = sorted(values)
+        fractions = [(i + 1) / len(ordered) for i in range(len(ordered))]
+        axes.plot(ordered, fractions, drawstyle="steps-post", label=f"{label} (p50 {percentile(values, 0.5):.1f} s)")
     axes.set_xlabel("push → first answer from the new pair through the Service (s)")
     axes.set_ylabel("fraction of changes")
     axes.set_title(f"push → served, real pods, {len(served)} changes")
     axes.grid(alpha=0.3)
+    axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -250,8 +270,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--changes", type=int, default=20)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out" / "push_to_served.json")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=REPO_ROOT / "bench" / "out" / "push_to_served_before.json",
+        help="an earlier run's JSON, drawn as the 'before' curve of the CDF",
+    )
     args = parser.parse_args()
-    result = run(args.changes, args.out)
+    result = run(args.changes, args.out, args.before)
     print(json.dumps({k: v for k, v in result.items() if k != "all"}, indent=2, default=str))
 
 

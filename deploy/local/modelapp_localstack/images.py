@@ -544,11 +544,11 @@ def push_image(
     buildah: Buildah, image: ImageArchive, registry: Registry, repository: str, tag: str | None = None
 ) -> str:
     """Push a cached image to the stack's registry over TLS as `repository:tag` (default tag: its content key);
-    return `host/repository@sha256:...`. The same archive always pushes to the same digest."""
-    load_image(buildah, image)
+    return `host/repository@sha256:...`. The same archive always pushes to the same digest: the archive's own,
+    pushed as it is (Registry.push_oci_archive; no load into buildah's storage, no second compression)."""
     destination = f"{registry.host}/{repository}"
     started = time.monotonic()
-    digest = buildah.push(image.name, registry, f"{destination}:{tag or image.key}")
+    digest = registry.push_oci_archive(image.path, repository, tag or image.key)
     log(f"pushed {destination}:{tag or image.key} ({digest}) in {time.monotonic() - started:.1f}s")
     return f"{destination}@{digest}"
 

@@ -40,6 +40,12 @@ MANIFEST_ACCEPT = ", ".join(
 )
 
 
+def _blob_path(digest: str) -> str:
+    """Where an OCI layout keeps the blob `digest` (blobs/<algorithm>/<hex>)."""
+    algorithm, _, hexdigest = digest.partition(":")
+    return f"blobs/{algorithm}/{hexdigest}"
+
+
 @dataclass
 class Registry:
     host: str
@@ -117,6 +123,35 @@ class Registry:
         if status != 201:
             raise StackError(f"manifest push failed: {status} {body[:300]!r}")
         return headers.get("Docker-Content-Digest") or "sha256:" + hashlib.sha256(data).hexdigest()
+
+    def push_oci_archive(self, archive: Path, repository: str, tag: str) -> str:
+        """Push the image of an OCI archive (its index's first manifest) as `repository:tag`, blob by blob as
+        the archive holds them (layers already compressed; blobs the registry has are skipped), the manifest
+        with its own bytes: the pushed digest is the archive's. Return it.
+
+        buildah's push first loaded the archive into its vfs storage, then compressed every layer again:
+        31 s + 16 s for the app image on a warm machine (issue 23)."""
+        with tarfile.open(archive) as tar:
+
+            def read(name: str) -> bytes:
+                member = tar.extractfile(name)
+                if member is None:
+                    raise StackError(f"{archive} has no {name}")
+                return member.read()
+
+            descriptor = json.loads(read("index.json"))["manifests"][0]
+            manifest_bytes = read(_blob_path(descriptor["digest"]))
+            manifest = json.loads(manifest_bytes)
+            for blob in (manifest["config"], *manifest["layers"]):
+                if self._push_blob(repository, read(_blob_path(blob["digest"]))) != blob["digest"]:
+                    raise StackError(f"{archive}: blob {blob['digest']} does not match its digest")
+        media_type = manifest.get("mediaType") or descriptor.get("mediaType") or OCI_MANIFEST
+        status, headers, body = self._request(
+            "PUT", f"/v2/{repository}/manifests/{tag}", manifest_bytes, {"Content-Type": media_type}
+        )
+        if status != 201:
+            raise StackError(f"manifest push of {archive.name} failed: {status} {body[:300]!r}")
+        return str(headers.get("Docker-Content-Digest") or descriptor["digest"])
 
     def push_random_image(self, repository: str, tag: str) -> str:
         """Push a small, unique, real OCI image (one layer with one file); return its digest."""
