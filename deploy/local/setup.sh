@@ -41,7 +41,8 @@ fi
 stamp=.venv/.modelapp-installed
 if [[ ! -f $stamp ]] || [[ pyproject.toml -nt $stamp ]]; then
   step "installing ModelApp and its development dependencies into .venv"
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  # --no-compile: Python compiles what it imports on first use, not every file of every package now.
+  .venv/bin/python -m pip install -q --no-compile -e '.[dev]'
   touch "$stamp"
 fi
 
