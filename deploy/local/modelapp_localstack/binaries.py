@@ -18,7 +18,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,10 @@ from .procs import StackError, log
 REPO_ROOT = Path(__file__).resolve().parents[3]
 KUBE_MODULE_DIR = REPO_ROOT / "deploy" / "local" / "kube"
 KWOK_VERSION = "v0.8.0"
+NETPOL_MODULE_DIR = REPO_ROOT / "deploy" / "local" / "netpol"
+NETPOL_MODULE = "sigs.k8s.io/kube-network-policies"
+# The kernel here has no nftables `queue` expression; this file replaces the library's (see the file).
+NETPOL_QUEUE_OVERLAY = NETPOL_MODULE_DIR / "nftables_queue.go.overlay"
 
 
 def cache_root() -> Path:
@@ -46,11 +50,11 @@ def build_lock(folder: Path) -> Iterator[None]:
         yield
 
 
-def _required_version(module: str) -> str:
-    go_mod = (KUBE_MODULE_DIR / "go.mod").read_text()
+def _required_version(module: str, module_dir: Path = KUBE_MODULE_DIR) -> str:
+    go_mod = (module_dir / "go.mod").read_text()
     match = re.search(rf"^\s*(?:require\s+)?{re.escape(module)} (v\S+)", go_mod, re.MULTILINE)
     if not match:
-        raise StackError(f"{module} is not required in {KUBE_MODULE_DIR / 'go.mod'}")
+        raise StackError(f"{module} is not required in {module_dir / 'go.mod'}")
     return match.group(1)
 
 
@@ -129,6 +133,17 @@ def kube_binary() -> Path:
     """The multi-call binary (etcd, kube-apiserver, -controller-manager, -scheduler, kubectl, kubelet, kube-proxy)."""
     found = versions()
     target = cache_root() / f"kube-{found.kubernetes}-etcd-{found.etcd}-{_sources_hash()}" / "kube"
+    return _build_module(
+        target, KUBE_MODULE_DIR, f"Kubernetes {found.kubernetes} + etcd {found.etcd}",
+        lambda env: [f"-ldflags={_kube_ldflags(found.kubernetes)}"],
+    )
+
+
+def _build_module(
+    target: Path, module_dir: Path, what: str, flags: Callable[[dict[str, str]], list[str]], package: str = "."
+) -> Path:
+    """`go build` a main package (default: the module's own) of one of our modules into the cache entry `target`,
+    unless it is there. `flags(env)` gives the build flags (it may prepare files for them)."""
     if target.exists():
         return target
     with build_lock(target.parent):
@@ -138,10 +153,7 @@ def kube_binary() -> Path:
         env = _go_env()
         env["GOFLAGS"] = "-mod=mod"
         _run_go_build(
-            [_go(), "build", "-v", "-trimpath", f"-ldflags={_kube_ldflags(found.kubernetes)}", "-o", str(partial), "."],
-            KUBE_MODULE_DIR,
-            env,
-            f"Kubernetes {found.kubernetes} + etcd {found.etcd}",
+            [_go(), "build", "-v", "-trimpath", *flags(env), "-o", str(partial), package], module_dir, env, what
         )
         partial.rename(target)
     return target
@@ -189,6 +201,37 @@ def kwok_stage_crd() -> Path:
     shutil.copyfile(module_dir / "kustomize" / "crd" / "bases" / target.name, partial)
     partial.rename(target)
     return target
+
+
+def netpol_binary() -> Path:
+    """kube-network-policies (NetworkPolicy enforcement with nftables and nfqueue) for the real node.
+
+    A module of its own (../netpol): its k8s.io/* versions need not match the control plane's. Built from a
+    vendored copy in which one file of the nftables library is ours, so its queue expression is sent as the
+    xtables NFQUEUE target (the file says why; `go build -overlay` may not replace module cache files)."""
+    version = _required_version(NETPOL_MODULE, NETPOL_MODULE_DIR)
+    sources = ("go.mod", "go.sum", "main.go")
+    digest = hashlib.sha256()
+    for path in (*(NETPOL_MODULE_DIR / name for name in sources), NETPOL_QUEUE_OVERLAY):
+        digest.update(path.read_bytes())
+    target = cache_root() / f"kube-network-policies-{version}-{digest.hexdigest()[:10]}" / "kube-network-policies"
+    work = target.parent / "src"
+
+    def vendored(env: dict[str, str]) -> list[str]:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        for name in sources:
+            shutil.copyfile(NETPOL_MODULE_DIR / name, work / name)
+        done = subprocess.run([_go(), "mod", "vendor"], cwd=work, env=env, capture_output=True, text=True, check=False)
+        replaced = work / "vendor" / "github.com" / "google" / "nftables" / "expr" / "queue.go"
+        if done.returncode != 0 or not replaced.exists():
+            raise StackError(f"cannot vendor kube-network-policies' modules: {done.stdout}{done.stderr}")
+        shutil.copyfile(NETPOL_QUEUE_OVERLAY, replaced)
+        return ["-mod=vendor", "-ldflags=-s -w"]
+
+    built = _build_module(target, work, f"kube-network-policies {version}", vendored)
+    shutil.rmtree(work, ignore_errors=True)
+    return built
 
 
 def build_all() -> dict[str, Path]:

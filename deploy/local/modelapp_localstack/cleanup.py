@@ -173,6 +173,11 @@ def _unmount_under(folder: Path) -> None:
             _run("umount", "-l", target)
 
 
+def delete_nft_table(netns: str, family: str, name: str) -> None:
+    """Delete an nftables table in a network namespace of the stack's; nothing if either is gone."""
+    _run("nsenter", f"--net=/run/netns/{netns}", "--", "nft", "delete", "table", family, name)
+
+
 def _remove_cgroup_tree(relative: str) -> None:
     for hierarchy in _hierarchies():
         top = hierarchy / relative.lstrip("/")
@@ -212,6 +217,9 @@ def undo(ledger: Ledger, run_dir: Path, *, remove_run_dir: bool) -> None:
     for entry in by_kind.get("cgroup", []):
         _kill(_cgroup_pids(entry["path"]), [])
 
+    # A killed kube-network-policies leaves its table: queue rules with no reader drop pod traffic.
+    for entry in by_kind.get("nft-table", []):
+        delete_nft_table(entry["netns"], entry["family"], entry["name"])
     _unmount_under(run_dir)
     for entry in by_kind.get("netns", []):
         _run("ip", "netns", "delete", entry["name"])

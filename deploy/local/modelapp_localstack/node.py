@@ -35,7 +35,7 @@ from typing import Any
 import tomli_w
 import yaml
 
-from .cleanup import CGROUP_ROOT, Ledger
+from .cleanup import CGROUP_ROOT, Ledger, delete_nft_table
 from .kube import write_kubeconfig
 from .pki import CertificateAuthority
 from .procs import ManagedProcess, StackError, log
@@ -47,6 +47,10 @@ REAL_NODE_LABEL = "modelapp.dev/real-node"
 REAL_NODE_TAINT = f"{REAL_NODE_LABEL}=true:NoSchedule"
 CNI_BIN_DIR = Path("/usr/lib/cni")
 CONTAINER_LOG_LINKS = Path("/var/log/containers")
+# kube-network-policies' nftables table (family inet) in the node's network namespace, and its API user.
+NETPOL_TABLE = "kube-network-policies"
+NETPOL_USER = "system:kube-network-policies"
+NETPOL_READY_TIMEOUT_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -384,3 +388,58 @@ def start_real_node(
     log(f"real node {name} started in {time.monotonic() - started:.1f}s "
         f"(containerd, kubelet, kube-proxy in netns {network.namespace})")
     return node
+
+
+def network_policy_rbac() -> list[dict[str, Any]]:
+    """What kube-network-policies reads (its upstream install.yaml, less the admin policy APIs): pods,
+    namespaces and NetworkPolicies, and the events it records."""
+    name = "modelapp-local:kube-network-policies"
+    return [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": name},
+         "rules": [
+             {"apiGroups": [""], "resources": ["pods", "namespaces", "nodes"], "verbs": ["list", "watch"]},
+             {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["list", "watch"]},
+             {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch", "update"]},
+         ]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": NETPOL_USER}]},
+    ]
+
+
+def start_network_policies(
+    node: RealNode, *, binary: Path, server: str, ca: CertificateAuthority, ledger: Ledger
+) -> ManagedProcess:
+    """Run kube-network-policies for `node` in its network namespace (where pod traffic is bridged and
+    routed) and wait for its nftables table. The RBAC of `network_policy_rbac()` must be applied first.
+
+    Its table goes when it stops (SIGTERM: it deletes the table itself), when the stack's undo runs
+    (the ledger's `nft-table` entry, for a controller that was killed) and at the latest with the netns."""
+    network = node.network
+    ledger.record("nft-table", netns=network.namespace, family="inet", name=NETPOL_TABLE)
+    cert = ca.issue(f"{node.name}-netpol", NETPOL_USER, client=True)
+    kubeconfig = write_kubeconfig(node.run_dir / "kube-network-policies.kubeconfig", server, ca.cert_path,
+                                  cert.cert, cert.key, NETPOL_USER)
+    process = ManagedProcess(
+        "kube-network-policies",
+        [*network.nsenter(), str(binary), f"--kubeconfig={kubeconfig}", f"--hostname-override={node.name}",
+         "--v=2"],
+        node.run_dir / "logs" / "kube-network-policies.log",
+    )
+    # Stopped before kubelet and containerd (node.stop() goes in list order).
+    node.processes.insert(0, process)
+    process.start()
+
+    def table_present() -> bool:
+        listed = subprocess.run([*network.nsenter(), "nft", "list", "table", "inet", NETPOL_TABLE],
+                                capture_output=True, text=True, check=False)
+        return listed.returncode == 0
+
+    try:
+        process.wait_ready(table_present, NETPOL_READY_TIMEOUT_SECONDS, f"its nftables table inet {NETPOL_TABLE}")
+    except BaseException:
+        process.stop()
+        delete_nft_table(network.namespace, "inet", NETPOL_TABLE)
+        raise
+    log(f"kube-network-policies enforces NetworkPolicies on {node.name} (nftables table inet {NETPOL_TABLE})")
+    return process

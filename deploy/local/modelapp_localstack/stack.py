@@ -26,9 +26,16 @@ from .buildah import Buildah
 from .cleanup import LEDGER_NAME, Janitor, Ledger, recording_into, undo
 from .entra import EntraStandIn, start_entra_stand_in
 from .kube import KubeCluster, start_cluster
-from .node import NodeNetwork, RealNode, create_network, start_real_node
+from .node import (
+    NodeNetwork,
+    RealNode,
+    create_network,
+    network_policy_rbac,
+    start_network_policies,
+    start_real_node,
+)
 from .pki import CertificateAuthority
-from .procs import StackError, log
+from .procs import ManagedProcess, StackError, log
 from .prometheus import Prometheus, start_prometheus
 from .registry import Registry, start_registry
 
@@ -116,6 +123,24 @@ class Stack:
                 if self.real_nodes:
                     self.node = self._start_real_node(self.kube)
         return self.kube
+
+    def start_network_policies(self) -> ManagedProcess:
+        """kube-network-policies on the real node (node.start_network_policies): NetworkPolicies are enforced
+        for its pods from here on. With no NetworkPolicy selecting a pod, nothing of its traffic is queued."""
+        from . import binaries  # noqa: PLC0415 - kwok-only stacks never build it
+
+        kube = self.kube
+        if kube is None or self.node is None:
+            raise StackError("NetworkPolicies are enforced on the real node: start the stack with real_nodes=1")
+        for process in self.node.processes:
+            if process.name == "kube-network-policies" and process.alive():
+                return process
+        binary = binaries.netpol_binary()
+        kube.kubectl("apply", "-f", "-", input=json.dumps(
+            {"apiVersion": "v1", "kind": "List", "items": network_policy_rbac()}))
+        with recording_into(self.ledger):
+            return start_network_policies(self.node, binary=binary, server=kube.server, ca=kube.ca,
+                                          ledger=self.ledger)
 
     def _start_real_node(self, kube: KubeCluster) -> RealNode:
         from . import images  # noqa: PLC0415 - images build with buildah; kwok-only stacks never need them
