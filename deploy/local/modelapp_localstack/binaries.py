@@ -27,6 +27,9 @@ from .procs import StackError, log
 REPO_ROOT = Path(__file__).resolve().parents[3]
 KUBE_MODULE_DIR = REPO_ROOT / "deploy" / "local" / "kube"
 KWOK_VERSION = "v0.8.0"
+# metrics-server, a program of a module of ours (go.mod's `tool` line pins it): HPAs read pods' CPU from it.
+METRICS_SERVER_MODULE_DIR = REPO_ROOT / "deploy" / "local" / "metrics-server"
+METRICS_SERVER_PACKAGE = "sigs.k8s.io/metrics-server/cmd/metrics-server"
 NETPOL_MODULE_DIR = REPO_ROOT / "deploy" / "local" / "netpol"
 NETPOL_MODULE = "sigs.k8s.io/kube-network-policies"
 # The kernel here has no nftables `queue` expression; this file replaces the library's (see the file).
@@ -234,5 +237,17 @@ def netpol_binary() -> Path:
     return built
 
 
+def metrics_server_binary() -> Path:
+    """metrics-server, the program its module's `tool` line pins (../metrics-server), cached by version and
+    the hash of go.mod and go.sum."""
+    version = _required_version("sigs.k8s.io/metrics-server", METRICS_SERVER_MODULE_DIR)
+    digest = hashlib.sha256()
+    for name in ("go.mod", "go.sum"):
+        digest.update((METRICS_SERVER_MODULE_DIR / name).read_bytes())
+    target = cache_root() / f"metrics-server-{version}-{digest.hexdigest()[:10]}" / "metrics-server"
+    return _build_module(target, METRICS_SERVER_MODULE_DIR, f"metrics-server {version}",
+                         lambda env: ["-ldflags=-s -w"], METRICS_SERVER_PACKAGE)
+
+
 def build_all() -> dict[str, Path]:
-    return {"kube": kube_binary(), "kwok": kwok_binary()}
+    return {"kube": kube_binary(), "kwok": kwok_binary(), "metrics-server": metrics_server_binary()}

@@ -23,6 +23,7 @@ from .procs import ManagedProcess, StackError, free_port, log
 
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 POD_READY_STAGE = "pod-ready"
+FRONT_PROXY_CLIENT = "front-proxy-client"  # the API server's name towards extension API servers
 
 
 def _stage(name: str, kind: str, expressions: list[dict[str, Any]], next_step: dict[str, Any]) -> dict[str, Any]:
@@ -262,6 +263,10 @@ def start_cluster(
     kubelet_client = ca.issue("apiserver-kubelet-client", "kube-apiserver-kubelet-client",
                               organizations=("system:masters",), client=True)
     sa_private, sa_public = write_service_account_key(pki_dir)
+    # The aggregation layer (metrics-server's metrics.k8s.io): the API server proxies to an extension API
+    # server with this client certificate, of a CA of its own, and passes the caller's identity in headers.
+    front_proxy_ca = CertificateAuthority(pki_dir / "front-proxy", "modelapp-local-front-proxy-ca")
+    front_proxy = front_proxy_ca.issue("front-proxy-client", FRONT_PROXY_CLIENT, client=True)
 
     etcd_port, etcd_peer_port, api_port = free_port(), free_port(), free_port()
     server = f"https://{host}:{api_port}"
@@ -327,6 +332,16 @@ def start_cluster(
                 # Nodes are reached at their InternalIP (the real node has no DNS name the host resolves).
                 "--kubelet-preferred-address-types=InternalIP",
                 "--allow-privileged=true",
+                f"--requestheader-client-ca-file={front_proxy_ca.cert_path}",
+                f"--requestheader-allowed-names={FRONT_PROXY_CLIENT}",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={front_proxy.cert}",
+                f"--proxy-client-key-file={front_proxy.key}",
+                # To an APIService's endpoint, not its Service's cluster IP: the API server runs on the host,
+                # where no kube-proxy programs cluster IPs (metrics_server.py).
+                "--enable-aggregator-routing=true",
                 "--profiling=false",
                 "--v=0",
             ],

@@ -73,6 +73,7 @@ class Stack:
     network: NodeNetwork | None = None
     azurite_oauth: Azurite | None = None
     entra: EntraStandIn | None = None
+    metrics_server: ManagedProcess | None = None
     _ca: CertificateAuthority | None = field(default=None, repr=False)
     _ledger: Ledger | None = field(default=None, repr=False)
     _janitor: Janitor | None = field(default=None, repr=False)
@@ -141,6 +142,24 @@ class Stack:
         with recording_into(self.ledger):
             return start_network_policies(self.node, binary=binary, server=kube.server, ca=kube.ca,
                                           ledger=self.ledger)
+
+    def start_metrics_server(self) -> ManagedProcess:
+        """metrics-server (metrics_server.py) scraping the real node's kubelet, behind the aggregation layer:
+        HPAs read pods' CPU from it, `kubectl top pods` works."""
+        from . import binaries  # noqa: PLC0415 - kwok-only stacks never build it
+        from .metrics_server import start_metrics_server  # noqa: PLC0415
+        from .node import REAL_NODE_LABEL  # noqa: PLC0415
+
+        kube = self.kube
+        if kube is None or self.node is None:
+            raise StackError("metrics-server reads the real node's kubelet: start the stack with real_nodes=1")
+        if self.metrics_server is None or not self.metrics_server.alive():
+            with recording_into(self.ledger):
+                self.metrics_server = start_metrics_server(
+                    kube, binary=binaries.metrics_server_binary(), host=self.host,
+                    node_selector=f"{REAL_NODE_LABEL}=true",
+                )
+        return self.metrics_server
 
     def _start_real_node(self, kube: KubeCluster) -> RealNode:
         from . import images  # noqa: PLC0415 - images build with buildah; kwok-only stacks never need them
@@ -246,12 +265,13 @@ class Stack:
         runs is ignored: a half-done clean-up is the one thing worse than a slow one."""
         started = time.monotonic()
         with _signals_ignored():
-            for component in (self.entra, self.azurite_oauth, self.prometheus, self.node, self.registry,
+            for component in (self.metrics_server, self.entra, self.azurite_oauth, self.prometheus, self.node,
+                              self.registry,
                               self.azurite, self.kube):
                 if component is not None:
                     with contextlib.suppress(Exception):
                         component.stop()
-            self.prometheus = self.entra = self.azurite_oauth = None
+            self.prometheus = self.entra = self.azurite_oauth = self.metrics_server = None
             self.node = self.registry = self.azurite = self.kube = None
             # Containers, mounts, the node network, cgroups, links: whatever the ledger names. The run
             # folder (and the ledger in it) goes last, in the janitor's pass, so it knows whom to spare.
