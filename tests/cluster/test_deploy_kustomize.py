@@ -285,9 +285,8 @@ def test_operator_with_only_its_service_account_reconciles_a_modelapp(
 
 def test_ci_role_lets_a_pipeline_patch_modelapps_and_nothing_else(kube: KubeCluster, deployed: None) -> None:
     kube.kubectl("create", "serviceaccount", "pipeline", "-n", APP_NS)
-    kube.kubectl(
-        "create", "rolebinding", "pipeline", "--role=modelapp-ci", f"--serviceaccount={APP_NS}:pipeline", "-n", APP_NS
-    )
+    account = f"--serviceaccount={APP_NS}:pipeline"
+    kube.kubectl("create", "rolebinding", "pipeline", "--clusterrole=modelapp-ci", account, "-n", APP_NS)
     pipeline = f"--as=system:serviceaccount:{APP_NS}:pipeline"
 
     def allowed(*args: str) -> bool:

@@ -1,15 +1,16 @@
-"""The CRD: names, printer columns, a description on every field, defaults that match the typed model."""
+"""The CRD: names, printer columns, a description on every field, defaults that match the typed model, caps on size."""
 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from modelapp_operator.api.modelapp_types import parse_modelapp
+from modelapp_operator.api.modelapp_types import ENV_MAX_CHARACTERS, SpecError, parse_modelapp
 from modelapp_operator.names import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
 pytestmark = pytest.mark.unit
@@ -116,3 +117,61 @@ def test_docs_example_is_a_valid_modelapp(crd: dict[str, Any]) -> None:
     example["spec"] = apply_defaults(schema_of(crd)["properties"]["spec"], example["spec"])
     app = parse_modelapp(example)
     assert app.spec.image.tag == "1.4" and app.spec.model.credentials.service_account_name == "iris"
+
+
+# --- size: every field of a ModelApp is tenant input (issue 22) -----------------------------------------------
+
+# Strings whose pattern alone bounds their length (a fixed number of characters, no open repetition).
+FIXED_BY_PATTERN = {
+    ".spec.image.digest",
+    ".spec.model.sha256",
+    ".spec.model.credentials.clientId",
+    ".spec.rollout.maxSurge",
+    ".spec.rollout.maxUnavailable",
+}
+OPEN_REPETITION = re.compile(r"(?<!\\)[*+]|\{\d+,\}")
+
+
+def test_every_string_and_list_of_the_spec_is_capped(crd: dict[str, Any]) -> None:
+    """A ModelApp's size is bounded. Labels and annotations, which a CRD cannot cap, are the admission policy
+    modelapp-metadata-limits' (deploy/base/admission-policies.yaml)."""
+    uncapped = []
+    for path, node in walk(schema_of(crd)["properties"]["spec"], ".spec"):
+        stringy = node.get("type") == "string" or node.get("x-kubernetes-int-or-string")
+        fixed = path in FIXED_BY_PATTERN and not OPEN_REPETITION.search(node["pattern"])
+        if stringy and "maxLength" not in node and "enum" not in node and not fixed:
+            uncapped.append(path)
+        if node.get("type") == "array" and "maxItems" not in node:
+            uncapped.append(path)
+        # No free-form maps: unknown fields are pruned, so there is nothing for maxProperties to cap.
+        assert "additionalProperties" not in node and not node.get("x-kubernetes-preserve-unknown-fields"), path
+    assert uncapped == []
+
+
+def test_env_is_capped_in_total_and_the_typed_model_agrees(crd: dict[str, Any]) -> None:
+    env = schema_of(crd)["properties"]["spec"]["properties"]["env"]
+    (rule,) = env["x-kubernetes-validations"]
+    assert f"<= {ENV_MAX_CHARACTERS}" in rule["rule"] and str(ENV_MAX_CHARACTERS) in rule["message"]
+    per_variable = env["items"]["properties"]
+    # What the caps per variable alone allowed: 64 variables of 4 KiB and more, 64 times the total cap.
+    assert env["maxItems"] * (per_variable["name"]["maxLength"] + per_variable["value"]["maxLength"]) > 64 * 4096
+
+    def with_env(*values: str) -> dict[str, Any]:
+        return {
+            "metadata": {"name": "iris", "namespace": "ml", "uid": "u"},
+            "spec": {
+                "image": {"repository": "team.azurecr.io/iris", "tag": "1"},
+                "model": {
+                    "blob": {"accountUrl": "https://a.blob.core.windows.net", "container": "models", "name": "m.onnx"},
+                    "credentials": {"serviceAccountName": "iris"},
+                },
+                "env": [{"name": f"V{i}", "value": value} for i, value in enumerate(values)],
+            },
+        }
+
+    at_cap = "x" * (ENV_MAX_CHARACTERS - 2)  # with its name V0
+    assert parse_modelapp(with_env(at_cap)).spec.env[0].value == at_cap
+    with pytest.raises(SpecError, match=f"env: {ENV_MAX_CHARACTERS + 1} characters"):
+        parse_modelapp(with_env(at_cap + "x"))
+    with pytest.raises(SpecError, match="env: "):
+        parse_modelapp(with_env(*["x" * 200] * 30))  # every variable small, the sum too large

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from modelapp_operator.api.modelapp_types import parse_modelapp
 from modelapp_operator.config import OperatorConfig
+from modelapp_operator.plan.sources import AZURE_REGISTRY_DEFAULT
 
 pytestmark = pytest.mark.unit
 
@@ -177,7 +178,85 @@ def test_operator_image_runs_the_operator_as_non_root() -> None:
     assert '".[operator]"' in text
 
 
-def test_ci_role_only_reads_and_patches_modelapps() -> None:
-    assert rules(DEPLOY / "tenant" / "ci-role.yaml", "Role") == {("modelapp.io", "modelapps"): {"get", "patch"}}
-    binding = one(DEPLOY / "overlays" / "aks" / "ci-rolebinding.yaml", "RoleBinding")
-    assert binding["roleRef"]["name"] == "modelapp-ci" and {s["kind"] for s in binding["subjects"]} == {"User"}
+def test_modelapp_roles_aggregate_into_the_built_in_ones_and_split_the_spec() -> None:
+    path = DEPLOY / "base" / "modelapp-roles.yaml"
+    roles = {d["metadata"]["name"]: d for d in documents(path)}
+    assert "modelapp-roles.yaml" in kustomization("base")["resources"]
+
+    def aggregated(name: str) -> set[str]:
+        labels = roles[name]["metadata"]["labels"]
+        return {key.rsplit("-", 1)[1] for key, value in labels.items() if "aggregate-to-" in key and value == "true"}
+
+    def granted(name: str) -> dict[tuple[str, str], set[str]]:
+        found: dict[tuple[str, str], set[str]] = {}
+        for rule in roles[name]["rules"]:
+            for resource in rule["resources"]:
+                found.setdefault(("".join(rule["apiGroups"]), resource), set()).update(rule["verbs"])
+        return found
+
+    assert aggregated("modelapp-view") == {"view"} and aggregated("modelapp-edit") == {"edit", "admin"}
+    read = {"get", "list", "watch"}
+    assert granted("modelapp-view") == {
+        ("modelapp.io", "modelapps"): read,
+        ("modelapp.io", "modelapps/status"): read,
+        ("modelapp.io", "modelapps/scale"): read,
+    }
+    assert granted("modelapp-edit") == {
+        ("modelapp.io", "modelapps"): {"create", "update", "patch", "delete", "deletecollection", "set-image",
+                                       "set-model"},
+        ("modelapp.io", "modelapps/scale"): {"update", "patch"},  # never status: the operator's
+    }  # fmt: skip
+    # One job each: the verb the admission policy modelapp-field-rights asks for, and patch to carry it.
+    assert granted("modelapp-ci") == {("modelapp.io", "modelapps"): {"get", "patch", "set-image"}}
+    assert granted("modelapp-model-publisher") == {("modelapp.io", "modelapps"): {"get", "patch", "set-model"}}
+    assert aggregated("modelapp-ci") == aggregated("modelapp-model-publisher") == set()
+    bindings = {d["metadata"]["name"]: d for d in documents(DEPLOY / "overlays" / "aks" / "ci-rolebinding.yaml")}
+    assert {name: b["roleRef"]["name"] for name, b in bindings.items()} == {
+        "modelapp-ci": "modelapp-ci",
+        "modelapp-model-publisher": "modelapp-model-publisher",
+    }
+    assert all(b["roleRef"]["kind"] == "ClusterRole" and len(b["subjects"]) == 1 for b in bindings.values())
+
+
+def test_admission_policies_are_bound_to_deny_and_name_their_rule() -> None:
+    path = DEPLOY / "base" / "admission-policies.yaml"
+    assert "admission-policies.yaml" in kustomization("base")["resources"]
+    found = documents(path)
+    policies = {d["metadata"]["name"]: d for d in found if d["kind"] == "ValidatingAdmissionPolicy"}
+    bindings = {d["spec"]["policyName"]: d for d in found if d["kind"] == "ValidatingAdmissionPolicyBinding"}
+    assert (
+        set(policies) == set(bindings) == {"modelapp-field-rights", "modelapp-allow-lists", "modelapp-metadata-limits"}
+    )
+    for name, policy in policies.items():
+        assert policy["apiVersion"] == "admissionregistration.k8s.io/v1" and policy["spec"]["failurePolicy"] == "Fail"
+        assert bindings[name]["spec"]["validationActions"] == ["Deny"]
+        (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
+        assert (rule["apiGroups"], rule["resources"]) == (["modelapp.io"], ["modelapps"])  # not status, not scale
+        for validation in policy["spec"]["validations"]:
+            assert f"rule {name}" in " ".join(validation["messageExpression"].split()), validation
+    # The allow-lists' cluster-wide registries: a ConfigMap of the operator's namespace, the operator's default.
+    param_ref = bindings["modelapp-allow-lists"]["spec"]["paramRef"]
+    (params,) = [d for d in found if d["kind"] == "ConfigMap"]
+    assert (param_ref["name"], param_ref["namespace"]) == (
+        params["metadata"]["name"],
+        kustomization("base")["namespace"],
+    )
+    assert param_ref["parameterNotFoundAction"] == "Deny"
+    assert params["data"]["registries"] == AZURE_REGISTRY_DEFAULT
+
+
+def test_tenant_template_has_allow_lists_and_a_modelapp_quota() -> None:
+    annotations = one(DEPLOY / "tenant" / "namespace.yaml", "Namespace")["metadata"]["annotations"]
+    assert set(annotations) == {
+        "modelapp.io/allowed-service-accounts",
+        "modelapp.io/allowed-secrets",
+        "modelapp.io/allowed-registries",
+    }
+    sample = one(DEPLOY / "samples" / "modelapp.yaml", "ModelApp")
+    assert sample["spec"]["model"]["credentials"]["serviceAccountName"] in annotations[
+        "modelapp.io/allowed-service-accounts"
+    ].split(",")
+    assert "quota.yaml" in kustomization("tenant")["resources"]
+    assert "ci-role.yaml" not in kustomization("tenant")["resources"]  # the pipelines' roles are ClusterRoles now
+    quota = one(DEPLOY / "tenant" / "quota.yaml", "ResourceQuota")
+    assert quota["spec"]["hard"] == {"count/modelapps.modelapp.io": "100"}

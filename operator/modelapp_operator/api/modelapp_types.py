@@ -213,6 +213,10 @@ class Resources(_Frozen):
     limits: ResourceList | None = None
 
 
+# The CRD's cap on spec.env, names and values together: the operator keeps every ModelApp and its Deployment.
+ENV_MAX_CHARACTERS = 4096
+
+
 class EnvVar(_Frozen):
     name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
     value: Annotated[str, Field(max_length=4096)] = ""
@@ -312,6 +316,9 @@ class ModelAppSpec(_Frozen):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"duplicate env names: {', '.join(duplicates)}")
+        total = sum(len(item.name) + len(item.value) for item in env)
+        if total > ENV_MAX_CHARACTERS:
+            raise ValueError(f"env: {total} characters of names and values, at most {ENV_MAX_CHARACTERS}")
         return env
 
     @model_validator(mode="after")
