@@ -94,7 +94,7 @@ class Reason:
     # is asked only for the storage and ACR audiences; a body past its cap fails the resolution (config.py).
     REGISTRY_NOT_ALLOWED: Final = "RegistryNotAllowed"
     STORAGE_ACCOUNT_NOT_ALLOWED: Final = "StorageAccountNotAllowed"
-    TOKEN_SCOPE_NOT_ALLOWED: Final = "TokenScopeNotAllowed"
+    TOKEN_SCOPE_NOT_ALLOWED: Final = "TokenScopeNotAllowed"  # noqa: S105  (a reason, not a secret)
     REGISTRY_RESPONSE_TOO_LARGE: Final = "RegistryResponseTooLarge"
     STORAGE_RESPONSE_TOO_LARGE: Final = "StorageResponseTooLarge"
     STORAGE_SECRET_NOT_FOUND: Final = "StorageSecretNotFound"  # noqa: S105 - a reason, not a secret

@@ -29,7 +29,8 @@ def test_dockerfiles_take_the_base_image_as_an_argument_for_both_stages(which: i
 def test_each_image_copies_its_own_source_root_and_the_contract_only(which: images.ProjectImage, root: str) -> None:
     """So a change to one side rebuilds only that side's image (project_key hashes exactly these)."""
     sources = images.dockerfile_sources(REPO_ROOT / images.PROJECT_DOCKERFILES[which])
-    assert sorted(sources) == sorted(["pyproject.toml", "README.md", "contract/", root])
+    lock = f"requirements/{which}-lock.txt"  # the hashed pins it installs (requirements/lock.sh)
+    assert sorted(sources) == sorted(["pyproject.toml", "README.md", "contract/", root, lock])
 
 
 def fake_repo(tmp_path: Path) -> Path:

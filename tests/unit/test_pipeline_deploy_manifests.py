@@ -175,7 +175,7 @@ def test_sample_modelapp_is_valid_and_uses_the_aks_app_identity() -> None:
 def test_operator_image_runs_the_operator_as_non_root() -> None:
     text = (REPO_ROOT / "Dockerfile.operator").read_text()
     assert "USER 10001:10001" in text and 'ENTRYPOINT ["modelapp-operator"]' in text
-    assert '".[operator]"' in text
+    assert "--require-hashes" in text and "-r requirements/operator-lock.txt" in text
 
 
 def test_modelapp_roles_aggregate_into_the_built_in_ones_and_split_the_spec() -> None:

@@ -21,9 +21,9 @@ Prediction = str | int | float | bool | None | Sequence["Prediction"]
 
 
 class CheckState(StrEnum):
-    PENDING = "Pending"
-    PASSED = "Passed"
-    FAILED = "Failed"
+    PENDING = "pending"
+    PASSED = "passed"
+    FAILED = "failed"
 
 
 @dataclass(frozen=True)
