@@ -8,11 +8,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from modelapp_contract.termination import EXIT_MODEL_REFUSED
 from modelapp_localstack import Azurite
 from modelapp_serving.publish import publish_model
 
-from tests.integration.test_serving_process_health import serve, stop
+from tests.integration.test_serving_process_health import serve_until_refused
 from tests.unit.test_serving_onnx_external_data import TRAVERSAL, in_initializer, in_subgraph, opened_watch, write
 
 pytestmark = pytest.mark.integration
@@ -22,14 +21,7 @@ def refusal_log(azurite: Azurite, tmp_path: Path, model: Path, **overrides: str)
     """Publish `model`, serve it until the server ends, check it ended refusing the model; its log."""
     url = f"{azurite.blob_endpoint}/models-{uuid.uuid4().hex[:12]}/external.onnx"
     published = publish_model(model, url, connection_string=azurite.connection_string)
-    server, _, _, log_path = serve(azurite, published, tmp_path, MODELAPP_EXIT_ON_REFUSAL="true", **overrides)
-    try:
-        code = server.wait(timeout=90)
-    finally:
-        stop(server)
-    log_text = log_path.read_text()
-    assert code == EXIT_MODEL_REFUSED, log_text
-    return log_text
+    return serve_until_refused(azurite, published, tmp_path, **overrides)
 
 
 @pytest.mark.parametrize("location", [TRAVERSAL, "secret-beside-the-model"])

@@ -61,6 +61,18 @@ def serve(
     return server, port, liveness_port, log_path
 
 
+def serve_until_refused(azurite: Azurite, published: PublishedModel, tmp_path: Path, **overrides: str) -> str:
+    """Serve `published` until the server ends; check it ended refusing the model (exit 4); its log."""
+    server, _, _, log_path = serve(azurite, published, tmp_path, MODELAPP_EXIT_ON_REFUSAL="true", **overrides)
+    try:
+        code = server.wait(timeout=90)
+    finally:
+        stop(server)
+    log_text = log_path.read_text()
+    assert code == EXIT_MODEL_REFUSED, log_text
+    return log_text
+
+
 def stop(server: subprocess.Popen[bytes]) -> None:
     if server.poll() is None:
         server.send_signal(signal.SIGTERM)
@@ -147,15 +159,7 @@ def test_liveness_answers_from_the_start_before_the_model_is_loaded(
 def test_a_refused_model_ends_the_server_with_a_non_zero_exit_code(
     azurite: Azurite, published: PublishedModel, tmp_path: Path
 ) -> None:
-    server, _, _, log_path = serve(
-        azurite, published, tmp_path, MODELAPP_MODEL_SHA256="0" * 64, MODELAPP_EXIT_ON_REFUSAL="true"
-    )
-    try:
-        code = server.wait(timeout=90)
-    finally:
-        stop(server)
-    log_text = log_path.read_text()
-    assert code == EXIT_MODEL_REFUSED, log_text
+    log_text = serve_until_refused(azurite, published, tmp_path, MODELAPP_MODEL_SHA256="0" * 64)
     assert "expected " + "0" * 64 in log_text
 
 
@@ -164,11 +168,5 @@ def test_bytes_that_are_not_a_model_end_the_server_with_the_runtimes_reason(azur
     source.write_bytes(b"these bytes are not an ONNX graph\n" * 100)
     url = f"{azurite.blob_endpoint}/models-{uuid.uuid4().hex[:12]}/broken.onnx"
     broken = publish_model(source, url, connection_string=azurite.connection_string)
-    server, _, _, log_path = serve(azurite, broken, tmp_path, MODELAPP_EXIT_ON_REFUSAL="true")
-    try:
-        code = server.wait(timeout=90)
-    finally:
-        stop(server)
-    log_text = log_path.read_text()
-    assert code == EXIT_MODEL_REFUSED, log_text
+    log_text = serve_until_refused(azurite, broken, tmp_path)
     assert "cannot load the onnx model" in log_text
