@@ -21,6 +21,7 @@ import pytest
 import yaml
 from azure.storage.blob import BlobServiceClient
 from modelapp_localstack import Azurite, KubeCluster, Registry
+from modelapp_localstack.operator import allowed_sources
 from modelapp_localstack.procs import free_port
 
 pytestmark = pytest.mark.cluster
@@ -122,7 +123,7 @@ def can_i(kube: KubeCluster, *args: str) -> bool:
 
 ALLOWED = [
     ("create", "leases.coordination.k8s.io", "-n", OPERATOR_NS),  # two replicas, one active
-    ("update", "leases.coordination.k8s.io/modelapp-operator", "-n", OPERATOR_NS),
+    ("update", "leases.coordination.k8s.io/modelapp-operator-leader", "-n", OPERATOR_NS),
     ("get", "pods/any-operator-pod", "-n", OPERATOR_NS),  # the Lease holder's pod: where webhooks go
     ("get", "secrets", "-n", APP_NS),
     ("watch", "modelapps.modelapp.io", "-n", APP_NS),
@@ -162,7 +163,7 @@ DENIED = [
     ("impersonate", "serviceaccounts", "-n", APP_NS),
     ("update", "leases.coordination.k8s.io/kube-controller-manager", "-n", "kube-system"),
     ("update", "leases.coordination.k8s.io/another-lease", "-n", OPERATOR_NS),  # only its own Lease
-    ("delete", "leases.coordination.k8s.io/modelapp-operator", "-n", OPERATOR_NS),
+    ("delete", "leases.coordination.k8s.io/modelapp-operator-leader", "-n", OPERATOR_NS),
     ("create", "leases.coordination.k8s.io", "-n", APP_NS),
     ("list", "pods", "-n", OPERATOR_NS),
 ]
@@ -245,6 +246,7 @@ def test_operator_with_only_its_service_account_reconciles_a_modelapp(
         "MODELAPP_LOG_FORMAT": "text",
         "KUBECONFIG": str(kubeconfig),
         "MODELAPP_REGISTRY_CA_FILE": str(registry.ca_file),
+        **allowed_sources(registry),  # what the platform admin allows the stack's operator (issue 22)
     }
     with log_file.open("wb") as log:
         process = subprocess.Popen(

@@ -380,6 +380,10 @@ def start_cluster(
                 "--concurrent-deployment-syncs=10",
                 "--concurrent-replicaset-syncs=10",
                 "--concurrent-gc-syncs=20",
+                # The stack installs the ModelApp CRD and a tenant's quota on it at once: the quota
+                # controller discovers the new resource within 30 s but recounts a quota only on its
+                # full resync (default 5 min); until then every create is refused "status unknown".
+                "--resource-quota-sync-period=10s",
                 "--v=0",
             ],
             logs / "kube-controller-manager.log",
