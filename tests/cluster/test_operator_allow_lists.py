@@ -229,6 +229,18 @@ def identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Server]:
         yield server
 
 
+def operator_allowing(
+    start_operator: StartOperator, identity: _Server, stack: Stack, prefix: str, *, registries: str, storage: str
+) -> OperatorProcess:
+    """An operator with the stand-in as its identity that may use exactly these registries and accounts."""
+    env = {
+        **identity_env(identity, stack),
+        "MODELAPP_ALLOWED_REGISTRIES": registries,
+        "MODELAPP_ALLOWED_STORAGE": storage,
+    }
+    return start_operator(f"{prefix}-*", env)
+
+
 def test_a_host_outside_the_allow_list_gets_no_request_and_no_token(
     kube: KubeCluster,
     registry: Registry,
@@ -240,12 +252,9 @@ def test_a_host_outside_the_allow_list_gets_no_request_and_no_token(
 ) -> None:
     prefix = f"tb-deny-{uuid.uuid4().hex[:4]}"
     with serving(StorageAttacker, local_stack, "attacker") as attacker:
-        env = {
-            **identity_env(identity, local_stack),
-            "MODELAPP_ALLOWED_REGISTRIES": registry.host,
-            "MODELAPP_ALLOWED_STORAGE": account_host(azurite),
-        }
-        operator = start_operator(f"{prefix}-*", env)
+        operator = operator_allowing(
+            start_operator, identity, local_stack, prefix, registries=registry.host, storage=account_host(azurite)
+        )
         app = prepare(kube, registry, azurite, models, prefix=prefix)
         apply(kube, with_identity(modelapp(app, azurite), f"https://{host_of(attacker)}/victim"))
         found = model_condition(kube, app, operator, Reason.STORAGE_ACCOUNT_NOT_ALLOWED)
@@ -272,12 +281,10 @@ def test_a_challenge_for_another_resource_gets_no_token(
 ) -> None:
     prefix = f"tb-chal-{uuid.uuid4().hex[:4]}"
     with serving(ChallengeForManagement, local_stack, "challenger") as challenger:
-        env = {
-            **identity_env(identity, local_stack),
-            "MODELAPP_ALLOWED_REGISTRIES": registry.host,
-            "MODELAPP_ALLOWED_STORAGE": f"{account_host(azurite)},{host_of(challenger)}",
-        }
-        operator = start_operator(f"{prefix}-*", env)
+        storage = f"{account_host(azurite)},{host_of(challenger)}"
+        operator = operator_allowing(
+            start_operator, identity, local_stack, prefix, registries=registry.host, storage=storage
+        )
         app = prepare(kube, registry, azurite, models, prefix=prefix)
         apply(kube, with_identity(modelapp(app, azurite), f"https://{host_of(challenger)}/acct"))
         found = model_condition(kube, app, operator, Reason.TOKEN_SCOPE_NOT_ALLOWED)
@@ -307,12 +314,10 @@ def test_an_endless_manifest_does_not_grow_the_operator(
 ) -> None:
     prefix = f"tb-big-{uuid.uuid4().hex[:4]}"
     with serving(EndlessManifest, local_stack, "endless") as endless:
-        env = {
-            **identity_env(identity, local_stack),
-            "MODELAPP_ALLOWED_REGISTRIES": f"{registry.host},{host_of(endless)}",
-            "MODELAPP_ALLOWED_STORAGE": account_host(azurite),
-        }
-        operator = start_operator(f"{prefix}-*", env)
+        registries = f"{registry.host},{host_of(endless)}"
+        operator = operator_allowing(
+            start_operator, identity, local_stack, prefix, registries=registries, storage=account_host(azurite)
+        )
         app = prepare(kube, registry, azurite, models, prefix=prefix)
         # A first ModelApp warms the operator up (its first blob and registry calls load what they use), so
         # what grows afterwards is the endless manifest's doing.
