@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import socket
 import sys
 from collections.abc import Sequence
 
 import kopf
 import modelapp_operator.handlers  # noqa: F401 - importing registers the kopf handlers
+from kopf._core.engines.peering import Identity  # run()'s parameter type; kopf does not export it
 from modelapp_contract import settings
 from modelapp_operator import metrics
 from modelapp_operator.config import VARIABLES, ConfigError, OperatorConfig, Variable
@@ -76,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def kopf_identity(config: OperatorConfig) -> str:
+    """This replica's name for kopf: the Lease identity (the pod's name) when it has one, else the host's."""
+    if config.leader_election is not None:
+        return config.leader_election.identity
+    return f"modelapp-operator@{socket.gethostname()}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -99,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         logging.getLogger(__name__).info("metrics on %s:%d/metrics", config.metrics_bind, port)
     kopf.run(
+        # kopf's own default identity asks the password database for the user's name, and the image's
+        # user (a bare UID) has no entry there: without this the operator exits at start-up in its pod.
+        identity=Identity(kopf_identity(config)),
         # Standalone always: with MODELAPP_LEADER_ELECTION both replicas watch, and only the holder of the
         # Lease reconciles (leader.py); kopf's peering objects would live in the tenants' namespaces.
         standalone=True,

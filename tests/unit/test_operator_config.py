@@ -61,3 +61,29 @@ def test_main_exits_2_with_the_variable_named(
     monkeypatch.setenv("MODELAPP_POLL_INTERVAL_SECONDS", "-1")
     assert main([]) == 2
     assert "MODELAPP_POLL_INTERVAL_SECONDS" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("leader_election", [True, False])
+def test_main_needs_no_password_database_entry(monkeypatch: pytest.MonkeyPatch, leader_election: bool) -> None:
+    """The image runs as a bare UID: kopf's default identity (getpass.getuser) raised KeyError there and the
+    operator exited at start-up in its pod; main names the replica itself."""
+    import getpass
+
+    import kopf
+
+    def no_entry() -> str:
+        raise KeyError("getpwuid(): uid not found: 10001")
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(getpass, "getuser", no_entry)
+    monkeypatch.setattr(kopf, "run", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setenv("MODELAPP_METRICS_PORT", "off")
+    if leader_election:
+        monkeypatch.setenv("MODELAPP_LEADER_ELECTION", "modelapp-operator-leader")
+        monkeypatch.setenv("MODELAPP_POD_NAMESPACE", "modelapp-system")
+        monkeypatch.setenv("MODELAPP_POD_NAME", "modelapp-operator-abc12")
+    assert main(["--liveness", "off"]) == 0
+    identity = seen["identity"]
+    assert isinstance(identity, str) and identity
+    if leader_election:
+        assert identity == "modelapp-operator-abc12"

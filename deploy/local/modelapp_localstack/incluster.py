@@ -60,6 +60,15 @@ class InClusterOperator:
                           "--ignore-not-found", "--wait=true", check=False)
 
 
+def _crash_looping(operator: InClusterOperator) -> bool:
+    """A replica waits in CrashLoopBackOff: it exited at start-up more than once, the operator cannot start."""
+    for pod in operator.pods():
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            if ((status.get("state") or {}).get("waiting") or {}).get("reason") == "CrashLoopBackOff":
+                return True
+    return False
+
+
 def receiver_address(service_cidr: str) -> str:
     """A fixed ClusterIP for the webhook receiver's Service, so a registry started before the
     operator can be told where to send its notifications."""
@@ -171,9 +180,15 @@ def install_operator(
                            check=False)
     if applied.returncode != 0:
         raise StackError(f"kubectl apply -k {overlay} failed:\n{applied.stderr.strip()}")
-    result = kube.kubectl("rollout", "status", f"deployment/{OPERATOR_DEPLOYMENT}", "-n", OPERATOR_NAMESPACE,
-                          f"--timeout={int(timeout)}s", check=False, timeout=timeout + 30)
     operator = InClusterOperator(kube, overlay)
+    deadline = time.monotonic() + timeout
+    while True:
+        # Short rounds, so a replica that exits at start-up fails the install at once with its log,
+        # not after the whole timeout (and every test after it).
+        result = kube.kubectl("rollout", "status", f"deployment/{OPERATOR_DEPLOYMENT}", "-n", OPERATOR_NAMESPACE,
+                              "--timeout=5s", check=False, timeout=40)
+        if result.returncode == 0 or time.monotonic() > deadline or _crash_looping(operator):
+            break
     if result.returncode != 0:
         pods = kube.kubectl("get", "pods", "-n", OPERATOR_NAMESPACE, "-o", "wide", check=False).stdout
         events = kube.kubectl("get", "events", "-n", OPERATOR_NAMESPACE, "--sort-by=.lastTimestamp",
