@@ -110,6 +110,31 @@ def test_the_sdks_session_reads_capped_too() -> None:
     asyncio.run(run())
 
 
+def test_a_head_declaring_a_large_entity_is_no_body_past_the_cap() -> None:
+    """get_blob_properties is a HEAD whose Content-Length is the blob's size: a several-hundred-MiB model's
+    properties were refused as a body past the 4 MiB storage cap (StorageResponseTooLarge)."""
+
+    async def run() -> bytes:
+        async def head(request: web.Request) -> web.Response:
+            return web.Response(status=200, headers={"Content-Length": str(300 * 2**20)})
+
+        app = web.Application()
+        app.router.add_route("HEAD", "/blob", head)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        try:
+            capped = capped_response_class(4 * 2**20)
+            async with (
+                aiohttp.ClientSession(response_class=capped) as session,
+                session.head(server.make_url("/blob")) as response,
+            ):
+                return await response.read()
+        finally:
+            await server.close()
+
+    assert asyncio.run(run()) == b""
+
+
 def test_an_endless_manifest_fails_the_resolution_with_its_reason() -> None:
     async def run() -> ImageResolutionError:
         served = Served()

@@ -35,6 +35,10 @@ class ResponseTooLarge(aiohttp.ClientPayloadError):
 
 async def read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """The body, read in chunks; ResponseTooLarge (connection closed) as soon as it passes `limit` bytes."""
+    if response.method == "HEAD" or response.status in (204, 304):
+        # No body by HTTP's rules; a HEAD's Content-Length is the size of what a GET would send (a blob's
+        # properties of a 300 MiB model declare 300 MiB), never bytes to read here.
+        return b""
     declared = response.content_length
     if declared is not None and declared > limit:
         response.close()
