@@ -32,7 +32,7 @@ from modelapp_localstack.entra import (
     workload_identity_policy,
 )
 from modelapp_localstack.node import real_node_namespace_annotations
-from modelapp_localstack.operator import OperatorProcess, apply_crd
+from modelapp_localstack.operator import OperatorProcess, allowed_sources, apply_crd
 from modelapp_serving.publish import PublishedModel
 
 from tests.cluster.helpers import App, apply, get, operator_running, wait_ready
@@ -219,9 +219,8 @@ def _in_cluster_objects(
                              {"name": "MODELAPP_POLL_INTERVAL_SECONDS", "value": "2"},
                              {"name": "MODELAPP_RECEIVER_ENABLED", "value": "false"},
                              {"name": "MODELAPP_METRICS_PORT", "value": "off"},
-                             # Standalone (no MODELAPP_LEADER_ELECTION): kopf names itself after the user, and the
-                             # image's UID has no passwd entry.
-                             {"name": "USER", "value": "modelapp"},
+                             # The stack's registry and storage only, as a platform admin would allow them.
+                             *({"name": key, "value": value} for key, value in allowed_sources(registry).items()),
                              *({"name": f"MODELAPP_POD_{key.upper()}", "valueFrom": {"fieldRef": {"fieldPath": path}}}
                                for key, path in (("name", "metadata.name"), ("uid", "metadata.uid"),
                                                  ("ip", "status.podIP")))],
