@@ -426,11 +426,6 @@ def test_oversize_metadata_is_rejected_naming_the_rule(kube: KubeCluster, tenant
     refused(result, "modelapp-metadata-limits", "metadata.labels")
 
 
-@pytest.mark.xfail(
-    reason="the local stack's quota controller never counts count/modelapps.modelapp.io (status.used stays without "
-    "it for 180 s; creates are refused 'status unknown for quota'): its kube-controller-manager is to be checked",
-    strict=False,
-)
 def test_the_quota_stops_the_modelapp_after_the_last_allowed(kube: KubeCluster, tenant: Tenant) -> None:
     quota = yaml.safe_load((DEPLOY / "tenant" / "quota.yaml").read_text())
     hard = int(quota["spec"]["hard"]["count/modelapps.modelapp.io"])

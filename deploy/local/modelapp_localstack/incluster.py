@@ -173,6 +173,12 @@ def install_operator(
         receiver_token or secrets.token_urlsafe(24), receiver_address(service_cidr) if service_cidr else None,
         kube.kubectl("get", "service", "kubernetes", "-n", "default", "-o", "jsonpath={.spec.clusterIP}").stdout,
     )
+    # A test before this one may have deleted the operator's namespace: nothing can be created in it until
+    # it is gone, so wait for that rather than fail the install.
+    phase = kube.kubectl("get", "namespace", OPERATOR_NAMESPACE, "-o", "jsonpath={.status.phase}", check=False)
+    if phase.stdout.strip() == "Terminating":
+        kube.kubectl("wait", "--for=delete", f"namespace/{OPERATOR_NAMESPACE}", "--timeout=120s", check=False,
+                     timeout=150)
     # The CRDs first (as docs/operations.md says).
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-k", str(REPO_ROOT / "crds"), timeout=120)
     kube.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")

@@ -22,6 +22,7 @@ from .pki import CertificateAuthority, write_service_account_key
 from .procs import ManagedProcess, StackError, free_port, log
 
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+FAKE_POD_CIDR = "10.245.0.0/16"  # kwok pods: never routed, never a real pod's address (real nodes: node.py)
 POD_READY_STAGE = "pod-ready"
 FRONT_PROXY_CLIENT = "front-proxy-client"  # the API server's name towards extension API servers
 
@@ -415,7 +416,9 @@ def start_cluster(
                 "--manage-all-nodes=false",
                 f"--manage-nodes-with-annotation-selector={FAKE_NODE_ANNOTATION}=fake",
                 "--node-ip=127.0.0.1",
-                "--cidr=10.244.0.0/16",
+                # Fake pods' addresses, apart from the real nodes' 10.244.N.0/24: kube-network-policies maps a
+                # packet's address to its pod, and a kwok pod holding a real pod's address made its verdicts flap.
+                f"--cidr={FAKE_POD_CIDR}",
                 f"--server-address=127.0.0.1:{free_port()}",
                 "--enable-crds=Stage",
             ],
