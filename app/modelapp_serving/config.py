@@ -14,11 +14,22 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from modelapp_contract import container
 from modelapp_contract.blob import BlobAddress, ModelFormat, PinnedVersion, parse_blob_url
 from modelapp_contract.probes import default_liveness_port
-from modelapp_contract.settings import ConfigError, Variable, boolean, choice, file_text, integer, required, text
+from modelapp_contract.settings import (
+    ConfigError,
+    Variable,
+    boolean,
+    choice,
+    file_text,
+    integer,
+    number,
+    required,
+    text,
+)
 
 __all__ = ["VARIABLES", "ConfigError", "ModelFormat", "ModelSpec", "ServerConfig", "ServingConfig"]
 
@@ -27,6 +38,8 @@ DEFAULT_PORT = container.DEFAULT_PORT
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # 1 MiB: ~25k iris rows, far more than an online request needs.
 DEFAULT_DOWNLOAD_CONCURRENCY = 8
 DEFAULT_DOWNLOAD_CHUNK_BYTES = 8 << 20
+DEFAULT_SHADOW_MAX_IN_FLIGHT = 8
+DEFAULT_SHADOW_TIMEOUT_SECONDS = 2.0
 WORKER_CLASSES = ("asgi", "gthread", "sync")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # Set by gunicorn's master for its workers (never by a person): a run id for the verified-download stamp
@@ -58,6 +71,9 @@ MODEL_VARIABLES: tuple[Variable, ...] = (
         "the blob's file name without extension",
         "the model's name under /v2 (the operator sets the ModelApp's name)",
     ),
+    Variable(container.SHADOW_URL, "", "the release gate's candidate (http://host:port): /predict is also sent there"),
+    Variable(container.SHADOW_PERCENT, "100", "share of /predict requests also sent to the candidate, 0-100"),
+    Variable(container.SHADOW_TOLERANCE, "0", "numbers in the two answers agree within this; labels must be equal"),
 )
 """What the ModelApp operator sets (modelapp_contract.container)."""
 
@@ -73,6 +89,12 @@ SERVING_VARIABLES: tuple[Variable, ...] = (
     Variable("MODELAPP_DOWNLOAD_CHUNK_BYTES", str(DEFAULT_DOWNLOAD_CHUNK_BYTES), "bytes per ranged GET"),
     Variable("MODELAPP_ONNX_THREADS", "1", "threads per ONNX session (0: onnxruntime's choice)"),
     Variable("PROMETHEUS_MULTIPROC_DIR", "", "set to aggregate /metrics over the workers"),
+    Variable(
+        "MODELAPP_SHADOW_MAX_IN_FLIGHT", str(DEFAULT_SHADOW_MAX_IN_FLIGHT), "shadowed requests under way per worker"
+    ),
+    Variable(
+        "MODELAPP_SHADOW_TIMEOUT_SECONDS", str(DEFAULT_SHADOW_TIMEOUT_SECONDS), "the candidate's time to answer one"
+    ),
 )
 """The image's own settings (spec.env cannot set MODELAPP_* variables)."""
 
@@ -108,6 +130,21 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class ShadowConfig:
+    """Where shadowed requests go and how many (shadow.py; the operator sets the MODELAPP_SHADOW_* variables)."""
+
+    url: str  # the candidate's base URL; requests go to <url>/predict
+    percent: float  # share of /predict requests also sent to the candidate, 0-100
+    tolerance: float = 0.0  # numbers within this agree (absolute); labels must be equal
+    max_in_flight: int = DEFAULT_SHADOW_MAX_IN_FLIGHT  # per worker: more are dropped, never queued
+    timeout_seconds: float = DEFAULT_SHADOW_TIMEOUT_SECONDS
+
+    @property
+    def predict_url(self) -> str:
+        return self.url.rstrip("/") + "/predict"
+
+
+@dataclass(frozen=True)
 class ServingConfig:
     model: ModelSpec | None
     """None only for tests and tools that hand the app an in-memory model."""
@@ -125,6 +162,8 @@ class ServingConfig:
     """The image this pod runs, by digest (the operator sets it); shown by /version and /metrics."""
     model_name: str | None = None
     """The model's name in the Open Inference Protocol (MODELAPP_MODEL_NAME); None: oip.served_model_name's rule."""
+    shadow: ShadowConfig | None = None
+    """The release gate's shadow traffic (MODELAPP_SHADOW_URL); None: none."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServingConfig:
@@ -148,6 +187,7 @@ class ServingConfig:
             onnx_threads=integer(env, "MODELAPP_ONNX_THREADS", 1, low=0, high=256),
             image=text(env, container.IMAGE) or None,
             model_name=_model_name(env),
+            shadow=_shadow(env),
         )
 
 
@@ -201,6 +241,24 @@ def _model_name(env: Mapping[str, str]) -> str | None:
             f"{container.MODEL_NAME} must be 1-253 letters, digits, '_', '.' or '-' (not first), not {model_name!r}"
         )
     return model_name
+
+
+def _shadow(env: Mapping[str, str]) -> ShadowConfig | None:
+    url = text(env, container.SHADOW_URL)
+    if not url:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") or parts.query:
+        raise ConfigError(f"{container.SHADOW_URL} must be http(s)://host:port with no path, not {url!r}")
+    return ShadowConfig(
+        url=url,
+        percent=number(env, container.SHADOW_PERCENT, 100.0, low=0.0, high=100.0),
+        tolerance=number(env, container.SHADOW_TOLERANCE, 0.0, low=0.0, high=1e12),
+        max_in_flight=integer(env, "MODELAPP_SHADOW_MAX_IN_FLIGHT", DEFAULT_SHADOW_MAX_IN_FLIGHT, low=1, high=1024),
+        timeout_seconds=number(
+            env, "MODELAPP_SHADOW_TIMEOUT_SECONDS", DEFAULT_SHADOW_TIMEOUT_SECONDS, low=0.05, high=60.0
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from prometheus_client import multiprocess as prometheus_multiprocess
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# The gate's p99 limit is read from these: finer where limits are usually set (10-500 ms).
+SHADOW_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 
 
 class ServingMetrics:
@@ -62,6 +64,28 @@ class ServingMetrics:
             "1 for the pair this pod serves: its image digest and its model version (ETag), as the operator set them.",
             ["image_digest", "model_version"],
             multiprocess_mode="livemax",
+            registry=self.registry,
+        )
+
+        # The release gate's shadow traffic (shadow.py): what the operator reads from the stable pods.
+        self.shadow_comparisons = Counter(
+            "modelapp_shadow_comparisons",
+            "Requests also sent to the candidate pair, by the pair it named and outcome "
+            "(agreed, disagreed, error, timeout).",
+            ["candidate", "outcome"],
+            registry=self.registry,
+        )
+        self.shadow_latency = Histogram(
+            "modelapp_shadow_latency_seconds",
+            "Time the candidate pair took to answer a shadowed request.",
+            ["candidate"],
+            buckets=SHADOW_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.shadow_dropped = Counter(
+            "modelapp_shadow_dropped",
+            "Requests not sent to the candidate: overloaded (every slot busy) or unreachable (none listening).",
+            ["reason"],
             registry=self.registry,
         )
 

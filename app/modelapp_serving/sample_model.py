@@ -26,11 +26,14 @@ class SampleModelFiles:
     skops: Path
 
 
-def train_iris_classifier() -> Any:
-    """Fit a LogisticRegression on iris; same data and seed give the same coefficients."""
+def train_iris_classifier(label_shift: int = 0) -> Any:
+    """Fit a LogisticRegression on iris; same data and seed give the same coefficients.
+
+    label_shift: train on (label + shift) mod 3, a valid model that answers wrong with every answer it gives
+    (the label order permuted): what the release gate must keep out."""
     features, labels = load_iris(return_X_y=True)
     classifier = LogisticRegression(max_iter=500, random_state=RANDOM_STATE)
-    classifier.fit(features.astype("float32"), labels)
+    classifier.fit(features.astype("float32"), (labels + label_shift) % 3)
     return classifier
 
 
@@ -55,10 +58,10 @@ def export_skops(classifier: Any, path: Path) -> Path:
     return path
 
 
-def write_sample_models(directory: Path, stem: str = "iris") -> SampleModelFiles:
+def write_sample_models(directory: Path, stem: str = "iris", *, label_shift: int = 0) -> SampleModelFiles:
     """Train once and write `<stem>.onnx` and `<stem>.skops` into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
-    classifier = train_iris_classifier()
+    classifier = train_iris_classifier(label_shift)
     return SampleModelFiles(
         onnx=export_onnx(classifier, directory / f"{stem}.onnx"),
         skops=export_skops(classifier, directory / f"{stem}.skops"),
@@ -72,8 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("directory", type=Path, help="folder to write <stem>.onnx and <stem>.skops into")
     parser.add_argument("--stem", default="iris", help="file name stem (default: iris)")
+    parser.add_argument(
+        "--permute-labels",
+        action="store_true",
+        help="train on shifted labels: a valid model whose every answer is wrong (for the release gate)",
+    )
     args = parser.parse_args(argv)
-    files = write_sample_models(args.directory, args.stem)
+    files = write_sample_models(args.directory, args.stem, label_shift=1 if args.permute_labels else 0)
     print(files.onnx)
     print(files.skops)
     return 0

@@ -28,10 +28,13 @@ from modelapp_serving.model import LoadedModel
 from modelapp_serving.oip import BINARY_HEADER, OipApi, OipError, served_model_name, server_metadata
 from modelapp_serving.oip import error_body as oip_error_body
 from modelapp_serving.predict import BadInput, parse_features, predictions_body
+from modelapp_serving.shadow_header import pair_header
 from modelapp_serving.state import ModelInfo, ModelState, model_info_from_config, start_background_load
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from modelapp_serving.shadow import Shadow
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +405,21 @@ def create_asgi_app(config: ServingConfig | None = None, *, model: LoadedModel |
     serving = get_serving(flask_app)
     metrics = flask_app.wsgi_app
     assert isinstance(metrics, MetricsMiddleware)
-    return AsgiPredictApp(flask_app, serving.state, serving.config.max_request_bytes, metrics, serving.oip)
+    shadow: Shadow | None = None
+    if serving.config.shadow is not None:
+        from modelapp_serving.shadow import Shadow  # noqa: PLC0415 - only a pod that shadows imports aiohttp
+
+        shadow = Shadow(serving.config.shadow, serving.metrics)
+    model_spec = serving.config.model
+    return AsgiPredictApp(
+        flask_app,
+        serving.state,
+        serving.config.max_request_bytes,
+        metrics,
+        serving.oip,
+        shadow=shadow,
+        pair=pair_header(serving.config.image, model_spec.etag if model_spec else None),
+    )
 
 
 class AsgiPredictApp:
@@ -415,7 +432,15 @@ class AsgiPredictApp:
     """
 
     def __init__(
-        self, flask_app: Flask, state: ModelState, max_request_bytes: int, metrics: MetricsMiddleware, oip: OipApi
+        self,
+        flask_app: Flask,
+        state: ModelState,
+        max_request_bytes: int,
+        metrics: MetricsMiddleware,
+        oip: OipApi,
+        *,
+        shadow: Shadow | None = None,
+        pair: tuple[bytes, bytes] | None = None,
     ) -> None:
         # a2wsgi types scopes and messages as TypedDicts; this class passes them on as it got them.
         fallback = WSGIMiddleware(_input_terminated(flask_app))  # type: ignore[arg-type]
@@ -424,10 +449,13 @@ class AsgiPredictApp:
         self._max_request_bytes = max_request_bytes
         self._metrics = metrics
         self._oip = oip
+        self._shadow = shadow
+        # The pair this pod serves on every fast-path answer: a shadowing stable pod counts per candidate pair.
+        self._extra_headers = [pair] if pair is not None else []
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await _lifespan(receive, send, self._shadow)
             return
         model = self._state.model
         if scope["type"] != "http" or model is None or scope["method"] != "POST":
@@ -487,11 +515,18 @@ class AsgiPredictApp:
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                    *self._extra_headers,
+                ],
             }
         )
         await send({"type": "http.response.body", "body": payload})
         self._metrics.count(endpoint, "POST", str(status), time.perf_counter() - started)
+        if self._shadow is not None and status == 200 and endpoint == "/predict":
+            # After the user's answer is sent: shadowing never delays it (shadow.py).
+            self._shadow.offer(body, payload)
 
 
 def _input_terminated(app: WSGIApplication) -> WSGIApplication:
@@ -521,12 +556,15 @@ def _replay(body: bytes) -> Receive:
     return receive
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
-    """Nothing to start or stop: the model loads in the background as under WSGI."""
+async def _lifespan(receive: Receive, send: Send, shadow: Shadow | None) -> None:
+    """Nothing to start (the model loads in the background as under WSGI); at shutdown, the shadow's
+    comparisons under way finish (each within its timeout) and its connections close."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
+            if shadow is not None:
+                await shadow.close()
             await send({"type": "lifespan.shutdown.complete"})
             return

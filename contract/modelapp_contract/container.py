@@ -30,6 +30,14 @@ PORT: Final = "MODELAPP_PORT"
 LIVENESS_PORT: Final = "MODELAPP_LIVENESS_PORT"
 IMAGE: Final = "MODELAPP_IMAGE"  # the image by digest, shown by /version and /metrics
 MODEL_NAME: Final = "MODELAPP_MODEL_NAME"  # the model's name in the Open Inference Protocol (/v2/models/<name>)
+# The release gate's shadow traffic (issue 20): a stable pod sends a share of its /predict requests to the
+# candidate too (modelapp_serving/shadow.py) and counts how often the answers agree; users get only its own.
+# Not in RENDERED yet: the operator does not render a gated release's pods yet (issue 20 is open).
+SHADOW_URL: Final = "MODELAPP_SHADOW_URL"  # the candidate's base URL (http://<its Service's ClusterIP>:<port>)
+SHADOW_PERCENT: Final = "MODELAPP_SHADOW_PERCENT"  # share of /predict requests also sent there, 0-100
+SHADOW_TOLERANCE: Final = "MODELAPP_SHADOW_TOLERANCE"  # numbers agree within this (absolute); labels exactly
+# The pair a pod serves, on every /predict answer: a shadowing pod counts answers per candidate pair.
+PAIR_HEADER: Final = "ModelApp-Pair"  # "<image digest>/<model version>" (version without quotes)
 
 RENDERED: Final = (
     MODEL_URL,

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import pytest
+from modelapp_contract.agreement import answers_agree
 from modelapp_operator.plan.release_gate import (
     AgreementThreshold,
     CheckResult,
     CheckState,
     HealthThreshold,
     LabelledSetThreshold,
-    answers_agree,
     judge_agreement,
     judge_health,
     judge_test_set,
     overall,
+    shadow_figures,
 )
+from modelapp_serving.metrics import ServingMetrics
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.unit
 
@@ -80,3 +83,57 @@ def test_overall_verdict() -> None:
         "timed out after 600 s: health: 10 of 100 requests seen",
     )
     assert overall([passed], 1, 600).state is CheckState.PASSED
+
+
+# --- the figures the stable pods report ---------------------------------------------------------------------
+
+CANDIDATE = "sha256:" + "b" * 64 + "/0x2"
+EARLIER = "sha256:" + "c" * 64 + "/0x1"
+
+
+def _pod_metrics(outcomes: dict[tuple[str, str], int], latencies: dict[str, list[float]]) -> str:
+    """One stable pod's /metrics, rendered by the app's own metrics (so the names are the app's)."""
+    metrics = ServingMetrics()
+    for (candidate, outcome), times in outcomes.items():
+        metrics.shadow_comparisons.labels(candidate, outcome).inc(times)
+    for candidate, seconds in latencies.items():
+        for value in seconds:
+            metrics.shadow_latency.labels(candidate).observe(value)
+    return metrics.render().decode()
+
+
+def _samples(*texts: str) -> list[tuple[str, dict[str, str], float]]:
+    return [
+        (sample.name, sample.labels, sample.value)
+        for text in texts
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
+def test_shadow_figures_sum_the_pods_and_ignore_an_earlier_candidate() -> None:
+    pod_a = _pod_metrics(
+        {(CANDIDATE, "agreed"): 150, (CANDIDATE, "disagreed"): 10, (EARLIER, "disagreed"): 500},
+        {CANDIDATE: [0.004] * 160},
+    )
+    pod_b = _pod_metrics(
+        {(CANDIDATE, "agreed"): 90, (CANDIDATE, "error"): 3, (CANDIDATE, "timeout"): 2},
+        {CANDIDATE: [0.004] * 93 + [1.5] * 2},
+    )
+    figures = shadow_figures(_samples(pod_a, pod_b), CANDIDATE)
+    assert (figures.agreed, figures.disagreed, figures.errors, figures.timeouts) == (240, 10, 3, 2)
+    assert figures.compared == 250 and figures.requests == 255
+    assert figures.p99_ms == 5.0  # 253 of 255 answers within the 5 ms bucket: 99.2 %
+    verdict = judge_agreement(figures.agreed, figures.compared, AgreementThreshold(0.95, 200))
+    assert verdict.state is CheckState.PASSED and verdict.message == "agreement 0.96 >= 0.95 over 250 samples"
+
+
+def test_a_slow_tail_puts_p99_in_its_bucket_and_no_samples_mean_no_figure() -> None:
+    slow = _pod_metrics({(CANDIDATE, "agreed"): 100}, {CANDIDATE: [0.004] * 97 + [0.4] * 3})
+    assert shadow_figures(_samples(slow), CANDIDATE).p99_ms == 500.0
+    beyond = _pod_metrics({(CANDIDATE, "agreed"): 10}, {CANDIDATE: [9.0] * 10})
+    assert shadow_figures(_samples(beyond), CANDIDATE).p99_ms == float("inf")
+    nothing = shadow_figures(_samples(slow), "sha256:" + "d" * 64 + "/0x9")
+    assert nothing.requests == 0 and nothing.p99_ms is None
+    health = judge_health(nothing.requests, 0, nothing.p99_ms, HealthThreshold(0.01, 250, 50))
+    assert health.state is CheckState.PENDING

@@ -13,11 +13,11 @@ reject a good model. Only the gate's own deadline turns pending into failed.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-Prediction = str | int | float | bool | None | Sequence["Prediction"]
+from modelapp_contract.agreement import Prediction, answers_agree
 
 
 class CheckState(StrEnum):
@@ -31,24 +31,6 @@ class CheckResult:
     name: str  # testSet, shadow, health
     state: CheckState
     message: str  # the figure and the threshold, or what is still missing
-
-
-def answers_agree(stable: Prediction, candidate: Prediction, tolerance: float = 0.0) -> bool:
-    """Same label, or numbers within `tolerance` (absolute), element by element for lists.
-
-    Labels compare exactly (a permuted label order must disagree); a bool is a label, not a number.
-    """
-    if isinstance(stable, bool) or isinstance(candidate, bool):
-        return type(stable) is type(candidate) and stable == candidate
-    if isinstance(stable, int | float) and isinstance(candidate, int | float):
-        if math.isnan(stable) or math.isnan(candidate):
-            return False
-        return abs(float(stable) - float(candidate)) <= tolerance
-    if isinstance(stable, Sequence) and not isinstance(stable, str):
-        if not isinstance(candidate, Sequence) or isinstance(candidate, str) or len(stable) != len(candidate):
-            return False
-        return all(answers_agree(s, c, tolerance) for s, c in zip(stable, candidate, strict=True))
-    return stable == candidate
 
 
 @dataclass(frozen=True)
@@ -159,3 +141,72 @@ def overall(checks: Sequence[CheckResult], elapsed_seconds: float, max_seconds: 
         waiting = "; ".join(f"{c.name}: {c.message}" for c in pending)
         return GateVerdict(CheckState.FAILED, f"timed out after {elapsed_seconds:.0f} s: {waiting}", tuple(checks))
     return GateVerdict(CheckState.PENDING, "; ".join(f"{c.name}: {c.message}" for c in pending), tuple(checks))
+
+
+# --- the figures the stable pods report (the app's modelapp_shadow_* metrics, modelapp_serving/shadow.py) -----
+
+Sample = tuple[str, Mapping[str, str], float]  # (name, labels, value) as a Prometheus text parser gives them
+
+
+@dataclass(frozen=True)
+class ShadowFigures:
+    """What the stable pods' shadows counted for one candidate pair, summed over the pods."""
+
+    agreed: int = 0
+    disagreed: int = 0
+    errors: int = 0  # the candidate answered non-200, or not a /predict answer
+    timeouts: int = 0
+    p99_ms: float | None = None  # upper bound of the histogram bucket holding the 99th percentile
+
+    @property
+    def compared(self) -> int:
+        return self.agreed + self.disagreed
+
+    @property
+    def requests(self) -> int:
+        return self.compared + self.errors + self.timeouts
+
+
+def shadow_figures(samples: Iterable[Sample], candidate: str) -> ShadowFigures:
+    """Sum `modelapp_shadow_comparisons_total` and the latency histogram over every stable pod's samples.
+
+    candidate: the pair as the ModelApp-Pair header names it ("<image digest>/<model version>"); a sample of
+    another pair (an earlier candidate) never counts. Counters of pods that restarted start again from zero:
+    the gate reads figures as they are now, it never subtracts."""
+    outcomes: dict[str, float] = {}
+    buckets: dict[float, float] = {}
+    for name, labels, value in samples:
+        if labels.get("candidate") != candidate or not math.isfinite(value) or value < 0:
+            continue
+        if name == "modelapp_shadow_comparisons_total":
+            outcome = labels.get("outcome", "")
+            outcomes[outcome] = outcomes.get(outcome, 0.0) + value
+        elif name == "modelapp_shadow_latency_seconds_bucket":
+            try:
+                bound = float(labels.get("le", ""))
+            except ValueError:
+                continue
+            buckets[bound] = buckets.get(bound, 0.0) + value
+    return ShadowFigures(
+        agreed=int(outcomes.get("agreed", 0)),
+        disagreed=int(outcomes.get("disagreed", 0)),
+        errors=int(outcomes.get("error", 0)),
+        timeouts=int(outcomes.get("timeout", 0)),
+        p99_ms=_quantile_bound(buckets, 0.99),
+    )
+
+
+def _quantile_bound(cumulative: Mapping[float, float], quantile: float) -> float | None:
+    """The upper bound (ms) of the first bucket whose cumulative count reaches the quantile; None: no samples.
+
+    An upper bound, not an interpolation: a limit is never passed by a guess (a p99 past the last finite
+    bucket is +Inf, which fails any limit)."""
+    if not cumulative:
+        return None
+    total = cumulative.get(math.inf, max(cumulative.values()))
+    if total <= 0:
+        return None
+    for bound in sorted(cumulative):
+        if cumulative[bound] >= quantile * total:
+            return bound * 1000.0
+    return math.inf
