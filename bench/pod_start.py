@@ -105,22 +105,10 @@ class Watcher:
     process: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
-        template = (
-            '{.type}{"\\t"}{.object.metadata.name}{"\\t"}{.object.metadata.labels.benchside}{"\\t"}'
-            '{.object.spec.nodeName}{"\\t"}{.object.status.conditions[?(@.type=="Ready")].status}{"\\n"}'
-        )
+        # JSON events, not a jsonpath template: kubectl's watch with a template exited (status 1) on the first
+        # pod lacking a key the template names, and the benchmark then saw no pod at all.
         self.process = subprocess.Popen(
-            [
-                *self.kubectl,
-                "get",
-                "pods",
-                "-n",
-                TENANT_NAMESPACE,
-                "-w",
-                "--output-watch-events",
-                "-o",
-                f"jsonpath={template}",
-            ],
+            [*self.kubectl, "get", "pods", "-n", TENANT_NAMESPACE, "-w", "--output-watch-events", "-o", "json"],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -128,23 +116,37 @@ class Watcher:
 
     def _read(self) -> None:
         assert self.process is not None and self.process.stdout is not None
+        decoder = json.JSONDecoder()
+        buffer = ""
         for line in self.process.stdout:
-            now = time.time()
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) < 5:
-                continue
-            kind, name, side, node, ready = parts[:5]
-            with self.lock:
-                if kind == "DELETED":
-                    self.gone.add(name)
-                    continue
-                seen = self.pods.get(name)
-                if seen is None:
-                    seen = self.pods[name] = PodSeen(side or "other", now)
-                if node and seen.scheduled is None:
-                    seen.scheduled = now
-                if ready == "True" and seen.ready is None:
-                    seen.ready = now
+            buffer += line
+            while True:
+                stripped = buffer.lstrip()
+                try:
+                    event, end = decoder.raw_decode(stripped)
+                except ValueError:
+                    break  # an event not yet whole
+                buffer = stripped[end:]
+                self._seen(event, time.time())
+
+    def _seen(self, event: dict[str, Any], now: float) -> None:
+        pod = event.get("object") or {}
+        name = (pod.get("metadata") or {}).get("name", "")
+        side = ((pod.get("metadata") or {}).get("labels") or {}).get(SIDE_LABEL, "")
+        node = (pod.get("spec") or {}).get("nodeName")
+        conditions = (pod.get("status") or {}).get("conditions") or []
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+        with self.lock:
+            if event.get("type") == "DELETED":
+                self.gone.add(name)
+                return
+            seen = self.pods.get(name)
+            if seen is None:
+                seen = self.pods[name] = PodSeen(side or "other", now)
+            if node and seen.scheduled is None:
+                seen.scheduled = now
+            if ready and seen.ready is None:
+                seen.ready = now
 
     def stop(self) -> None:
         if self.process is not None:
