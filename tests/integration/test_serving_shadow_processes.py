@@ -39,7 +39,7 @@ class Models:
 
 
 @pytest.fixture(scope="module")
-def models(azurite: Azurite, tmp_path_factory: pytest.TempPathFactory) -> Models:
+def shadow_models(azurite: Azurite, tmp_path_factory: pytest.TempPathFactory) -> Models:
     container = f"{azurite.blob_endpoint}/shadow-{uuid.uuid4().hex[:10]}"
     v1 = write_sample_models(tmp_path_factory.mktemp("v1"))
     permuted = write_sample_models(tmp_path_factory.mktemp("permuted"), label_shift=1)
@@ -71,13 +71,13 @@ def _serve(
 
 
 @pytest.fixture
-def pair(request: pytest.FixtureRequest, azurite: Azurite, models: Models, tmp_path: Path) -> Iterator[Pair]:
-    candidate_model = models.permuted if request.param == "permuted" else models.v1
+def pair(request: pytest.FixtureRequest, azurite: Azurite, shadow_models: Models, tmp_path: Path) -> Iterator[Pair]:
+    candidate_model = shadow_models.permuted if request.param == "permuted" else shadow_models.v1
     candidate, candidate_port = _serve(azurite, candidate_model, tmp_path / "candidate", CANDIDATE_IMAGE)
     servers = [candidate]
     try:
         stable, stable_port = _serve(
-            azurite, models.v1, tmp_path / "stable", STABLE_IMAGE,
+            azurite, shadow_models.v1, tmp_path / "stable", STABLE_IMAGE,
             MODELAPP_SHADOW_URL=f"http://127.0.0.1:{candidate_port}", MODELAPP_SHADOW_PERCENT="100",
         )  # fmt: skip
         servers.append(stable)
@@ -133,26 +133,28 @@ CANDIDATE_PAIR = "sha256:" + "b" * 64
 
 @pytest.mark.parametrize("pair", ["permuted"], indirect=True)
 def test_a_permuted_candidate_disagrees_on_every_request_and_users_get_only_stable_answers(
-    pair: Pair, models: Models
+    pair: Pair, shadow_models: Models
 ) -> None:
     rows = _rows(REQUESTS)
-    wanted = own_answers(models.v1_file, np.asarray(rows, dtype=np.float32))
+    wanted = own_answers(shadow_models.v1_file, np.asarray(rows, dtype=np.float32))
     answers = [_predict(pair.stable, row) for row in rows]
     assert [status for status, _, _ in answers] == [200] * REQUESTS
     assert [labels[0] for _, labels, _ in answers] == wanted  # never the candidate's
-    assert {header for _, _, header in answers} == {f"sha256:{'a' * 64}/{models.v1.etag.strip(chr(34))}"}
+    assert {header for _, _, header in answers} == {f"sha256:{'a' * 64}/{shadow_models.v1.etag.strip(chr(34))}"}
     counts = _settled(pair.stable, REQUESTS)
-    candidate = f"{CANDIDATE_PAIR}/{models.permuted.etag.strip(chr(34))}"
+    candidate = f"{CANDIDATE_PAIR}/{shadow_models.permuted.etag.strip(chr(34))}"
     assert counts.get((candidate, "disagreed")) == REQUESTS, counts
     assert counts.get((candidate, "agreed"), 0) == 0
 
 
 @pytest.mark.parametrize("pair", ["same"], indirect=True)
-def test_a_candidate_with_the_same_model_agrees_and_a_stopped_one_costs_no_request(pair: Pair, models: Models) -> None:
+def test_a_candidate_with_the_same_model_agrees_and_a_stopped_one_costs_no_request(
+    pair: Pair, shadow_models: Models
+) -> None:
     rows = _rows(REQUESTS)
     assert all(_predict(pair.stable, row)[0] == 200 for row in rows)
     counts = _settled(pair.stable, REQUESTS)
-    candidate = f"{CANDIDATE_PAIR}/{models.v1.etag.strip(chr(34))}"
+    candidate = f"{CANDIDATE_PAIR}/{shadow_models.v1.etag.strip(chr(34))}"
     assert counts.get((candidate, "agreed")) == REQUESTS, counts
 
     stop(pair.servers[0])  # the candidate is gone: the stable pod answers as before
