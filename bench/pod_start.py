@@ -120,14 +120,14 @@ class Watcher:
         buffer = ""
         for line in self.process.stdout:
             buffer += line
-            while True:
-                stripped = buffer.lstrip()
-                try:
-                    event, end = decoder.raw_decode(stripped)
-                except ValueError:
-                    break  # an event not yet whole
-                buffer = stripped[end:]
-                self._seen(event, time.time())
+            if not line.startswith("}"):
+                continue  # kubectl indents each event's object: only a "}" at column 0 can end one
+            try:
+                event = decoder.decode(buffer)
+            except ValueError:
+                continue  # a nested object's closing brace that happened to sit at column 0
+            buffer = ""
+            self._seen(event, time.time())
 
     def _seen(self, event: dict[str, Any], now: float) -> None:
         pod = event.get("object") or {}

@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ for root in (REPO_ROOT, REPO_ROOT / "app"):  # bench/ is not a package; app/ is 
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
 
+from modelapp_localstack.procs import free_port  # noqa: E402
 from modelapp_serving.sample_model import write_sample_models  # noqa: E402
 
 from bench.results import command_line, write_json  # noqa: E402
@@ -56,13 +56,6 @@ LOOPBACK = "127.0.0.1"
 BODY = json.dumps({"instances": [[5.1, 3.5, 1.4, 0.2]]}).encode()
 STABLE_IMAGE = "registry.local/apps/iris@sha256:" + "a" * 64
 CANDIDATE_IMAGE = "registry.local/apps/iris@sha256:" + "b" * 64
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextmanager

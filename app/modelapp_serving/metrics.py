@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 
-from modelapp_contract.blob import normalize_etag
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -18,6 +17,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as prometheus_multiprocess
+
+from modelapp_serving.shadow_header import served_pair
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -91,8 +92,7 @@ class ServingMetrics:
 
     def mark_pair(self, image: str | None, model_version: str | None) -> None:
         """image: `repository@sha256:...` (MODELAPP_IMAGE); model_version: the pinned ETag. Unknown: ""."""
-        digest = image.rpartition("@")[2] if image and "@" in image else ""
-        self.app_info.labels(digest, normalize_etag(model_version) if model_version else "").set(1)
+        self.app_info.labels(*served_pair(image, model_version)).set(1)
 
     def mark_model_ready(self, format_name: str, sha256: str, etag: str) -> None:
         self.model_info.labels(format_name, sha256, etag).set(1)

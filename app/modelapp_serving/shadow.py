@@ -50,30 +50,27 @@ class Shadow:
         self.config = config
         self._metrics = metrics
         self._draw = draw
-        self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._candidate = ""  # the pair the candidate last named
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return len(self._tasks)
 
     def offer(self, request_body: bytes, stable_answer: bytes) -> None:
         """A /predict request the stable pod answered (200): maybe also ask the candidate. Never blocks."""
         if self.config.percent <= 0 or self._draw() * 100.0 >= self.config.percent:
             return
-        if self._in_flight >= self.config.max_in_flight:
+        if len(self._tasks) >= self.config.max_in_flight:
             self._metrics.shadow_dropped.labels("overloaded").inc()
             return
-        self._in_flight += 1
         task = asyncio.get_running_loop().create_task(self._compare(request_body, stable_answer))
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._in_flight -= 1
         if not task.cancelled() and task.exception() is not None:
             log.warning("shadow comparison failed: %s", task.exception())
 
@@ -93,9 +90,8 @@ class Shadow:
             async with self._client().post(
                 self.config.predict_url, data=request_body, headers={"Content-Type": "application/json"}
             ) as response:
-                candidate = response.headers.get(container.PAIR_HEADER, "")
-                if candidate:
-                    self._candidate = candidate
+                # A timeout or an unreadable answer is counted for the pair this worker last heard from.
+                self._candidate = response.headers.get(container.PAIR_HEADER, "") or self._candidate
                 status = response.status
                 answer = await _read_capped(response, ANSWER_MAX_BYTES)
         except TimeoutError:
@@ -110,14 +106,14 @@ class Shadow:
             return
         elapsed = time.perf_counter() - started
         if status != 200:
-            self._count(candidate or self._candidate, "error", elapsed)
+            self._count(self._candidate, "error", elapsed)
             return
         stable, theirs = _predictions(stable_answer), _predictions(answer)
         if theirs is None:
-            self._count(candidate or self._candidate, "error", elapsed)
+            self._count(self._candidate, "error", elapsed)
             return
         agreed = stable is not None and answers_agree(stable, theirs, self.config.tolerance)
-        self._count(candidate or self._candidate, "agreed" if agreed else "disagreed", elapsed)
+        self._count(self._candidate, "agreed" if agreed else "disagreed", elapsed)
 
     def _count(self, candidate: str, outcome: str, seconds: float) -> None:
         self._metrics.shadow_comparisons.labels(candidate, outcome).inc()
