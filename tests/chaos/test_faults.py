@@ -118,8 +118,35 @@ def wait_converged(
     kube: KubeCluster, apps: list[App], newest: dict[str, str], operator: OperatorProcess, timeout: float = 120
 ) -> float:
     started = time.monotonic()
-    wait_for("every ModelApp on its newest image", lambda: converged(kube, apps, newest), operator, timeout, 0.5)
+    try:
+        wait_for("every ModelApp on its newest image", lambda: converged(kube, apps, newest), operator, timeout, 0.5)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n--- where each stands ---\n{standing(kube, apps, newest)}") from None
     return time.monotonic() - started
+
+
+def standing(kube: KubeCluster, apps: list[App], newest: dict[str, str]) -> str:
+    """Each ModelApp's recorded pair and conditions beside its Deployment's rollout, for a failure's message:
+    tells an operator that missed a change from a controller manager or kwok still catching up."""
+    lines = []
+    for app in apps:
+        body = get(kube, "modelapp", app) or {}
+        deployment = get(kube, "deployment", app) or {}
+        lines.append(
+            json.dumps(
+                {
+                    "app": app.namespace,
+                    "wanted": newest[app.namespace][-12:],
+                    "status.image": str(((body.get("status") or {}).get("image") or {}).get("digest"))[-12:],
+                    "conditions": {k: [v.get("status"), v.get("reason")] for k, v in conditions(body).items()},
+                    "deployment.generation": (deployment.get("metadata") or {}).get("generation"),
+                    "deployment.status": {
+                        k: v for k, v in (deployment.get("status") or {}).items() if k != "conditions"
+                    },
+                }
+            )
+        )
+    return "\n".join(lines)
 
 
 def verdict(kube: KubeCluster, apps: list[App], newest: dict[str, str], changes: Counter[str]) -> dict[str, int]:
@@ -215,8 +242,9 @@ def test_apiserver_restarted_during_rollouts_operator_resumes_and_misses_nothing
             # The operator resumed: every Deployment's template names the newest image (its job done) ...
             wait_for("the newest images applied", lambda: applied(kube, apps, newest), operator, 60, 0.2)
             recoveries.append(time.monotonic() - back)
-            # ... and the rollouts finish once the controller manager and kwok are back too.
-            ready.append(time.monotonic() - back + wait_converged(kube, apps, newest, operator, timeout=120))
+            # ... and the rollouts finish once the controller manager and kwok are back too (client-go's
+            # reflectors retry with a backoff of up to 30 s each, so this bound is theirs more than ours).
+            ready.append(time.monotonic() - back + wait_converged(kube, apps, newest, operator, timeout=180))
         figures = verdict(kube, apps, newest, changes)
         report("apiserver-restart", restarts=2, operator_resumed_s=[round(s, 1) for s in recoveries],
                all_ready_s=[round(s, 1) for s in ready], **figures)  # fmt: skip

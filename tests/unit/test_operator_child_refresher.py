@@ -117,6 +117,25 @@ async def test_a_failed_refresh_is_logged_and_the_next_event_starts_again(
     await refresher.close()
 
 
+async def test_a_failed_refresh_is_tried_again_without_another_event(clock: VirtualScheduler) -> None:
+    """The API server away during a rollout: the Deployment events of its end may come while the watch
+    reconnects, so the refresh is retried on its own backoff until one succeeds."""
+    from modelapp_operator.plan.pods import RECHECK_FIRST_SECONDS
+
+    outage = RuntimeError("apiserver went away")
+    refresh = RecordingRefresh(outage, outage, Refresh({"conditions": []}))
+    refresher = make_refresher(refresh, clock)
+    refresher.submit(("ml", "a"), _deployment(1))
+    await clock.advance(CHILD_REFRESH_COALESCE_SECONDS)
+    await clock.advance(RECHECK_FIRST_SECONDS + CHILD_REFRESH_COALESCE_SECONDS)
+    assert len(refresh.calls) == 2
+    await clock.advance(2 * RECHECK_FIRST_SECONDS + CHILD_REFRESH_COALESCE_SECONDS)
+    assert len(refresh.calls) == 3
+    await clock.advance(600)
+    assert len(refresh.calls) == 3  # succeeded, nothing rolled out to look at: no more rechecks
+    await refresher.close()
+
+
 async def test_a_conflict_refreshes_again_from_a_fresh_read(clock: VirtualScheduler) -> None:
     refresh = RecordingRefresh(ConflictError(409, "the ModelApp changed"), Refresh({"conditions": []}))
     refresher = make_refresher(refresh, clock)
@@ -157,7 +176,9 @@ async def test_a_stalled_rollout_is_refreshed_again_from_a_fresh_read(
     ready = {"history": [{"revision": 2, "outcome": "Ready"}]}
     refresh = RecordingRefresh(Refresh(progressing), Refresh(progressing), Refresh(ready))
     monkeypatch.setattr(
-        refresher_module, "next_recheck_delay", lambda status, previous: 5.0 if status is progressing else None
+        refresher_module,
+        "next_recheck_delay",
+        lambda status, previous, failed=False: 5.0 if status is progressing else None,
     )
     refresher = make_refresher(refresh, clock)
     refresher.submit(("ml", "a"), _deployment(1))
@@ -171,7 +192,7 @@ async def test_a_stalled_rollout_is_refreshed_again_from_a_fresh_read(
 
 
 async def test_a_forgotten_modelapp_is_not_rechecked(clock: VirtualScheduler, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(refresher_module, "next_recheck_delay", lambda status, previous: 5.0)
+    monkeypatch.setattr(refresher_module, "next_recheck_delay", lambda status, previous, failed=False: 5.0)
     refresh = RecordingRefresh(Refresh({"conditions": []}))
     refresher = make_refresher(refresh, clock)
     refresher.submit(("ml", "a"), _deployment(1))

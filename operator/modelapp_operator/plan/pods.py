@@ -312,14 +312,19 @@ def problem_shown(status: Mapping[str, Any] | None) -> bool:
     return shown_problem(status) is not None
 
 
-def next_recheck_delay(status: Mapping[str, Any] | None, previous_delay: float | None) -> float | None:
+def next_recheck_delay(
+    status: Mapping[str, Any] | None, previous_delay: float | None, *, failed: bool = False
+) -> float | None:
     """After a status refresh: seconds until the pods are looked at again, or None (Ready, or nothing
-    rolled out yet)."""
-    if not status or not status.get("history"):
-        return None
-    ready = condition(status, ConditionType.READY) or {}
-    if ready.get("status") == "True":
-        return None
+    rolled out yet). failed: the refresh itself failed (the API server away): try again with the same
+    backoff, or a rollout that completes meanwhile waits for a Deployment event that may have been
+    missed while the watch reconnected."""
+    if not failed:
+        if not status or not status.get("history"):
+            return None
+        ready = condition(status, ConditionType.READY) or {}
+        if ready.get("status") == "True":
+            return None
     if previous_delay is None:
         return RECHECK_FIRST_SECONDS
     return min(previous_delay * 2, RECHECK_MAX_SECONDS)

@@ -79,6 +79,7 @@ class ChildRefresher:
             await self._scheduler.sleep(CHILD_REFRESH_COALESCE_SECONDS)
             conflicts = 0
             status: dict[str, Any] | None = None
+            failed = False
             while app in self._pending:
                 pending = self._pending.pop(app)
                 deployment: Mapping[str, Any] | None
@@ -96,21 +97,22 @@ class ChildRefresher:
                     if conflicts <= CHILD_REFRESH_CONFLICT_ATTEMPTS:
                         self._pending.setdefault(app, pending)
                 except Exception as error:
-                    # The next Deployment event (or the ModelApp's own reconcile) catches up.
+                    # Tried again after a backoff (or at the next Deployment event, whichever comes first).
                     self._logger.warning("status refresh of ModelApp %s/%s failed: %s", *app, redact(str(error)))
+                    failed = True
                 else:
-                    status = refreshed.status
+                    status, failed = refreshed.status, False
                     if refreshed.reconcile is not None:
                         self._submit(app, refreshed.reconcile)
-            self._schedule_recheck(app, status)
+            self._schedule_recheck(app, status, failed=failed)
         finally:
             del self._tasks[app]
 
-    def _schedule_recheck(self, app: AppKey, status: Mapping[str, Any] | None) -> None:
+    def _schedule_recheck(self, app: AppKey, status: Mapping[str, Any] | None, *, failed: bool = False) -> None:
         previous = self._rechecks.pop(app, None)
         if previous is not None:
             previous[1].cancel()
-        delay = next_recheck_delay(status, previous[0] if previous is not None else None)
+        delay = next_recheck_delay(status, previous[0] if previous is not None else None, failed=failed)
         if delay is not None:
             self._rechecks[app] = (delay, self._scheduler.call_later(delay, lambda: self._recheck(app)))
 
