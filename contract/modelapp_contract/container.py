@@ -32,7 +32,7 @@ IMAGE: Final = "MODELAPP_IMAGE"  # the image by digest, shown by /version and /m
 MODEL_NAME: Final = "MODELAPP_MODEL_NAME"  # the model's name in the Open Inference Protocol (/v2/models/<name>)
 # The release gate's shadow traffic (issue 20): a stable pod sends a share of its /predict requests to the
 # candidate too (modelapp_serving/shadow.py) and counts how often the answers agree; users get only its own.
-# Not in RENDERED yet: the operator does not render a gated release's pods yet (issue 20 is open).
+# The operator sets them on a Gated release's stable pods when spec.release.shadow is set (plan/gate.py).
 SHADOW_URL: Final = "MODELAPP_SHADOW_URL"  # the candidate's base URL (http://<its Service's ClusterIP>:<port>)
 SHADOW_PERCENT: Final = "MODELAPP_SHADOW_PERCENT"  # share of /predict requests also sent there, 0-100
 SHADOW_TOLERANCE: Final = "MODELAPP_SHADOW_TOLERANCE"  # numbers agree within this (absolute); labels exactly
@@ -54,6 +54,9 @@ RENDERED: Final = (
     LIVENESS_PORT,
     IMAGE,
     MODEL_NAME,
+    SHADOW_URL,
+    SHADOW_PERCENT,
+    SHADOW_TOLERANCE,
 )
 """Every variable the operator may set on a serving container (spec.env cannot set any `MODELAPP_*`)."""
 

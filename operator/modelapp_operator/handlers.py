@@ -174,6 +174,12 @@ async def on_child_deployment(event: kopf.RawEvent, body: kopf.Body, memo: Any, 
     if found is None:
         return
     running, app = found
+    if body.get("metadata", {}).get("name") != app[1]:
+        # The release gate's candidate: its readiness is the gate's next step (the status follows the stable
+        # Deployment only). A deleted one is put back by that reconcile if the gate still wants it.
+        if running.leading():
+            running.queue.submit(app, "gate")
+        return
     if event.get("type") == "DELETED":
         _recreate(running, app)
         return

@@ -121,6 +121,10 @@ class OperatorMetrics:
             p + "rollouts_rolled_back", "Rollouts rolled back after missing their progress deadline, by cause.",
             ["cause"], registry=r,
         )  # fmt: skip
+        self.gate_results = Counter(
+            p + "gate_results", "Release gate verdicts on candidate pairs: passed, rejected, aborted, overridden "
+            "(promoted by hand).", ["result"], registry=r,
+        )  # fmt: skip
         self.change_to_ready = Histogram(
             p + "change_to_ready_seconds",
             "From the moment the operator learned of a new image digest or model version (webhook, poll, or a "
@@ -192,6 +196,10 @@ class OperatorMetrics:
             cause = "rollback"
         self.rollouts_started.labels(cause).inc()
         self._rollouts[app] = cause
+
+    def gate_result(self, result: str) -> None:
+        """The release gate decided on a candidate (plan/gate.py GateDecision.result)."""
+        self.gate_results.labels(result).inc()
 
     def status_observed(self, app: AppKey, status: Mapping[str, Any]) -> None:
         """A status the operator computed for app (written or unchanged): state gauges, completed

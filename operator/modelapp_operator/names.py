@@ -76,6 +76,11 @@ class Reason:
     REPLICA_FAILURE: Final = "ReplicaFailure"  # also the Deployment's condition type
     AS_EXPECTED: Final = "AsExpected"
     ROLLED_BACK: Final = "RolledBack"
+    # The release gate (plan/gate.py): events, and a rejected pair's failedPairs reason.
+    GATE_STARTED: Final = "GateStarted"
+    GATE_PASSED: Final = "GatePassed"
+    GATE_REJECTED: Final = "GateRejected"
+    GATE_PROMOTED: Final = "GatePromoted"
     # Ready=False reasons that stop everything until a person acts.
     INVALID_SPEC: Final = "InvalidSpec"
     NAME_CONFLICT: Final = "NameConflict"
@@ -162,6 +167,7 @@ class Outcome:
     READY: Final = "Ready"
     FAILED: Final = "Failed"
     SUPERSEDED: Final = "Superseded"  # replaced while still progressing: it never became Ready
+    REJECTED: Final = "Rejected"  # the release gate kept it out: it ran only as a candidate (plan/gate.py)
 
 
 # --- Deployment status, as the Deployment controller writes it ----------------------------------
@@ -169,3 +175,14 @@ class Outcome:
 DEPLOYMENT_PROGRESSING: Final = "Progressing"
 DEPLOYMENT_REPLICA_FAILURE: Final = "ReplicaFailure"
 DEPLOYMENT_DEADLINE_EXCEEDED: Final = "ProgressDeadlineExceeded"
+
+
+# The release gate's candidate (plan/gate.py): its Deployment and Service are named <ModelApp>-candidate,
+# and its pods carry that name as their instance label, so neither the stable Deployment's selector nor
+# the user-facing Service's selects them until the gate switches the Service.
+CANDIDATE_SUFFIX: Final = "-candidate"
+# A person's override of the gate (`modelapp promote|abort`): "<promote|abort> <digest>/<version>".
+# On a stable pod template: where its pods shadow requests (the candidate Service's address).
+ANNOTATION_SHADOW_URL: Final = f"{GROUP}/shadow-url"
+ANNOTATION_GATE_ACTION: Final = f"{GROUP}/gate-action"
+ANNOTATION_GATE_ACTION_BY: Final = f"{GROUP}/gate-action-by"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelapp_operator.clients.acr import AcrTokenProvider
+from modelapp_operator.clients.app_pods import AppPodsClient
 from modelapp_operator.clients.blob_storage import AzureBlobResolver
 from modelapp_operator.clients.kube import AiohttpKubeClient
 from modelapp_operator.clients.registry import RegistryClient
@@ -70,7 +71,7 @@ class Runtime:
         await stop_all((), self.tasks)
         if clients.watch is not None:
             await clients.watch.close()
-        for client in (clients.kube, clients.images, clients.models):
+        for client in (clients.kube, clients.images, clients.models, clients.app_pods):
             close = getattr(client, "close", None)
             if close is not None:
                 await close()
@@ -141,6 +142,8 @@ async def start(config: OperatorConfig, logger: Logger, children: IndexLookup | 
         models=hub.models,
         watch=hub,
         pins=blobs if isinstance(blobs, AzureBlobResolver) else None,
+        blob_reader=blobs if isinstance(blobs, AzureBlobResolver) else None,
+        app_pods=AppPodsClient(),
         events=EventRecorder(kube.post_event),
         may_write=leader.leading if leader is not None else (lambda: True),
         sources=config.sources,

@@ -448,3 +448,35 @@ def test_the_quota_stops_the_modelapp_after_the_last_allowed(kube: KubeCluster, 
     finally:
         with contextlib.suppress(subprocess.CalledProcessError):
             kube.kubectl("delete", "namespace", namespace, "--wait=false")
+
+
+# --- the release gate: a person's promote or abort names its own requester -------------------------------
+
+
+def candidate_testing(kube: KubeCluster, tenant: Tenant, name: str) -> str:
+    """A ModelApp whose status says the gate tests a candidate (written as the operator would)."""
+    create(kube, tenant.namespace, name)
+    gate = {"phase": "Testing", "candidate": {"imageDigest": NEW, "modelVersion": '"0x2"'}}
+    kube.kubectl("patch", "modelapp", name, "-n", tenant.namespace, "--subresource=status", "--type=merge",
+                 "-p", json.dumps({"status": {"gate": gate}}))  # fmt: skip
+    return f"{NEW}/0x2"
+
+
+def test_the_owner_promotes_as_itself_and_no_one_else(kube: KubeCluster, tenant: Tenant) -> None:
+    candidate = candidate_testing(kube, tenant, "gated")
+    result = tenant.owner.modelapp("promote", "gated", "-n", tenant.namespace)
+    assert result.returncode == 0, result.stderr
+    assert f"promoting candidate {candidate} as {tenant.owner.name}" in result.stdout
+    found = json.loads(kube.kubectl("get", "modelapp", "gated", "-n", tenant.namespace, "-o", "json").stdout)
+    annotations = found["metadata"]["annotations"]
+    assert annotations["modelapp.io/gate-action"] == f"promote {candidate}"
+    assert annotations["modelapp.io/gate-action-by"] == tenant.owner.name
+    # Naming someone else is refused by the API server, naming the rule and the real requester.
+    forged = {"metadata": {"annotations": {"modelapp.io/gate-action": f"abort {candidate}",
+                                           "modelapp.io/gate-action-by": "alice"}}}  # fmt: skip
+    text = refused(tenant.owner.kubectl(kube, *patch_args(tenant, "gated", forged)), "modelapp-field-rights",
+                   "metadata.annotations[modelapp.io/gate-action-by]")  # fmt: skip
+    assert tenant.owner.name in text
+    # CI may change the image only: not the gate's decision.
+    result = tenant.ci.modelapp("abort", "gated", "-n", tenant.namespace)
+    assert result.returncode != 0 and "modelapp-field-rights" in result.stderr, result.stdout

@@ -130,7 +130,7 @@ def no_storage_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def use(monkeypatch: pytest.MonkeyPatch, kube: StubKube) -> StubKube:
-    monkeypatch.setattr(cli, "_client", lambda args: (kube, "ml"))
+    monkeypatch.setattr(cli, "connect", lambda args: (kube, "ml"))
     return kube
 
 
@@ -380,7 +380,7 @@ def test_use_modelapp_secret_and_a_connection_string_exclude_each_other(capsys: 
 # --- shell completion ------------------------------------------------------------------------------
 
 
-COMMANDS = ("publish-model", "set-image", "set-model", "status", "wait", "rollback", "completion")
+COMMANDS = ("publish-model", "set-image", "set-model", "status", "wait", "rollback", "promote", "abort", "completion")
 
 
 def bash_array(script: str, name: str) -> list[str]:

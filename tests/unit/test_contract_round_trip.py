@@ -34,6 +34,9 @@ REFERENCED = {
 }
 
 
+SHADOW_URL = "http://10.96.0.50:9000"  # the gate's candidate Service
+
+
 def _app(**spec: Any) -> Any:
     model = {
         "blob": {"accountUrl": "https://acct.blob.core.windows.net", "container": "models", "name": "team a/iris.pkl"},
@@ -41,7 +44,9 @@ def _app(**spec: Any) -> Any:
         "allowPickle": True,
         "signature": {"publicKey": {"configMapRef": {"name": "keys", "key": "public.pem"}}},
     }
-    body = {"image": {"repository": "registry.example/team/iris", "tag": "1"}, "model": model, "port": 9000, **spec}
+    release = {"strategy": "Gated", "shadow": {"percent": 25, "tolerance": 0.5}}
+    body = {"image": {"repository": "registry.example/team/iris", "tag": "1"}, "model": model, "port": 9000,
+            "release": release, **spec}  # fmt: skip
     return parse_modelapp({"metadata": {"name": "iris", "namespace": "ml", "uid": "u"}, "spec": body})
 
 
@@ -90,7 +95,7 @@ def _container_env(deployment: dict[str, Any], root: Path) -> dict[str, str]:
 def test_the_app_reads_what_the_operator_renders(tmp_path: Path) -> None:
     app = _app()
     release = _release(app.spec.model.blob.url)
-    deployment = build_deployment(app, release)
+    deployment = build_deployment(app, release, shadow_url=SHADOW_URL)
     env = _container_env(deployment, tmp_path)
     assert CONNECTION_STRING not in env.values(), "the connection string is a file's, never the environment's"
 
@@ -105,6 +110,8 @@ def test_the_app_reads_what_the_operator_renders(tmp_path: Path) -> None:
     assert config.exit_on_refusal, "a refused model stops the container, so status can say why"
     assert config.image == f"registry.example/team/iris@{DIGEST}"
     assert config.model_name == "iris"
+    assert config.shadow is not None
+    assert (config.shadow.url, config.shadow.percent, config.shadow.tolerance) == (SHADOW_URL, 25, 0.5)
 
     pod = deployment["spec"]["template"]["spec"]
     app_container = pod["containers"][0]
@@ -118,7 +125,7 @@ def test_the_app_reads_what_the_operator_renders(tmp_path: Path) -> None:
 
 def test_every_contract_variable_is_one_the_app_knows(tmp_path: Path) -> None:
     release = _release("https://acct.blob.core.windows.net/models/iris.pkl")
-    env = _container_env(build_deployment(_app(), release), tmp_path)
+    env = _container_env(build_deployment(_app(), release, shadow_url=SHADOW_URL), tmp_path)
     rendered = {name for name in env if name.startswith("MODELAPP_")}
     assert rendered <= set(container.RENDERED), "the operator renders only the contract's names"
     assert set(container.RENDERED) <= {variable.name for variable in VARIABLES}, "the app lists each in --help"

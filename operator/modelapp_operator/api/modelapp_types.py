@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from modelapp_contract.blob import blob_url, is_emulator
+from modelapp_operator.api.frozen import FrozenModel
+from modelapp_operator.api.release_spec import ReleaseSpec
 from modelapp_operator.names import API_VERSION, KIND
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -44,11 +46,7 @@ class SpecError(ValueError):
         self.message = message
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
-
-
-class ImageSpec(_Frozen):
+class ImageSpec(FrozenModel):
     repository: Annotated[str, Field(min_length=3, max_length=255, pattern=_REPOSITORY)]
     tag: Annotated[str | None, Field(max_length=128, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")] = None
     digest: Annotated[str | None, Field(pattern=r"^sha256:[a-f0-9]{64}$")] = None
@@ -79,7 +77,7 @@ class ImageSpec(_Frozen):
         return self.tag is not None and self.follow_tag is not False
 
 
-class BlobLocation(_Frozen):
+class BlobLocation(FrozenModel):
     account_url: Annotated[
         str,
         Field(
@@ -116,12 +114,12 @@ class BlobLocation(_Frozen):
         return blob_url(self.account_url, self.container, self.name)
 
 
-class SecretKeyRef(_Frozen):
+class SecretKeyRef(FrozenModel):
     name: Annotated[str, Field(max_length=253, pattern=_DNS_SUBDOMAIN)]
     key: Annotated[str, Field(max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")] = "connectionString"
 
 
-class ModelCredentials(_Frozen):
+class ModelCredentials(FrozenModel):
     service_account_name: Annotated[
         str | None, Field(alias="serviceAccountName", max_length=253, pattern=_DNS_SUBDOMAIN)
     ] = None
@@ -140,12 +138,12 @@ class ModelCredentials(_Frozen):
         return self
 
 
-class KeyRef(_Frozen):
+class KeyRef(FrozenModel):
     name: Annotated[str, Field(max_length=253, pattern=_DNS_SUBDOMAIN)]
     key: Annotated[str, Field(max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")] = "publicKey"
 
 
-class PublicKeySource(_Frozen):
+class PublicKeySource(FrozenModel):
     config_map_ref: Annotated[KeyRef | None, Field(alias="configMapRef")] = None
     secret_ref: Annotated[KeyRef | None, Field(alias="secretRef")] = None
 
@@ -156,14 +154,14 @@ class PublicKeySource(_Frozen):
         return self
 
 
-class SignatureSpec(_Frozen):
+class SignatureSpec(FrozenModel):
     """OpenSSF model signing, key mode: the model must carry a signature made with this key's private half."""
 
     required: bool = True
     public_key: Annotated[PublicKeySource, Field(alias="publicKey")]
 
 
-class ModelSpec(_Frozen):
+class ModelSpec(FrozenModel):
     blob: BlobLocation
     version: Annotated[str | None, Field(min_length=1, max_length=256, pattern=r'^"?[!#-~]+"?$')] = None
     sha256: Annotated[str | None, Field(pattern=r"^[a-f0-9]{64}$")] = None
@@ -190,7 +188,7 @@ def _check_quantity(value: int | str, pattern: str) -> str:
     return text
 
 
-class ResourceList(_Frozen):
+class ResourceList(FrozenModel):
     cpu: str | None = None
     memory: str | None = None
 
@@ -208,7 +206,7 @@ class ResourceList(_Frozen):
         return {k: v for k, v in (("cpu", self.cpu), ("memory", self.memory)) if v is not None}
 
 
-class Resources(_Frozen):
+class Resources(FrozenModel):
     requests: ResourceList = ResourceList(cpu="100m", memory="256Mi")
     limits: ResourceList | None = None
 
@@ -217,7 +215,7 @@ class Resources(_Frozen):
 ENV_MAX_CHARACTERS = 4096
 
 
-class EnvVar(_Frozen):
+class EnvVar(FrozenModel):
     name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
     value: Annotated[str, Field(max_length=4096)] = ""
 
@@ -229,7 +227,7 @@ class EnvVar(_Frozen):
         return name
 
 
-class ServiceSpec(_Frozen):
+class ServiceSpec(FrozenModel):
     type: ServiceType = "ClusterIP"
     port: Annotated[int, Field(ge=1, le=65535)] = 80
 
@@ -244,7 +242,7 @@ def _check_surge(value: int | str) -> int | str:
     return value
 
 
-class RolloutSpec(_Frozen):
+class RolloutSpec(FrozenModel):
     max_surge: Annotated[int | str, Field(alias="maxSurge")] = "25%"
     max_unavailable: Annotated[int | str, Field(alias="maxUnavailable")] = "25%"
     progress_deadline_seconds: Annotated[int, Field(alias="progressDeadlineSeconds", ge=10, le=3600)] = 600
@@ -259,12 +257,12 @@ class RolloutSpec(_Frozen):
         return self
 
 
-class ProbesSpec(_Frozen):
+class ProbesSpec(FrozenModel):
     # None: sized from the model (plan/children.py startup_seconds).
     startup_seconds: Annotated[int | None, Field(alias="startupSeconds", ge=10, le=86400)] = None
 
 
-class AutoscalingSpec(_Frozen):
+class AutoscalingSpec(FrozenModel):
     """spec.autoscaling: the operator renders a HorizontalPodAutoscaler (plan/autoscaling.py) that moves
     spec.replicas through the ModelApp's scale subresource between these bounds."""
 
@@ -297,7 +295,7 @@ class AutoscalingSpec(_Frozen):
 DEFAULT_CPU_UTILIZATION_PERCENTAGE = 80  # the HPA's own default (kubectl autoscale) and KServe's
 
 
-class ModelAppSpec(_Frozen):
+class ModelAppSpec(FrozenModel):
     image: ImageSpec
     model: ModelSpec
     replicas: Annotated[int, Field(ge=0, le=100)] = 1
@@ -308,6 +306,7 @@ class ModelAppSpec(_Frozen):
     rollout: RolloutSpec = RolloutSpec()
     probes: ProbesSpec = ProbesSpec()
     autoscaling: AutoscalingSpec | None = None
+    release: ReleaseSpec = ReleaseSpec()
 
     @field_validator("env")
     @classmethod

@@ -116,14 +116,14 @@ def structured(document: Any, output: str) -> str:
     return json.dumps(document, indent=2, sort_keys=True)
 
 
-def _emit(args: argparse.Namespace, document: Any, text: str) -> None:
+def emit(args: argparse.Namespace, document: Any, text: str) -> None:
     print(text if args.output == "text" else structured(document, args.output))
 
 
 # --- commands ----------------------------------------------------------------------------------
 
 
-def _client(args: argparse.Namespace) -> tuple[KubeClient, str]:
+def connect(args: argparse.Namespace) -> tuple[KubeClient, str]:
     try:
         connection = load_connection(args.kubeconfig, args.context)
     except KubeConfigError as error:
@@ -131,14 +131,14 @@ def _client(args: argparse.Namespace) -> tuple[KubeClient, str]:
     return KubeClient(connection, timeout_seconds=args.request_timeout), args.namespace or connection.namespace
 
 
-def _get(client: KubeClient, namespace: str, name: str) -> dict[str, Any]:
+def read_modelapp(client: KubeClient, namespace: str, name: str) -> dict[str, Any]:
     try:
         return client.get_modelapp(namespace, name)
     except KubeApiError as error:
         raise _api_error(error, f"ModelApp {namespace}/{name}") from None
 
 
-def _patch(client: KubeClient, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+def patch_modelapp(client: KubeClient, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
     try:
         return client.patch_modelapp(namespace, name, patch)
     except KubeApiError as error:
@@ -198,40 +198,40 @@ def cmd_publish_model(args: argparse.Namespace) -> int:
             *([f"  signed by       {published.signer}"] if published.signer else []),
         ]
     )
-    _emit(args, asdict(published), text)
+    emit(args, asdict(published), text)
     return EXIT_OK
 
 
 def cmd_set_image(args: argparse.Namespace) -> int:
-    client, namespace = _client(args)
+    client, namespace = connect(args)
     patch = build_set_image_patch(args.digest, args.repository)
-    body = _patch(client, namespace, args.name, patch)
+    body = patch_modelapp(client, namespace, args.name, patch)
     image = (body.get("spec") or {}).get("image") or {}
     generation = (body.get("metadata") or {}).get("generation")
     text = (
         f"modelapp {namespace}/{args.name}: image {image.get('repository')}@{image.get('digest')} "
         f"(generation {generation})"
     )
-    _emit(args, {"name": args.name, "namespace": namespace, "generation": generation, "image": image}, text)
+    emit(args, {"name": args.name, "namespace": namespace, "generation": generation, "image": image}, text)
     return EXIT_OK
 
 
 def cmd_set_model(args: argparse.Namespace) -> int:
-    client, namespace = _client(args)
+    client, namespace = connect(args)
     patch = build_set_model_patch(None if args.follow else args.version, None if args.follow else args.sha256)
-    body = _patch(client, namespace, args.name, patch)
+    body = patch_modelapp(client, namespace, args.name, patch)
     model = (body.get("spec") or {}).get("model") or {}
     generation = (body.get("metadata") or {}).get("generation")
     pinned = f"pinned to {model.get('version')}" if model.get("version") else "following the blob"
     text = f"modelapp {namespace}/{args.name}: model {pinned} (generation {generation})"
-    _emit(args, {"name": args.name, "namespace": namespace, "generation": generation, "model": model}, text)
+    emit(args, {"name": args.name, "namespace": namespace, "generation": generation, "model": model}, text)
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    client, namespace = _client(args)
-    body = _get(client, namespace, args.name)
-    _emit(args, status_summary(body), render_status(body, datetime.now(UTC)))
+    client, namespace = connect(args)
+    body = read_modelapp(client, namespace, args.name)
+    emit(args, status_summary(body), render_status(body, datetime.now(UTC)))
     return EXIT_OK
 
 
@@ -274,10 +274,10 @@ def wait_for(
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    client, namespace = _client(args)
+    client, namespace = connect(args)
     if args.digest is not None:
         check_digest(args.digest)
-    _get(client, namespace, args.name)  # not found / forbidden: fail now, not at the deadline
+    read_modelapp(client, namespace, args.name)  # not found / forbidden: fail now, not at the deadline
     progress = Progress(sys.stderr, enabled=args.progress)
     started = time.monotonic()
     try:
@@ -294,7 +294,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
     finally:
         progress.done()
     elapsed = time.monotonic() - started
-    body = _get(client, namespace, args.name)
+    body = read_modelapp(client, namespace, args.name)
     summary = status_summary(body)
     state = {EXIT_OK: "Ready", EXIT_ROLLOUT_FAILED: "Failed", EXIT_TIMEOUT: "Timeout"}[code]
     image, model = summary["image"], summary["model"]
@@ -414,8 +414,8 @@ def _check_restorable(
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    client, namespace = _client(args)
-    body = _get(client, namespace, args.name)
+    client, namespace = connect(args)
+    body = read_modelapp(client, namespace, args.name)
     try:
         entry = choose_rollback_target(body, args.to_revision)
     except RollbackError as error:
@@ -423,13 +423,13 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     if args.check_model:
         _check_restorable(args, client, namespace, body, entry)
     patch = build_rollback_patch(entry)
-    updated = _patch(client, namespace, args.name, patch)
+    updated = patch_modelapp(client, namespace, args.name, patch)
     generation = (updated.get("metadata") or {}).get("generation")
     text = (
         f"modelapp {namespace}/{args.name}: rolling back to revision {entry.get('revision')}: image "
         f"{short(str(entry.get('imageDigest')))} model {entry.get('modelVersion')} (generation {generation})"
     )
-    _emit(
+    emit(
         args,
         {
             "name": args.name,

@@ -36,6 +36,7 @@ from modelapp_operator.cli.commands import (
     cmd_status,
     cmd_wait,
 )
+from modelapp_operator.cli.gate_commands import cmd_gate_action
 from modelapp_operator.cli.kube import KubeApiError, KubeClient, KubeConfigError, load_connection
 from modelapp_operator.cli.status import check_digest
 from modelapp_operator.names import API_VERSION
@@ -286,6 +287,19 @@ examples:
         help="do not check in storage that the pair's snapshot or version still exists",
     )
     rollback.set_defaults(handler=cmd_rollback)
+
+    for action, help_ in (
+        ("promote", "Promote the release gate's candidate now (promotion Manual, or over its pending checks)."),
+        ("abort", "Reject the release gate's candidate now: the stable pair keeps serving."),
+    ):
+        gate = add(
+            action,
+            help_,
+            f"example:\n  {prog} {action} iris -n ml\n\nActs on the candidate status.gate names (Testing or "
+            "AwaitingPromotion) and records who acted (status.gate.decidedBy); needs update on the ModelApp.",
+        )
+        _name_argument(gate)
+        gate.set_defaults(handler=cmd_gate_action)
 
     completion = commands.add_parser(
         "completion",

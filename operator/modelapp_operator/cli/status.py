@@ -316,6 +316,7 @@ def status_summary(body: Mapping[str, Any]) -> dict[str, Any]:
         "conditions": list(status.get("conditions") or []),
         "history": list(status.get("history") or []),
         "failedPairs": list(status.get("failedPairs") or []),
+        "gate": dict(status.get("gate") or {}),
     }
 
 
@@ -361,6 +362,7 @@ def render_status(body: Mapping[str, Any], now: datetime) -> str:
         lines += table(rows)
     else:
         lines.append("  (none yet: the operator has not reconciled this ModelApp)")
+    lines += gate_lines(summary["gate"])
     history = summary["history"]
     lines.append("History:")
     if history:
@@ -380,3 +382,23 @@ def render_status(body: Mapping[str, Any], now: datetime) -> str:
     else:
         lines.append("  (none)")
     return "\n".join(lines)
+
+
+def gate_lines(gate: Mapping[str, Any]) -> list[str]:
+    """The release gate's candidate, phase and checks with their figures (nothing without a gate)."""
+    if not gate:
+        return []
+    candidate = gate.get("candidate") or {}
+    lines = [
+        f"Gate: {gate.get('phase', '-')}  candidate image {short(str(candidate.get('imageDigest') or '-'))} "
+        f"model {candidate.get('modelVersion') or '-'}",
+        f"  {gate.get('message') or ''}".rstrip(),
+    ]
+    if gate.get("decidedBy"):
+        lines.append(f"  decided by {gate['decidedBy']}")
+    checks = [c for c in gate.get("checks") or [] if isinstance(c, Mapping)]
+    if checks:
+        rows: list[tuple[str, ...]] = [("CHECK", "STATE", "FIGURES")]
+        rows += [(str(c.get("name")), str(c.get("state")), str(c.get("message") or "")) for c in checks]
+        lines += table(rows)
+    return lines

@@ -104,6 +104,12 @@ class ModelResolver(Protocol):
         ...
 
 
+class BlobReader(Protocol):
+    async def read_blob(self, location: BlobLocation, credential: BlobCredential) -> bytes:
+        """A small blob's bytes, capped."""
+        ...
+
+
 class ModelPinner(Protocol):
     """Immutable model versions: read one, take a snapshot, delete the operator's own snapshots."""
 
@@ -216,6 +222,18 @@ class AzureBlobResolver:
         except Exception as error:
             raise _storage_error(error, where, "read") from None
         return _properties(properties)
+
+    async def read_blob(self, location: BlobLocation, credential: BlobCredential) -> bytes:
+        """A small blob's bytes (the release gate's test set), read up to the session's cap
+        (STORAGE_RESPONSE_MAX_BYTES: a larger one fails StorageResponseTooLarge)."""
+        client = self._client_for(location, credential)
+        where = f"{location.container}/{location.name}"
+        try:
+            async with client:
+                stream = await client.download_blob()
+                return bytes(await stream.readall())
+        except Exception as error:
+            raise _storage_error(error, where, "read") from None
 
     async def pinned_properties(
         self, location: BlobLocation, credential: BlobCredential, pin: PinnedVersion

@@ -23,7 +23,9 @@ from modelapp_operator.names import (
     ANNOTATION_MODEL_SHA256,
     ANNOTATION_MODEL_VERSION,
     ANNOTATION_PREFIX,
+    ANNOTATION_SHADOW_URL,
     APP_NAME,
+    CANDIDATE_SUFFIX,
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
     LABEL_NAME,
@@ -40,16 +42,23 @@ RUN_AS_USER = container.RUN_AS_USER
 PRE_STOP_SECONDS = 5
 
 
-def selector_labels(app: ModelApp) -> dict[str, str]:
-    return {LABEL_NAME: APP_NAME, LABEL_INSTANCE: app.name}
+def selector_labels(app: ModelApp, *, candidate: bool = False) -> dict[str, str]:
+    """The stable pods' labels, or the gate's candidate's (their instance is `<name>-candidate`)."""
+    return {LABEL_NAME: APP_NAME, LABEL_INSTANCE: candidate_name(app) if candidate else app.name}
 
 
-def child_labels(app: ModelApp) -> dict[str, str]:
-    return {**selector_labels(app), LABEL_MANAGED_BY: MANAGED_BY}
+def candidate_name(app: ModelApp) -> str:
+    """The release gate's candidate Deployment and Service (plan/gate.py)."""
+    return f"{app.name}{CANDIDATE_SUFFIX}"
 
 
-def container_env(app: ModelApp, release: Release) -> list[dict[str, Any]]:
-    """The contract env vars (modelapp_contract.container, docs/modelapp-spec.md), then the user's own."""
+def child_labels(app: ModelApp, *, candidate: bool = False) -> dict[str, str]:
+    return {**selector_labels(app, candidate=candidate), LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def container_env(app: ModelApp, release: Release, shadow_url: str | None = None) -> list[dict[str, Any]]:
+    """The contract env vars (modelapp_contract.container, docs/modelapp-spec.md), then the user's own.
+    shadow_url: the gate's candidate Service (stable pods of a Gated release with a shadow check)."""
     spec = app.spec
     model = release.model
     env: list[dict[str, Any]] = [
@@ -88,6 +97,12 @@ def container_env(app: ModelApp, release: Release) -> list[dict[str, Any]]:
         env.append({"name": container.MODEL_CONNECTION_STRING_FILE, "value": container.CONNECTION_STRING_FILE})
     if credentials.client_id is not None:
         env.append({"name": "AZURE_CLIENT_ID", "value": credentials.client_id})
+    shadow = spec.release.shadow
+    if shadow_url is not None and shadow is not None:
+        # Fixed for the ModelApp's life (the candidate Service's address): a new candidate rolls no stable pod.
+        env.append({"name": container.SHADOW_URL, "value": shadow_url})
+        env.append({"name": container.SHADOW_PERCENT, "value": str(shadow.percent)})
+        env.append({"name": container.SHADOW_TOLERANCE, "value": repr(shadow.tolerance)})
     env.extend({"name": item.name, "value": item.value} for item in spec.env)
     return env
 
@@ -163,11 +178,13 @@ def probes(app: ModelApp, release: Release) -> dict[str, Any]:
     }
 
 
-def pod_template(app: ModelApp, release: Release) -> dict[str, Any]:
+def pod_template(
+    app: ModelApp, release: Release, *, candidate: bool = False, shadow_url: str | None = None
+) -> dict[str, Any]:
     """The pod template. Only the release and the spec's pod-level fields go in: never the
     ModelApp's own labels or annotations, so editing those rolls nothing."""
     spec = app.spec
-    labels = selector_labels(app)
+    labels = selector_labels(app, candidate=candidate)
     credentials = spec.model.credentials
     if credentials.service_account_name is not None:
         labels[LABEL_WORKLOAD_IDENTITY] = "true"
@@ -194,7 +211,7 @@ def pod_template(app: ModelApp, release: Release) -> dict[str, Any]:
                     {"name": "http", "containerPort": spec.port, "protocol": "TCP"},
                     {"name": "liveness", "containerPort": default_liveness_port(spec.port), "protocol": "TCP"},
                 ],
-                "env": container_env(app, release),
+                "env": container_env(app, release, shadow_url),
                 "resources": resources,
                 **probes(app, release),
                 # A pod being replaced keeps serving until kube-proxy has stopped sending it traffic:
@@ -227,6 +244,7 @@ def pod_template(app: ModelApp, release: Release) -> dict[str, Any]:
                 ANNOTATION_MODEL_VERSION: release.model.version,
                 ANNOTATION_MODEL_SHA256: release.model.sha256,
                 **({ANNOTATION_MODEL_PIN: release.model.pin.query} if release.model.pin.pinned else {}),
+                **({ANNOTATION_SHADOW_URL: shadow_url} if shadow_url is not None and spec.release.shadow else {}),
             },
         },
         "spec": pod_spec,
@@ -245,28 +263,32 @@ def applied_hash(obj: Mapping[str, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def child_metadata(app: ModelApp) -> dict[str, Any]:
+def child_metadata(app: ModelApp, *, candidate: bool = False) -> dict[str, Any]:
     """Name, labels and the controller reference every child carries (the garbage collector follows it)."""
     return {
-        "name": app.name,
+        "name": candidate_name(app) if candidate else app.name,
         "namespace": app.namespace,
-        "labels": child_labels(app),
+        "labels": child_labels(app, candidate=candidate),
         "ownerReferences": [app.owner_reference()],
     }
 
 
-def build_deployment(app: ModelApp, release: Release) -> dict[str, Any]:
+def build_deployment(
+    app: ModelApp, release: Release, *, candidate: bool = False, shadow_url: str | None = None
+) -> dict[str, Any]:
+    """The stable Deployment, or the gate's candidate (`candidate`: its own name, labels and selector;
+    as many replicas, so it can take every user when the gate switches the Service to it)."""
     spec = app.spec
     return _with_applied_hash(
         {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
-            "metadata": child_metadata(app),
+            "metadata": child_metadata(app, candidate=candidate),
             "spec": {
-                "replicas": spec.replicas,
+                "replicas": max(spec.replicas, 1) if candidate else spec.replicas,
                 "revisionHistoryLimit": 10,
                 "progressDeadlineSeconds": spec.rollout.progress_deadline_seconds,
-                "selector": {"matchLabels": selector_labels(app)},
+                "selector": {"matchLabels": selector_labels(app, candidate=candidate)},
                 "strategy": {
                     "type": "RollingUpdate",
                     "rollingUpdate": {
@@ -274,13 +296,15 @@ def build_deployment(app: ModelApp, release: Release) -> dict[str, Any]:
                         "maxUnavailable": spec.rollout.max_unavailable,
                     },
                 },
-                "template": pod_template(app, release),
+                "template": pod_template(app, release, candidate=candidate, shadow_url=shadow_url),
             },
         }
     )
 
 
-def build_service(app: ModelApp) -> dict[str, Any]:
+def build_service(app: ModelApp, *, serve_candidate: bool = False) -> dict[str, Any]:
+    """The user-facing Service; serve_candidate: the gate switched it to the candidate's pods (one selector
+    change: kube-proxy moves every new connection at once, no rolling mix)."""
     spec = app.spec
     return _with_applied_hash(
         {
@@ -289,7 +313,7 @@ def build_service(app: ModelApp) -> dict[str, Any]:
             "metadata": child_metadata(app),
             "spec": {
                 "type": spec.service.type,
-                "selector": selector_labels(app),
+                "selector": selector_labels(app, candidate=serve_candidate),
                 "ports": [{"name": "http", "port": spec.service.port, "targetPort": "http", "protocol": "TCP"}],
             },
         }
@@ -339,3 +363,31 @@ def template_release_changed(existing: Mapping[str, Any] | None, desired: Mappin
         )
 
     return key(existing) != key(desired)
+
+
+def build_candidate_service(app: ModelApp) -> dict[str, Any]:
+    """The gate's candidate Service (ClusterIP): where stable pods shadow requests and the test set runs."""
+    return _with_applied_hash(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": child_metadata(app, candidate=True),
+            "spec": {
+                "type": "ClusterIP",
+                "selector": selector_labels(app, candidate=True),
+                "ports": [{"name": "http", "port": app.spec.port, "targetPort": "http", "protocol": "TCP"}],
+            },
+        }
+    )
+
+
+def shadow_url(candidate_service: Mapping[str, Any] | None) -> str | None:
+    """The candidate Service's base URL by its ClusterIP (the local stack has no cluster DNS); None: no address yet."""
+    spec = (candidate_service or {}).get("spec") or {}
+    address = spec.get("clusterIP")
+    ports = spec.get("ports") or [{}]
+    port = ports[0].get("port")
+    if not isinstance(address, str) or not address or address == "None" or not isinstance(port, int):
+        return None
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}"

@@ -46,6 +46,30 @@ def history_of(status: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [dict(entry) for entry in status.get("history") or [] if isinstance(entry, Mapping)]
 
 
+def _deployed_head(history: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The newest entry the stable Deployment ran: a gate's rejected candidate never did."""
+    return next((entry for entry in history if entry.get("outcome") != Outcome.REJECTED), None)
+
+
+def record_rejection(
+    history: Sequence[Mapping[str, Any]], rejected: Mapping[str, Any], started_at: str
+) -> list[dict[str, Any]]:
+    """A history entry for a candidate the release gate kept out (plan/gate.py), newest first."""
+    entries = [dict(entry) for entry in history]
+    revision = max((int(e.get("revision") or 0) for e in entries), default=0) + 1
+    entry = {
+        "revision": revision,
+        "imageDigest": rejected["imageDigest"],
+        "modelVersion": rejected["modelVersion"],
+        "startedAt": started_at or rejected["failedAt"],
+        "finishedAt": rejected["failedAt"],
+        "outcome": Outcome.REJECTED,
+        "reason": Reason.GATE_REJECTED,
+        "failure": rejected["message"],
+    }
+    return [entry, *entries][:HISTORY_LIMIT]
+
+
 def failed_pairs_of(status: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [dict(item) for item in status.get("failedPairs") or [] if isinstance(item, Mapping)]
 
@@ -159,9 +183,9 @@ def judge_history(
     of at the progress deadline."""
     history = history_of(status)
     failed_pairs = failed_pairs_of(status)
-    if not history or history[0].get("outcome") not in (Outcome.PROGRESSING, Outcome.FAILED):
+    head = _deployed_head(history)
+    if head is None or head.get("outcome") not in (Outcome.PROGRESSING, Outcome.FAILED):
         return history, failed_pairs, None
-    head = history[0]
     state = rollout_state(deployment, spec.replicas)
     if state is None or deployed_pair(deployment) != entry_pair(head):
         return history, failed_pairs, None
@@ -206,7 +230,7 @@ def record_release(
     entries = [dict(entry) for entry in history]
     if release is None:
         return entries
-    head = entries[0] if entries else None
+    head = _deployed_head(entries)
     if head is not None and entry_pair(head) == release_pair(release):
         return entries
     if rollback_of is not None:

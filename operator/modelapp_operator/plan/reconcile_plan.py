@@ -13,24 +13,38 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from modelapp_operator.api.modelapp_types import ModelApp
-from modelapp_operator.names import BLOCKING_REASONS, ConditionType, Reason
+from modelapp_operator.names import ANNOTATION_SHADOW_URL, BLOCKING_REASONS, ConditionType, Reason
 from modelapp_operator.plan.autoscaling import HPA_KIND, plan_autoscaler, scale_selector
 from modelapp_operator.plan.children import (
+    build_candidate_service,
     build_deployment,
     build_service,
+    candidate_name,
     is_owned_by,
     needs_apply,
+    shadow_url,
     template_release_changed,
 )
+from modelapp_operator.plan.gate import (
+    GateAction,
+    GateDecision,
+    GateFigures,
+    GateInputs,
+    current_gate_rejections,
+    plan_gate,
+)
+from modelapp_operator.plan.gate import progress_text as gate_progress
 from modelapp_operator.plan.history import (
+    choose_release,
     deployed_pair,
     judge_history,
     plan_rollout,
+    record_rejection,
     rolled_back_condition,
 )
 from modelapp_operator.plan.pods import PodDiagnosis, shown_problem
@@ -80,6 +94,11 @@ class ReconcileInputs:
     pods: PodDiagnosis | None = None
     # The HorizontalPodAutoscaler as read (None: absent, or not read: plan/autoscaling.reads_autoscaler).
     autoscaler: Mapping[str, Any] | None = None
+    # The release gate's candidate Deployment and Service as read, this tick's figures, a person's override.
+    candidate_deployment: Mapping[str, Any] | None = None
+    candidate_service: Mapping[str, Any] | None = None
+    gate_figures: GateFigures = field(default_factory=GateFigures)
+    gate_action: GateAction | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +129,8 @@ class ReconcilePlan:
     rolled_back: bool = False
     failure: Failure | None = None
     replica_summary: str | None = None  # overrides status.replicaSummary (an invalid spec keeps the old one)
+    delete: tuple[tuple[str, str, str], ...] = ()  # (apiVersion, kind, name) of children no longer wanted
+    gate: GateDecision | None = None  # the release gate's step (its status replaces status.gate)
 
     @property
     def applied_kinds(self) -> tuple[str, ...]:
@@ -120,15 +141,24 @@ class ReconcilePlan:
         obs = self.observation
         if applied_deployment is not None:
             obs = dataclasses.replace(obs, rollout=rollout_state(applied_deployment, obs.desired_replicas))
-        return _status_update(self.previous, obs, self.now, self.replica_summary)
+        gate = self.gate.status if self.gate is not None else self.previous.get("gate")
+        return _status_update(self.previous, obs, self.now, self.replica_summary, gate)
 
 
 def _status_update(
-    previous: Mapping[str, Any], obs: Observation, now: datetime, replica_summary: str | None = None
+    previous: Mapping[str, Any],
+    obs: Observation,
+    now: datetime,
+    replica_summary: str | None = None,
+    gate: Mapping[str, Any] | None = None,
 ) -> StatusUpdate:
     status = build_status(previous, obs, now)
     if replica_summary is not None:
         status["replicaSummary"] = replica_summary
+    if gate:
+        status["gate"] = {**gate, "progress": gate_progress(gate)}
+    else:
+        status.pop("gate", None)
     changed = dict(previous) != status
     return StatusUpdate(status, changed, tuple(transition_events(previous, status)) if changed else ())
 
@@ -183,18 +213,60 @@ def plan_reconcile(inputs: ReconcileInputs, now: datetime) -> ReconcilePlan:
     # The pods were read from the Deployment as read: they speak of the pair it runs. A rollback away
     # from that pair records what they showed on the failed history entry (plan_rollout).
     pods = inputs.pods
-    rollout = plan_rollout(app.spec, inputs.image, inputs.model, app.status, deployment, now, pods)
+    # The release gate decides what the stable Deployment runs (a Rolling release: the wanted pair).
+    generation = app.metadata.generation
+    status_in = {**app.status, "failedPairs": current_gate_rejections(app.status.get("failedPairs") or [], generation)}
+    gated = app.spec.release.gated and blocked is None
+    gate = plan_gate(
+        GateInputs(
+            release_spec=app.spec.release,
+            generation=generation,
+            wanted=choose_release(app.spec, inputs.image, inputs.model, status_in),
+            stable=release_from_status(app.status) if gated and deployment is not None else None,
+            stable_deployment=deployment,
+            candidate_deployment=inputs.candidate_deployment,
+            replicas=app.spec.replicas,
+            previous=app.status.get("gate") or {},
+            figures=inputs.gate_figures,
+            action=inputs.gate_action,
+        ),
+        now,
+    )
+    image, model = inputs.image, inputs.model
+    if gated and gate.stable_release is not None:
+        image, model = gate.stable_release.image, gate.stable_release.model
+    if gate.rejected is not None:
+        status_in["failedPairs"] = [gate.rejected, *status_in["failedPairs"]]
+    rollout = plan_rollout(app.spec, image, model, status_in, deployment, now, pods)
+    if gate.rejected is not None and gate.status is not None:
+        rollout = dataclasses.replace(
+            rollout, history=record_rejection(rollout.history, gate.rejected, str(gate.status.get("startedAt") or ""))
+        )
     release = rollout.release
     if release is None or deployed_pair(inputs.deployment) != release_pair(release):
         pods = None
     apply: list[dict[str, Any]] = []
-    events: list[Event] = []
+    events: list[Event] = [*gate.events] if blocked is None else []
+    delete: list[tuple[str, str, str]] = []
     if blocked is None:
-        desired_service = build_service(app)
+        desired_service = build_service(app, serve_candidate=gate.serve == "candidate")
         if needs_apply(inputs.service, desired_service):
             apply.append(desired_service)
+        if gated:
+            desired_candidate_service = build_candidate_service(app)
+            if needs_apply(inputs.candidate_service, desired_candidate_service):
+                apply.append(desired_candidate_service)
+        elif inputs.candidate_service is not None:
+            delete.append(("v1", "Service", candidate_name(app)))
+        if gate.candidate_release is not None:
+            desired_candidate = build_deployment(app, gate.candidate_release, candidate=True)
+            if needs_apply(inputs.candidate_deployment, desired_candidate):
+                apply.append(desired_candidate)
+        elif inputs.candidate_deployment is not None:
+            delete.append(("apps/v1", "Deployment", candidate_name(app)))
         if release is not None:
-            desired = build_deployment(app, release)
+            url = shadow_url(inputs.candidate_service) if gated else None
+            desired = build_deployment(app, release, shadow_url=url)
             if needs_apply(inputs.deployment, desired):
                 apply.append(desired)
                 if rollout.rollback is not None:
@@ -231,6 +303,8 @@ def plan_reconcile(inputs: ReconcileInputs, now: datetime) -> ReconcilePlan:
         release=release,
         rolled_back=rollout.rollback is not None,
         failure=_failure(blocked, inputs.image_resolution, inputs.model_resolution),
+        delete=tuple(delete),
+        gate=gate if blocked is None else None,
     )
 
 
@@ -321,7 +395,7 @@ def plan_refresh(
         reconciled
         and deployment is not None
         and release is not None
-        and needs_apply(deployment, build_deployment(app, release))
+        and needs_apply(deployment, build_deployment(app, release, shadow_url=_shadow_url_of(deployment)))
     )
     return RefreshPlan(update=_status_update(previous, obs, now), drifted=drifted)
 
@@ -357,3 +431,12 @@ def _recorded(previous: Mapping[str, Any], type_: str) -> Condition:
         str(item.get("reason") or "Unknown"),
         str(item.get("message") or ""),
     )
+
+
+def _shadow_url_of(deployment: Mapping[str, Any]) -> str | None:
+    """The shadow address a stable Deployment was rendered with, from its template's annotation (a refresh
+    does not read the candidate Service, and the watch's copy keeps no env; the address is fixed for the
+    ModelApp's life, so the one rendered is the one wanted)."""
+    template = (deployment.get("spec") or {}).get("template") or {}
+    value = ((template.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_SHADOW_URL)
+    return value if isinstance(value, str) else None

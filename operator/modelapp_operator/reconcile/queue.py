@@ -180,14 +180,15 @@ class ReconcileQueue:
         try:
             while key in self._pending:
                 trigger = self._pending.pop(key)
-                delay = await self._run(key, trigger)
-                if delay is not None and key not in self._pending:
+                again = await self._run(key, trigger)
+                if again is not None and key not in self._pending:
+                    delay, trigger = again
                     self._retries[key] = self._scheduler.call_later(delay, functools.partial(self.submit, key, trigger))
         finally:
             del self._tasks[key]
 
-    async def _run(self, key: AppKey, trigger: Trigger) -> float | None:
-        """One reconcile; returns the delay before retrying it, or None."""
+    async def _run(self, key: AppKey, trigger: Trigger) -> tuple[float, Trigger] | None:
+        """One reconcile; returns when to run it again and why (a retry, the gate's next look), or None."""
         namespace, name = key
         if not self._active():
             self._park(key, trigger)  # kept, not dropped: it runs once this replica leads
@@ -203,7 +204,7 @@ class ReconcileQueue:
         except TemporaryReconcileError as error:
             self._logger.info("%s/%s: %s (retrying in %gs)", namespace, name, error, error.delay)
             self._unexpected_delays.pop(key, None)
-            return error.delay
+            return error.delay, trigger
         except Exception as error:
             # A bug or an API hiccup: log it (redacted) and retry with backoff; never let it stop the queue.
             delay = self._next_unexpected_delay(key)
@@ -215,7 +216,7 @@ class ReconcileQueue:
                 redact(str(error)),
                 delay,
             )
-            return delay
+            return delay, trigger
         else:
             self._unexpected_delays.pop(key, None)
             if not result.found:
@@ -224,7 +225,10 @@ class ReconcileQueue:
                     self._on_gone(key)
             else:
                 applied = ", ".join(result.applied) or "nothing to apply"
-                self._logger.info("%s/%s: reconciled: %s (%s)", namespace, name, applied, trigger)
+                if result.applied or trigger != "gate":  # the gate's ticks log only what they change
+                    self._logger.info("%s/%s: reconciled: %s (%s)", namespace, name, applied, trigger)
+                if result.recheck_after is not None:
+                    return result.recheck_after, "gate"
         return None
 
     async def close(self) -> None:

@@ -23,19 +23,17 @@ from typing import Any, Literal
 
 from modelapp_contract.blob import parse_blob_url
 from modelapp_operator.api.modelapp_types import BlobLocation, ModelApp, SpecError, parse_modelapp
-from modelapp_operator.clients.blob_storage import ModelPinner, ModelResolutionError, ModelResolver
-from modelapp_operator.clients.kube import ConflictError, KubeClient, KubeError
+from modelapp_operator.clients.app_pods import AppPodsClient
+from modelapp_operator.clients.blob_storage import BlobReader, ModelPinner, ModelResolutionError, ModelResolver
+from modelapp_operator.clients.kube import ConflictError, KubeClient
 from modelapp_operator.clients.registry import ImageResolver
 from modelapp_operator.metrics import METRICS, Source
 from modelapp_operator.names import API_VERSION, KIND
 from modelapp_operator.plan.autoscaling import HPA_API_VERSION, HPA_KIND, reads_autoscaler
+from modelapp_operator.plan.children import candidate_name
+from modelapp_operator.plan.gate import GateFigures, gate_action, reads_gate
 from modelapp_operator.plan.history import kept_snapshots, snapshot_urls
 from modelapp_operator.plan.pods import (
-    PodDiagnosis,
-    diagnose_pods,
-    needs_pod_check,
-    pod_selector,
-    pods_needing_events,
     problem_shown,
 )
 from modelapp_operator.plan.reconcile_plan import (
@@ -53,6 +51,8 @@ from modelapp_operator.plan.sources import AllowedSources
 from modelapp_operator.plan.status import Event, now_utc
 from modelapp_operator.reconcile.caches import AppState
 from modelapp_operator.reconcile.events import EventRecorder
+from modelapp_operator.reconcile.gate_reads import read_gate_figures
+from modelapp_operator.reconcile.reads import pod_diagnosis, read_child, read_modelapp
 from modelapp_operator.reconcile.resolve import check_account, model_credential, resolve_image, resolve_model
 from modelapp_operator.redact import redact
 from modelapp_operator.watch.hub import WatchHub
@@ -64,8 +64,9 @@ _log = logging.getLogger(__name__)
 # Why a reconcile runs: a ModelApp watch event that asks for one (first sight, new generation, a
 # reconcile-requested-at annotation); a tag or blob change the watch hub learned by a poll, a webhook or
 # another ModelApp's reconcile reading it first ("reconcile"); a child Deployment edited behind our back
-# (drift); a rollout past its progress deadline (rollback); a deleted child (recreate).
-Trigger = Literal["event", "poll", "webhook", "reconcile", "drift", "rollback", "recreate"]
+# (drift); a rollout past its progress deadline (rollback); a deleted child (recreate); the release gate's
+# next look at its candidate (gate).
+Trigger = Literal["event", "poll", "webhook", "reconcile", "drift", "rollback", "recreate", "gate"]
 
 # Bounds the reconciles in flight at once: a cold start of 1,000 ModelApps otherwise holds 1,000 sets
 # of API responses in memory together, and the API server answers no faster for being asked everything
@@ -122,6 +123,9 @@ class Clients:
     # The registries and storage accounts each namespace may use (config.py; None: any, only for tests that
     # build their own clients). A host outside them gets no request at all.
     sources: AllowedSources | None = None
+    # The release gate's reads: the test set blob, and the app's pods (None: a Gated release's checks stay pending).
+    blob_reader: BlobReader | None = None
+    app_pods: AppPodsClient | None = None
 
 
 @dataclass(frozen=True)
@@ -132,32 +136,6 @@ class Dependencies:
     state: AppState = field(default_factory=AppState)
 
 
-async def read_modelapp(deps: Dependencies, key: AppKey, *, fresh: bool = False) -> Mapping[str, Any] | None:
-    """The newest copy of the ModelApp: the watch's, or a GET when there is none or `fresh` is asked."""
-    modelapps = deps.state.modelapps
-    cached = None if fresh else modelapps.get(key)
-    if cached is not None:
-        return cached
-    body = await deps.clients.kube.get(API_VERSION, KIND, *key)
-    if body is None:
-        modelapps.forget(key)
-        return None
-    modelapps.observe(key, body)
-    return modelapps.get(key)
-
-
-async def read_child(deps: Dependencies, api_version: str, kind: str, key: AppKey) -> Mapping[str, Any] | None:
-    """The child as the watch saw it, or a GET when there is no watch or it cannot be trusted.
-
-    The watch sees only objects labelled as ours. A child it does not know is created without
-    force (`_apply`): an unlabelled object of someone else's under that name makes that apply
-    conflict instead of being changed, and the next read of that name GETs it (a name conflict)."""
-    children = deps.state.children
-    if children.enabled and children.trusted(kind, *key):
-        return children.get(kind, *key)
-    return await deps.clients.kube.get(api_version, kind, *key)
-
-
 @dataclass(frozen=True)
 class ReconcileResult:
     status: dict[str, Any]
@@ -165,6 +143,7 @@ class ReconcileResult:
     applied: tuple[str, ...]  # kinds applied this time, e.g. ("Deployment",)
     found: bool = True  # False: the ModelApp no longer exists
     rolled_back: bool = False
+    recheck_after: float | None = None  # the release gate looks again after this many seconds
 
 
 async def reconcile(key: AppKey, trigger: Trigger, deps: Dependencies) -> ReconcileResult:
@@ -226,20 +205,55 @@ async def _reconcile_once(body: Mapping[str, Any], trigger: Trigger, deps: Depen
     deployment, service = await asyncio.gather(
         read_child(deps, "apps/v1", "Deployment", key), read_child(deps, "v1", "Service", key)
     )
-    pods = await _pod_diagnosis(clients.kube, app, deployment)
+    pods = await pod_diagnosis(clients.kube, app, deployment)
     # Not watched: read (one GET) only for an app with autoscaling, or whose status names one to delete.
     autoscaler = await clients.kube.get(HPA_API_VERSION, HPA_KIND, *key) if reads_autoscaler(app) else None
+    candidate_deployment = candidate_service = None
+    figures = GateFigures()
+    if reads_gate(app):
+        candidate = (app.namespace, candidate_name(app))
+        candidate_deployment, candidate_service = await asyncio.gather(
+            read_child(deps, "apps/v1", "Deployment", candidate), read_child(deps, "v1", "Service", candidate)
+        )
+        figures = await read_gate_figures(clients, app, candidate_deployment, candidate_service)
     # Plan.
     plan = plan_reconcile(
-        ReconcileInputs(app, image, image_resolution, model, model_resolution, deployment, service, pods, autoscaler),
+        ReconcileInputs(
+            app,
+            image,
+            image_resolution,
+            model,
+            model_resolution,
+            deployment,
+            service,
+            pods,
+            autoscaler,
+            candidate_deployment=candidate_deployment,
+            candidate_service=candidate_service,
+            gate_figures=figures,
+            gate_action=gate_action(app),
+        ),
         clients.clock(),
     )
     # Apply, then write.
-    children = (("Deployment", deployment), ("Service", service), (HPA_KIND, autoscaler))
-    absent = [kind for kind, child in children if child is None]
+    children = (
+        ("Deployment", key[1], deployment),
+        ("Service", key[1], service),
+        (HPA_KIND, key[1], autoscaler),
+        ("Deployment", candidate_name(app), candidate_deployment),
+        ("Service", candidate_name(app), candidate_service),
+    )
+    absent = {(kind, name) for kind, name, child in children if child is None}
     applied_deployment = await _apply(deps, key, body, plan, absent)
     if plan.delete_autoscaler and autoscaler is not None:
         await clients.kube.delete_child(HPA_API_VERSION, HPA_KIND, *key, str(autoscaler["metadata"]["uid"]))
+    for api_version, kind, name in plan.delete:
+        existing = next((child for k, n, child in children if (k, n) == (kind, name)), None)
+        if existing is not None:
+            _must_lead(clients)
+            await clients.kube.delete_child(api_version, kind, app.namespace, name, str(existing["metadata"]["uid"]))
+    if plan.gate is not None and plan.gate.result is not None:
+        METRICS.gate_result(plan.gate.result)
     METRICS.rollout_applied(key, deployment, applied_deployment, rollback=plan.rolled_back)
     update = plan.status_update(applied_deployment)
     await _write_status(deps, body, update)
@@ -247,7 +261,11 @@ async def _reconcile_once(body: Mapping[str, Any], trigger: Trigger, deps: Depen
     if plan.failure is not None:
         raise _error(plan.failure)
     return ReconcileResult(
-        status=update.status, release=plan.release, applied=plan.applied_kinds, rolled_back=plan.rolled_back
+        status=update.status,
+        release=plan.release,
+        applied=plan.applied_kinds,
+        rolled_back=plan.rolled_back,
+        recheck_after=plan.gate.recheck_after if plan.gate is not None else None,
     )
 
 
@@ -265,44 +283,31 @@ def _resolvers(clients: Clients, trigger: Trigger) -> tuple[ImageResolver, Model
     return images, models
 
 
-async def _pod_diagnosis(kube: KubeClient, app: ModelApp, deployment: Mapping[str, Any] | None) -> PodDiagnosis | None:
-    """What the pods of the Deployment's pair show; they are listed only while its rollout is not
-    complete, and the events of a few restarted pods are read only when their exit alone cannot say
-    why (a probe's kill). A failed read is logged and ignored (the rollout verdict does not need it)."""
-    if deployment is None or not needs_pod_check(deployment, app.spec.replicas):
-        return None
-    selector = pod_selector(deployment)
-    if selector is None:
-        return None
-    try:
-        pods = await kube.list_pods(app.namespace, selector)
-        events = {
-            name: await kube.list_pod_events(app.namespace, name) for name in pods_needing_events(deployment, pods)
-        }
-    except KubeError as error:
-        _log.warning("%s/%s: cannot read the pods of the rollout: %s", app.namespace, app.name, error)
-        return None
-    return diagnose_pods(deployment, pods, events)
-
-
 async def _apply(
-    deps: Dependencies, key: AppKey, body: Mapping[str, Any], plan: ReconcilePlan, absent: Collection[str]
+    deps: Dependencies,
+    key: AppKey,
+    body: Mapping[str, Any],
+    plan: ReconcilePlan,
+    absent: Collection[tuple[str, str]],
 ) -> Mapping[str, Any] | None:
-    """Apply the plan's objects and post its events; returns the Deployment as the API server answered.
-    absent: the kinds read as not there, created without force (never taking someone else's object)."""
+    """Apply the plan's objects and post its events; returns the stable Deployment as the API server answered.
+    absent: the (kind, name)s read as not there, created without force (never taking someone else's object)."""
     state = deps.state
     applied_deployment: Mapping[str, Any] | None = None
     for obj in plan.apply:
-        creating = obj["kind"] in absent
+        name = str(obj["metadata"]["name"])
+        creating = (obj["kind"], name) in absent
         _must_lead(deps.clients)
         try:
             answer = await deps.clients.kube.apply(obj, force=not creating)
         except ConflictError:
             # Not ours after all (or not what the watch showed): read it before planning again.
-            state.children.distrust(obj["kind"], *key)
+            state.children.distrust(obj["kind"], key[0], name)
             raise
         if obj["kind"] != HPA_KIND:  # not watched: read by a GET each time
-            state.children.applied(obj["kind"], *key, answer)
+            state.children.applied(obj["kind"], key[0], name, answer)
+        if name != key[1]:
+            continue  # the gate's candidate: not the Deployment the status and rollbacks follow
         if obj["kind"] == "Deployment":
             applied_deployment = answer
             state.record_applied(key, answer)
@@ -425,7 +430,7 @@ async def refresh_status(key: AppKey, deps: Dependencies, deployment_seen: Mappi
         # while a pod problem is shown: a Deployment event of a young rollout has nothing to find yet
         # (a cold start of 1,000 ModelApps listed pods 701 times for nothing).
         look = deployment_seen is None or problem_shown(previous)
-        pods = await _pod_diagnosis(deps.clients.kube, app, deployment) if look else None
+        pods = await pod_diagnosis(deps.clients.kube, app, deployment) if look else None
         plan = plan_refresh(app, previous, deployment, deps.clients.clock(), pods, pods_read=look)
         if plan is None:
             return Refresh()
