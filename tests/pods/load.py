@@ -23,6 +23,7 @@ class Answer:
     status: int
     predictions: Any = None
     error: str | None = None
+    pair: str | None = None  # the ModelApp-Pair header: "<image digest>/<model version>" of the pod that answered
 
 
 @dataclass
@@ -67,7 +68,7 @@ class ServiceLoad:
             payload = response.read()
             if response.status != 200:
                 return Answer(started, response.status, error=payload[:200].decode(errors="replace"))
-            return Answer(started, 200, json.loads(payload)["predictions"])
+            return Answer(started, 200, json.loads(payload)["predictions"], pair=response.getheader("ModelApp-Pair"))
         except (OSError, http.client.HTTPException, ValueError) as error:
             return Answer(started, 0, error=f"{type(error).__name__}: {error}")
         finally:

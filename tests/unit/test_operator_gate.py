@@ -127,9 +127,13 @@ class Cluster:
 def running(cluster: Cluster, pair: tuple[int, str] = (1, "v1")) -> Cluster:
     """A Gated ModelApp whose first pair rolled out (nothing to gate against the first time)."""
     plan = cluster.reconcile(pair)
-    assert [o["metadata"]["name"] for o in plan.apply] == ["iris", "iris-candidate", "iris"]  # no candidate pods
-    cluster.ready("iris")
-    cluster.reconcile(pair)  # the stable pods get the candidate Service's address to shadow to
+    if "shadow" in cluster.release:
+        assert plan.applied_kinds == ("Service", "Service")  # the stable pods wait for the candidate's address
+        assert plan.gate is not None and plan.gate.recheck_after == 0.5
+        plan = cluster.reconcile(pair)
+        assert plan.applied_kinds == ("Deployment",)  # created with the address: never rolled to add it
+    else:
+        assert plan.applied_kinds == ("Service", "Service", "Deployment")
     cluster.ready("iris")
     cluster.reconcile(pair)
     assert cluster.gate == {} and cluster.serving() == "iris"

@@ -52,7 +52,9 @@ APP_REPOSITORY = "modelapp/iris-server"
 OPERATOR_REPOSITORY = "modelapp/operator"
 MODEL_CONTAINER = "models"
 MODEL_BLOB = "iris/model.onnx"
-STEPS = 10
+TEST_SET_BLOB = "iris/test-set.json"
+MIN_ACCURACY = 0.9
+STEPS = 12
 POLL_SECONDS = 5
 # Iris rows: a setosa, a virginica and a versicolor near the virginica border.
 SAMPLE_ROWS = [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5], [5.9, 3.0, 4.2, 1.5]]
@@ -176,10 +178,18 @@ class Demo:
                     "replicas": 2,
                     "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "1Gi"}},
                     "rollout": {"maxSurge": 1, "maxUnavailable": 0, "progressDeadlineSeconds": 180},
+                    # A new pair runs as a candidate and must answer the test set before any user sees it.
+                    "release": {
+                        "strategy": "Gated",
+                        "testSet": {"blob": TEST_SET_BLOB, "minAccuracy": MIN_ACCURACY},
+                        "timeoutSeconds": 180,
+                        "drainSeconds": 3,
+                    },
                 },
             }
             stack.kube.kubectl("apply", "-f", "-", input=json.dumps(modelapp))
             self.say("image follows tag demo-1; model follows the blob (no version pinned)")
+            self.say(f"release gate: a new pair must answer {TEST_SET_BLOB} with accuracy >= {MIN_ACCURACY} first")
 
     def modelapp(self) -> dict[str, Any]:
         assert self.stack is not None and self.stack.kube is not None
@@ -246,15 +256,56 @@ class Demo:
         print(f"      prediction (model {label} {expected_version}): {json.dumps(predictions)}", flush=True)
         return list(predictions)
 
+    def publish_test_set(self, stack: Stack) -> None:
+        """The labelled iris rows beside the model: what the release gate runs every candidate against."""
+        from azure.storage.blob import BlobServiceClient  # noqa: PLC0415
+        from sklearn.datasets import load_iris  # noqa: PLC0415
+
+        assert stack.azurite is not None
+        features, labels = load_iris(return_X_y=True)
+        document = {"instances": features.round(2).tolist(), "expected": [int(label) for label in labels]}
+        service = BlobServiceClient.from_connection_string(stack.azurite.connection_string)
+        service.get_blob_client(MODEL_CONTAINER, TEST_SET_BLOB).upload_blob(json.dumps(document), overwrite=True)
+        self.say(f"published the test set {MODEL_CONTAINER}/{TEST_SET_BLOB} ({len(labels)} labelled rows)")
+
+    def gate(self) -> dict[str, Any]:
+        return dict((self.modelapp().get("status") or {}).get("gate") or {})
+
+    def keep_out_a_bad_model(self, stack: Stack, stable_version: str) -> None:
+        with self.stage("Publish model v2 (a retrained, deliberately too simple model) over the same blob"):
+            bad_version, _ = self.publish(stack, 2)
+        with self.stage("The release gate tests v2 as a candidate beside v1 and keeps it out"):
+            deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+            shown = ""
+            while True:
+                gate = self.gate()
+                line = f"gate {gate.get('phase', '-')}: {gate.get('message', '')}"
+                if line != shown:
+                    self.say(line)
+                    shown = line
+                candidate = (gate.get("candidate") or {}).get("modelVersion")
+                if candidate == bad_version and gate.get("phase") in ("Rejected", "Promoting", "Promoted"):
+                    break
+                if time.monotonic() > deadline:
+                    raise DemoError(f"the gate did not decide on v2 within {READY_TIMEOUT_SECONDS:.0f}s\n"
+                                    f"{self.diagnostics()}")  # fmt: skip
+                time.sleep(0.25)
+            if gate.get("phase") != "Rejected":
+                raise DemoError(f"the release gate let model v2 through: {gate}")
+            self.say(f"model v2 kept out by the release gate: {gate.get('message')}")
+            self.predict_through_service("v1", stable_version)
+
     def roll_to_new_model(self, stack: Stack, old_version: str) -> str:
         assert stack.kube is not None
-        with self.stage("Publish model v2 (a retrained, deliberately simpler model) over the same blob"):
-            new_version, _ = self.publish(stack, 2)
-        with self.stage("The operator rolls the pods to model v2 by itself"):
+        with self.stage("Publish model v3 (a retrained, deeper model) over the same blob"):
+            new_version, _ = self.publish(stack, 3)
+        with self.stage("The gate passes v3 and switches the Service to it; the operator rolls the pods to it"):
             deadline = time.monotonic() + SELF_NOTICE_SECONDS
             noticed = False
             while time.monotonic() < deadline:
-                if ((self.modelapp().get("status") or {}).get("model") or {}).get("version") == new_version:
+                status = self.modelapp().get("status") or {}
+                candidate = ((status.get("gate") or {}).get("candidate") or {}).get("modelVersion")
+                if new_version in (candidate, (status.get("model") or {}).get("version")):
                     noticed = True
                     break
                 time.sleep(0.5)
@@ -286,7 +337,7 @@ class Demo:
 
     def run(self) -> None:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="demo-train") as trainer:
-            for version in (1, 2):
+            for version in (1, 2, 3):
                 self.trained[version] = trainer.submit(train_model, self.run_dir / f"model-v{version}", version)
             self._run()
 
@@ -296,20 +347,24 @@ class Demo:
         self.install_operator(stack, operator_image)
         with self.stage(f"Train model v1 (iris LogisticRegression) and publish it to Azurite {MODEL_CONTAINER}/"):
             v1, _ = self.publish(stack, 1)
+            self.publish_test_set(stack)
         self.apply_modelapp(stack, app_image)
         with self.stage("Wait until the ModelApp is Ready: real pods pull, download + verify the model, pass /readyz"):
             self.wait_ready(v1, "first rollout")
             self.show_pods()
         with self.stage("Predict through the Service"):
             self.predict_through_service("v1", v1)
-        v2 = self.roll_to_new_model(stack, v1)
+        self.keep_out_a_bad_model(stack, v1)
+        v3 = self.roll_to_new_model(stack, v1)
         with self.stage("Predict through the Service: the new pods answer"):
-            self.predict_through_service("v2", v2)
-        print(f"\nrolled over from model v1 to v2 in {time.monotonic() - self.started:.0f}s total", flush=True)
+            self.predict_through_service("v3", v3)
+        print(f"\nrolled over from model v1 to v3 in {time.monotonic() - self.started:.0f}s total (v2 kept out by "
+              "the release gate)", flush=True)  # fmt: skip
 
 
 def train_model(directory: Path, version: int) -> Path:
-    """v1: the sample LogisticRegression; v2: a one-split decision tree (visibly different answers)."""
+    """v1: the sample LogisticRegression; v2: a one-split decision tree (visibly different answers, 67 % of the
+    iris rows right); v3: a three-level tree (97 % right)."""
     from modelapp_serving.sample_model import export_onnx, train_iris_classifier  # noqa: PLC0415
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -320,7 +375,9 @@ def train_model(directory: Path, version: int) -> Path:
         from sklearn.tree import DecisionTreeClassifier  # noqa: PLC0415
 
         features, labels = load_iris(return_X_y=True)
-        classifier = DecisionTreeClassifier(max_depth=1, random_state=version).fit(features.astype("float32"), labels)
+        depth = 1 if version == 2 else 3
+        classifier = DecisionTreeClassifier(max_depth=depth, random_state=version)
+        classifier.fit(features.astype("float32"), labels)
     return export_onnx(classifier, directory / "iris.onnx")
 
 

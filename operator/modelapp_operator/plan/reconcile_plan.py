@@ -69,6 +69,8 @@ from modelapp_operator.plan.status import (
 )
 
 BLOCKED_RETRY_SECONDS = 60.0
+# A new Gated ModelApp's stable Deployment waits one reconcile for its candidate Service's address.
+FIRST_ADDRESS_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -264,8 +266,13 @@ def plan_reconcile(inputs: ReconcileInputs, now: datetime) -> ReconcilePlan:
                 apply.append(desired_candidate)
         elif inputs.candidate_deployment is not None:
             delete.append(("apps/v1", "Deployment", candidate_name(app)))
-        if release is not None:
-            url = shadow_url(inputs.candidate_service) if gated else None
+        url = shadow_url(inputs.candidate_service) if gated else None
+        defer = gated and app.spec.release.shadow is not None and url is None and inputs.deployment is None
+        if defer:
+            # A new Gated ModelApp: its stable pods are created once the candidate Service has an address to
+            # shadow to (this reconcile creates the Service), rather than rolled again to add it.
+            gate = dataclasses.replace(gate, recheck_after=FIRST_ADDRESS_SECONDS)
+        if release is not None and not defer:
             desired = build_deployment(app, release, shadow_url=url)
             if needs_apply(inputs.deployment, desired):
                 apply.append(desired)
