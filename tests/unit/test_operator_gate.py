@@ -328,3 +328,15 @@ def test_an_invalid_release_names_its_field(release: dict[str, Any], field: str)
     with pytest.raises(SpecError) as raised:
         parse_modelapp(body)
     assert raised.value.field.startswith(f"spec.{field}")
+
+
+def test_someone_elses_object_under_the_candidates_name_blocks_the_gate() -> None:
+    cluster = running(Cluster())
+    cluster.children[("Deployment", "iris-candidate")] = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "iris-candidate", "namespace": "ml", "ownerReferences": []}, "spec": {},
+    }  # fmt: skip
+    plan = cluster.reconcile((2, "v1"))
+    assert plan.apply == () and plan.delete == ()
+    ready = {c["type"]: c for c in cluster.status["conditions"]}["Ready"]
+    assert ready["reason"] == Reason.NAME_CONFLICT and "Deployment ml/iris-candidate exists" in ready["message"]

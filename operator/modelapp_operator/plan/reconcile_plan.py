@@ -191,17 +191,19 @@ def name_conflict(inputs: ReconcileInputs) -> Condition | None:
     """Ready=False NameConflict when a child's name is taken by an object this ModelApp does not own."""
     app = inputs.app
     blocked: Condition | None = None
-    for kind, existing in (
-        ("Deployment", inputs.deployment),
-        ("Service", inputs.service),
-        (HPA_KIND, inputs.autoscaler),
+    for kind, name, existing in (
+        ("Deployment", app.name, inputs.deployment),
+        ("Service", app.name, inputs.service),
+        (HPA_KIND, app.name, inputs.autoscaler),
+        ("Deployment", candidate_name(app), inputs.candidate_deployment),
+        ("Service", candidate_name(app), inputs.candidate_service),
     ):
         if existing is not None and not is_owned_by(existing, app):
             blocked = Condition(
                 ConditionType.READY,
                 "False",
                 Reason.NAME_CONFLICT,
-                f"{kind} {app.namespace}/{app.name} exists and is not owned by this ModelApp: "
+                f"{kind} {app.namespace}/{name} exists and is not owned by this ModelApp: "
                 "the operator leaves it alone; rename the ModelApp or delete that object",
             )
     return blocked

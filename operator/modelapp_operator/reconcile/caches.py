@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelapp_operator.names import CANDIDATE_SUFFIX
 from modelapp_operator.watch.keys import AppKey
 
 Body = Mapping[str, Any]
@@ -182,6 +183,11 @@ class ChildCache:
             if watched is not None and not watched.is_older_than(self._applied[key]):
                 del self._applied[key]
 
+    def deleted(self, kind: str, namespace: str, name: str) -> None:
+        """We deleted it: our last apply's answer must not stand in for it until the watch's DELETED arrives."""
+        self._applied.pop((kind, namespace, name), None)
+        self._distrusted.add((kind, namespace, name))
+
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         assert self.lookup is not None
         watched = self.lookup(kind, namespace, name)
@@ -194,9 +200,11 @@ class ChildCache:
         return watched.body() if watched is not None else None
 
     def forget(self, namespace: str, name: str) -> None:
-        for key in [key for key in self._applied if key[1:] == (namespace, name)]:
+        """The ModelApp is gone: what is kept for its children (the gate's candidate's too)."""
+        names = {(namespace, name), (namespace, f"{name}{CANDIDATE_SUFFIX}")}
+        for key in [key for key in self._applied if key[1:] in names]:
             del self._applied[key]
-        self._distrusted -= {key for key in self._distrusted if key[1:] == (namespace, name)}
+        self._distrusted -= {key for key in self._distrusted if key[1:] in names}
 
 
 @dataclass

@@ -252,6 +252,7 @@ async def _reconcile_once(body: Mapping[str, Any], trigger: Trigger, deps: Depen
         if existing is not None:
             _must_lead(clients)
             await clients.kube.delete_child(api_version, kind, app.namespace, name, str(existing["metadata"]["uid"]))
+            deps.state.children.deleted(kind, app.namespace, name)
     if plan.gate is not None and plan.gate.result is not None:
         METRICS.gate_result(plan.gate.result)
     METRICS.rollout_applied(key, deployment, applied_deployment, rollback=plan.rolled_back)
