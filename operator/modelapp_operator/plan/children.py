@@ -391,3 +391,12 @@ def shadow_url(candidate_service: Mapping[str, Any] | None) -> str | None:
         return None
     host = f"[{address}]" if ":" in address else address
     return f"http://{host}:{port}"
+
+
+def rendered_shadow_url(deployment: Mapping[str, Any]) -> str | None:
+    """The shadow address a stable Deployment was rendered with, from its template's annotation (a refresh
+    does not read the candidate Service, and the watch's copy keeps no env; the address is fixed for the
+    ModelApp's life, so the one rendered is the one wanted)."""
+    template = (deployment.get("spec") or {}).get("template") or {}
+    value = ((template.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_SHADOW_URL)
+    return value if isinstance(value, str) else None

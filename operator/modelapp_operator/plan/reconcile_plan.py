@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from modelapp_operator.api.modelapp_types import ModelApp
-from modelapp_operator.names import ANNOTATION_SHADOW_URL, BLOCKING_REASONS, ConditionType, Reason
+from modelapp_operator.names import BLOCKING_REASONS, ConditionType, Reason
 from modelapp_operator.plan.autoscaling import HPA_KIND, plan_autoscaler, scale_selector
 from modelapp_operator.plan.children import (
     build_candidate_service,
@@ -27,6 +27,7 @@ from modelapp_operator.plan.children import (
     candidate_name,
     is_owned_by,
     needs_apply,
+    rendered_shadow_url,
     shadow_url,
     template_release_changed,
 )
@@ -404,7 +405,7 @@ def plan_refresh(
         reconciled
         and deployment is not None
         and release is not None
-        and needs_apply(deployment, build_deployment(app, release, shadow_url=_shadow_url_of(deployment)))
+        and needs_apply(deployment, build_deployment(app, release, shadow_url=rendered_shadow_url(deployment)))
     )
     return RefreshPlan(update=_status_update(previous, obs, now), drifted=drifted)
 
@@ -440,12 +441,3 @@ def _recorded(previous: Mapping[str, Any], type_: str) -> Condition:
         str(item.get("reason") or "Unknown"),
         str(item.get("message") or ""),
     )
-
-
-def _shadow_url_of(deployment: Mapping[str, Any]) -> str | None:
-    """The shadow address a stable Deployment was rendered with, from its template's annotation (a refresh
-    does not read the candidate Service, and the watch's copy keeps no env; the address is fixed for the
-    ModelApp's life, so the one rendered is the one wanted)."""
-    template = (deployment.get("spec") or {}).get("template") or {}
-    value = ((template.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_SHADOW_URL)
-    return value if isinstance(value, str) else None
