@@ -27,9 +27,10 @@ from modelapp_operator.metrics import METRICS
 from modelapp_operator.receiver.server import Receiver
 from modelapp_operator.reconcile.caches import AppState, ChildCache, IndexLookup, Stored
 from modelapp_operator.reconcile.child_refresher import ChildRefresher
+from modelapp_operator.reconcile.deps import Clients, Dependencies
 from modelapp_operator.reconcile.events import EventRecorder
 from modelapp_operator.reconcile.queue import ReconcileQueue, stop_all
-from modelapp_operator.reconcile.reconciler import Clients, Dependencies, ReconcileResult, Trigger, reconcile
+from modelapp_operator.reconcile.reconciler import ReconcileResult, Trigger, reconcile
 from modelapp_operator.watch.hub import Submit, WatchHub
 from modelapp_operator.watch.keys import AppKey
 

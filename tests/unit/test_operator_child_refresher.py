@@ -12,7 +12,8 @@ from modelapp_operator.clients.kube import ConflictError
 from modelapp_operator.reconcile import child_refresher as refresher_module
 from modelapp_operator.reconcile.caches import AppState, ChildCache, Stored
 from modelapp_operator.reconcile.child_refresher import CHILD_REFRESH_COALESCE_SECONDS, ChildRefresher
-from modelapp_operator.reconcile.reconciler import Dependencies, Refresh, Trigger
+from modelapp_operator.reconcile.deps import Dependencies
+from modelapp_operator.reconcile.reconciler import Refresh, Trigger
 from modelapp_operator.watch.keys import AppKey
 
 from tests.unit.virtual_time import VirtualScheduler

@@ -18,8 +18,9 @@ from modelapp_operator.clients.registry import RegistryCredentials
 from modelapp_operator.metrics import METRICS, Source
 from modelapp_operator.names import API_VERSION, KIND
 from modelapp_operator.reconcile.child_refresher import CHILD_REFRESH_COALESCE_SECONDS, ChildRefresher
+from modelapp_operator.reconcile.deps import Clients, Dependencies
 from modelapp_operator.reconcile.queue import ReconcileQueue
-from modelapp_operator.reconcile.reconciler import Clients, Dependencies, ReconcileResult, Trigger, reconcile
+from modelapp_operator.reconcile.reconciler import ReconcileResult, Trigger, reconcile
 from modelapp_operator.runtime import Runtime
 from modelapp_operator.watch.hub import WatchHub
 from modelapp_operator.watch.keys import AppKey

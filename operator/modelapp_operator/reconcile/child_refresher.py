@@ -14,8 +14,9 @@ from typing import Any
 
 from modelapp_operator.clients.kube import ConflictError
 from modelapp_operator.plan.pods import next_recheck_delay
+from modelapp_operator.reconcile.deps import Dependencies
 from modelapp_operator.reconcile.queue import stop_all
-from modelapp_operator.reconcile.reconciler import Dependencies, Refresh, Trigger, refresh_status
+from modelapp_operator.reconcile.reconciler import Refresh, Trigger, refresh_status
 from modelapp_operator.redact import redact
 from modelapp_operator.scheduler import LOOP, Scheduler, Timer
 from modelapp_operator.watch.keys import AppKey

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from modelapp_operator.api.modelapp_types import BlobLocation, ModelApp
 from modelapp_operator.clients.app_pods import TestSetError, parse_test_set, pod_base_urls
@@ -25,10 +25,8 @@ from modelapp_operator.plan.release_gate import (
     judge_test_set,
     shadow_figures,
 )
+from modelapp_operator.reconcile.deps import Clients
 from modelapp_operator.reconcile.resolve import check_account, model_credential
-
-if TYPE_CHECKING:
-    from modelapp_operator.reconcile.reconciler import Clients
 
 _log = logging.getLogger(__name__)
 

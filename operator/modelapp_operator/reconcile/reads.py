@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from modelapp_operator.api.modelapp_types import ModelApp
 from modelapp_operator.clients.kube import KubeClient, KubeError
 from modelapp_operator.names import API_VERSION, KIND
 from modelapp_operator.plan.pods import PodDiagnosis, diagnose_pods, needs_pod_check, pod_selector, pods_needing_events
+from modelapp_operator.reconcile.deps import Dependencies
 from modelapp_operator.watch.keys import AppKey
-
-if TYPE_CHECKING:
-    from modelapp_operator.reconcile.reconciler import Dependencies
 
 _log = logging.getLogger(__name__)
 

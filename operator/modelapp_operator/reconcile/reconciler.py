@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from modelapp_contract.blob import parse_blob_url
 from modelapp_operator.api.modelapp_types import BlobLocation, ModelApp, SpecError, parse_modelapp
-from modelapp_operator.clients.app_pods import AppPodsClient
-from modelapp_operator.clients.blob_storage import BlobReader, ModelPinner, ModelResolutionError, ModelResolver
-from modelapp_operator.clients.kube import ConflictError, KubeClient
+from modelapp_operator.clients.blob_storage import ModelResolutionError, ModelResolver
+from modelapp_operator.clients.kube import ConflictError
 from modelapp_operator.clients.registry import ImageResolver
 from modelapp_operator.metrics import METRICS, Source
 from modelapp_operator.names import API_VERSION, KIND
@@ -47,15 +45,12 @@ from modelapp_operator.plan.reconcile_plan import (
     refresh_applies,
 )
 from modelapp_operator.plan.release import Release
-from modelapp_operator.plan.sources import AllowedSources
-from modelapp_operator.plan.status import Event, now_utc
-from modelapp_operator.reconcile.caches import AppState
-from modelapp_operator.reconcile.events import EventRecorder
+from modelapp_operator.plan.status import Event
+from modelapp_operator.reconcile.deps import Clients, Dependencies
 from modelapp_operator.reconcile.gate_reads import read_gate_figures
 from modelapp_operator.reconcile.reads import pod_diagnosis, read_child, read_modelapp
 from modelapp_operator.reconcile.resolve import check_account, model_credential, resolve_image, resolve_model
 from modelapp_operator.redact import redact
-from modelapp_operator.watch.hub import WatchHub
 from modelapp_operator.watch.keys import AppKey
 from modelapp_operator.watch.resolvers import CachingImageResolver, CachingModelResolver, track_resolutions
 
@@ -67,15 +62,6 @@ _log = logging.getLogger(__name__)
 # (drift); a rollout past its progress deadline (rollback); a deleted child (recreate); the release gate's
 # next look at its candidate (gate).
 Trigger = Literal["event", "poll", "webhook", "reconcile", "drift", "rollback", "recreate", "gate"]
-
-# Bounds the reconciles in flight at once: a cold start of 1,000 ModelApps otherwise holds 1,000 sets
-# of API responses in memory together, and the API server answers no faster for being asked everything
-# at once.
-RECONCILES_AT_ONCE = 64
-# Status refreshes have their own, smaller bound: behind the reconciles, a cold start of 1,000 ModelApps
-# wrote no Ready until every reconcile had run (all Ready 9.1 s after all pods ready in bench/scale.py);
-# with their own bound, 0.5 s after.
-REFRESHES_AT_ONCE = 16
 
 
 class ReconcileError(Exception):
@@ -99,41 +85,6 @@ class TemporaryReconcileError(ReconcileError):
     def __init__(self, reason: str, message: str, *, delay: float) -> None:
         super().__init__(reason, message)
         self.delay = delay
-
-
-@dataclass(frozen=True)
-class Clients:
-    """What reconciles and refreshes talk to and are bounded by: built once (runtime.py), never changed."""
-
-    kube: KubeClient
-    images: ImageResolver  # the watch hub's caching resolvers in the operator
-    models: ModelResolver
-    clock: Callable[[], datetime] = now_utc
-    # The shared caches and subscriptions (images and models are then its caching resolvers).
-    watch: WatchHub | None = None
-    # Immutable model versions (snapshots); None: models are pinned by ETag only.
-    pins: ModelPinner | None = None
-    # Posts events in the background (None: each is posted before the reconcile goes on).
-    events: EventRecorder | None = None
-    in_flight: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(RECONCILES_AT_ONCE))
-    # Two replicas: whether this one holds the leader Lease within its renew deadline (leader.LeaderElector.leading),
-    # asked right before every apply and status write.
-    may_write: Callable[[], bool] = field(default=lambda: True)
-    refresh_in_flight: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(REFRESHES_AT_ONCE))
-    # The registries and storage accounts each namespace may use (config.py; None: any, only for tests that
-    # build their own clients). A host outside them gets no request at all.
-    sources: AllowedSources | None = None
-    # The release gate's reads: the test set blob, and the app's pods (None: a Gated release's checks stay pending).
-    blob_reader: BlobReader | None = None
-    app_pods: AppPodsClient | None = None
-
-
-@dataclass(frozen=True)
-class Dependencies:
-    """A reconcile's two halves: the fixed clients, and the per-ModelApp state (`state.forget` drops an app's)."""
-
-    clients: Clients
-    state: AppState = field(default_factory=AppState)
 
 
 @dataclass(frozen=True)
