@@ -123,10 +123,11 @@ def pod_breakdown(stack: Stack, digest: str) -> list[dict[str, float]]:
     return found
 
 
-def deploy_bench_app(stack: Stack, replicas: int) -> tuple[Registry, str]:
+def deploy_bench_app(stack: Stack, replicas: int, *, before_apply: Any = None) -> tuple[Registry, str]:
     """Start the stack's parts, build and push the images, install the operator in-cluster with its webhook
     receiver (polling at 300 s) and apply the ModelApp `bench` (`replicas` pods); wait until it is Ready.
-    Returns the registry and the app image (`repository@digest`). Shared with bench/pod_start.py."""
+    Returns the registry and the app image (`repository@digest`). Shared with bench/pod_start.py and
+    bench/gate_switch.py (before_apply(azurite) returns spec fields to add, after the model is published)."""
     kube = stack.start_kube(nodes=1)
     assert stack.network is not None
     token = secrets.token_urlsafe(24)
@@ -160,6 +161,7 @@ def deploy_bench_app(stack: Stack, replicas: int) -> tuple[Registry, str]:
         overwrite=True,
         progress=False,
     )
+    extra: dict[str, Any] = before_apply(azurite) if before_apply is not None else {}
     kube.kubectl(
         "apply",
         "-f",
@@ -182,6 +184,7 @@ def deploy_bench_app(stack: Stack, replicas: int) -> tuple[Registry, str]:
                     "replicas": replicas,
                     "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "1Gi"}},
                     "rollout": {"maxSurge": 1, "maxUnavailable": 0, "progressDeadlineSeconds": 300},
+                    **extra,
                 },
             }
         ),

@@ -340,3 +340,17 @@ def test_someone_elses_object_under_the_candidates_name_blocks_the_gate() -> Non
     assert plan.apply == () and plan.delete == ()
     ready = {c["type"]: c for c in cluster.status["conditions"]}["Ready"]
     assert ready["reason"] == Reason.NAME_CONFLICT and "Deployment ml/iris-candidate exists" in ready["message"]
+
+
+def test_the_candidates_pinned_version_is_reused_and_kept() -> None:
+    """A candidate runs a snapshot before it has a history entry: the next reconcile must pin the same one (a new
+    snapshot each tick rolled the candidate's pods every 2 s), and the snapshot is not pruned while shown."""
+    from modelapp_operator.plan.history import kept_snapshots, known_pin
+
+    url = "http://127.0.0.1:10000/devstoreaccount1/models/iris.onnx"
+    candidate = {"imageDigest": "sha256:" + "2" * 64, "modelVersion": '"v2"', "modelUrl": url,
+                 "modelSnapshot": "2026-12-03T10:00:00Z"}  # fmt: skip
+    status = {"gate": {"phase": "Testing", "candidate": candidate}}
+    pin = known_pin(status, url, '"v2"')
+    assert pin is not None and pin.snapshot == "2026-12-03T10:00:00Z"
+    assert kept_snapshots(status) == {"2026-12-03T10:00:00Z"}

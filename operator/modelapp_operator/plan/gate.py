@@ -26,7 +26,7 @@ from typing import Any, Literal
 from modelapp_operator.api.modelapp_types import ModelApp
 from modelapp_operator.api.release_spec import ReleaseSpec
 from modelapp_operator.names import ANNOTATION_GATE_ACTION, ANNOTATION_GATE_ACTION_BY, Reason
-from modelapp_operator.plan.release import Pair, Release, describe_pair, entry_pair, release_pair
+from modelapp_operator.plan.release import Pair, Release, describe_pair, entry_pair, pin_fields, release_pair
 from modelapp_operator.plan.release_gate import (
     AgreementThreshold,
     CheckResult,
@@ -128,7 +128,11 @@ def _gate_pair(gate: Mapping[str, Any]) -> Pair | None:
 
 
 def _candidate_record(release: Release) -> dict[str, Any]:
-    return {"imageDigest": release.image.digest, "modelVersion": release.model.version}
+    """The candidate pair, with the immutable model version it runs: the next reconcile pins the same one
+    (plan/history.known_pin) instead of taking another snapshot, which would roll the candidate's pods."""
+    pins = {f"model{k[0].upper()}{k[1:]}": v for k, v in pin_fields(release.model).items()}
+    return {"imageDigest": release.image.digest, "modelVersion": release.model.version, "modelUrl": release.model.url,
+            **pins}  # fmt: skip
 
 
 def _settle(inputs: GateInputs, previous: dict[str, Any], gate_pair: Pair | None, now: datetime) -> GateDecision:

@@ -323,7 +323,7 @@ def known_pin(status: Mapping[str, Any], url: str, version: str) -> PinnedVersio
     wanted = normalize_etag(version)
     model = status.get("model") or {}
     candidates: list[tuple[Mapping[str, Any], str]] = [(model, "")] if isinstance(model, Mapping) else []
-    candidates += [(entry, "model") for entry in history_of(status)]
+    candidates += [(entry, "model") for entry in _pinned_records(status)]
     for record, prefix in candidates:
         record_url = record.get("url" if not prefix else "modelUrl")
         record_version = record.get("version" if not prefix else "modelVersion")
@@ -338,7 +338,7 @@ def kept_snapshots(status: Mapping[str, Any]) -> set[str]:
     """The snapshots status still names (status.model and history): everything else the operator took goes."""
     model = status.get("model") or {}
     kept = {pin_from(model).snapshot} if isinstance(model, Mapping) else set()
-    kept |= {pin_from(entry, "model").snapshot for entry in history_of(status)}
+    kept |= {pin_from(entry, "model").snapshot for entry in _pinned_records(status)}
     return {snapshot for snapshot in kept if snapshot}
 
 
@@ -346,5 +346,14 @@ def snapshot_urls(status: Mapping[str, Any]) -> set[str]:
     """The model blob URLs status records a snapshot of (status.model and history)."""
     model = status.get("model") or {}
     urls = {str(model.get("url"))} if isinstance(model, Mapping) and pin_from(model).snapshot else set()
-    urls |= {str(e.get("modelUrl")) for e in history_of(status) if pin_from(e, "model").snapshot and e.get("modelUrl")}
+    urls |= {
+        str(e.get("modelUrl")) for e in _pinned_records(status) if pin_from(e, "model").snapshot and e.get("modelUrl")
+    }
     return urls
+
+
+def _pinned_records(status: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """History entries, and the release gate's candidate (it runs a pinned version before it has an entry),
+    each with modelUrl, modelVersion and the model-prefixed pin fields."""
+    candidate = (status.get("gate") or {}).get("candidate")
+    return [*history_of(status), *([candidate] if isinstance(candidate, Mapping) else [])]
