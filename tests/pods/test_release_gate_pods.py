@@ -36,6 +36,14 @@ pytestmark = pytest.mark.pods
 
 
 @pytest.fixture(scope="module")
+def deeper_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another good model (a three-level tree): the same answers as v1 on the load's rows, another version."""
+    from modelapp_localstack.demo import train_model
+
+    return train_model(tmp_path_factory.mktemp("deeper"), 3)
+
+
+@pytest.fixture(scope="module")
 def permuted_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A valid model whose every answer is wrong: trained on the labels shifted by one."""
     from modelapp_serving.sample_model import export_onnx, train_iris_classifier
@@ -173,13 +181,14 @@ def test_a_good_candidate_takes_every_user_in_one_switch(
     app_image: Image,
     incluster_operator: InClusterOperator,
     model_files: dict[str, Path],
+    deeper_model: Path,
 ) -> None:
     release = {"shadow": {"minAgreement": 0.95, "minSamples": 60}, "drainSeconds": 5}
     name, blob, v1 = start_gated(kube, azurite, app_image, incluster_operator, model_files["v1"], "gate-pass", release)
     load = ServiceLoad(*_service_address(kube, name)).start()
     try:
         time.sleep(3)
-        again = _publish(azurite, model_files["v1"], blob)  # the same answers under a new version
+        again = _publish(azurite, deeper_model, blob)  # the same answers on the load's rows, a new version
         promoting = wait_phase(kube, name, incluster_operator, "Promoting", "Rejected")
         switched_seen = time.monotonic()
         assert promoting["phase"] == "Promoting", promoting

@@ -170,6 +170,7 @@ def test_a_candidate_that_disagrees_is_rejected_with_its_figure_and_not_tried_ag
     cluster = running(Cluster())
     cluster.reconcile((2, "v2"))
     cluster.ready("iris-candidate")
+    cluster.reconcile((2, "v2"), GateFigures(shadow=ShadowFigures()), seconds=0)  # the baseline
     cluster.reconcile((2, "v2"), GateFigures(shadow=ShadowFigures(agreed=10)))
     assert cluster.gate["phase"] == "Testing" and "10 of 50 samples" in cluster.gate["message"]
     plan = cluster.reconcile((2, "v2"), GateFigures(shadow=ShadowFigures(agreed=12, disagreed=48)))
@@ -199,6 +200,7 @@ def test_a_passing_candidate_takes_every_user_in_one_switch_then_the_stable_depl
     cluster = running(Cluster())
     cluster.reconcile((2, "v1"))
     cluster.ready("iris-candidate")
+    cluster.reconcile((2, "v1"), GateFigures(shadow=ShadowFigures()), seconds=0)  # the baseline
     plan = cluster.reconcile((2, "v1"), agreeing(60))
     assert cluster.gate["phase"] == "Promoting" and cluster.serving() == "iris-candidate"
     assert [(e.reason) for e in plan.events] == [Reason.GATE_PASSED]
@@ -223,6 +225,7 @@ def test_a_candidate_that_never_gets_enough_samples_is_rejected_at_the_deadline(
     cluster = running(Cluster(release=release_spec(timeoutSeconds=60)))
     cluster.reconcile((2, "v1"))
     cluster.ready("iris-candidate")
+    cluster.reconcile((2, "v1"), GateFigures(shadow=ShadowFigures()), seconds=0)  # the baseline
     cluster.reconcile((2, "v1"), agreeing(3), seconds=30)
     assert cluster.gate["phase"] == "Testing"
     cluster.reconcile((2, "v1"), agreeing(7), seconds=31)
@@ -234,6 +237,7 @@ def test_manual_promotion_waits_for_a_person_and_records_who() -> None:
     cluster = running(Cluster(release=release_spec(promotion="Manual")))
     cluster.reconcile((2, "v1"))
     cluster.ready("iris-candidate")
+    cluster.reconcile((2, "v1"), GateFigures(shadow=ShadowFigures()), seconds=0)  # the baseline
     plan = cluster.reconcile((2, "v1"), agreeing(60))
     assert cluster.gate["phase"] == "AwaitingPromotion" and cluster.serving() == "iris"
     assert plan.gate is not None and plan.gate.result == "passed"
@@ -265,6 +269,7 @@ def test_a_newer_change_during_a_gate_replaces_the_candidate() -> None:
     cluster = running(Cluster())
     cluster.reconcile((2, "v1"))
     cluster.ready("iris-candidate")
+    cluster.reconcile((2, "v1"), GateFigures(shadow=ShadowFigures()), seconds=0)  # the baseline
     cluster.reconcile((2, "v1"), agreeing(20))
     plan = cluster.reconcile((3, "v1"))
     assert cluster.pair_of("iris-candidate") == ("3", "v1") and cluster.gate["phase"] == "Testing"
@@ -278,6 +283,7 @@ def test_a_test_set_verdict_is_kept_once_decided() -> None:
     cluster = running(Cluster(release={"strategy": "Gated", "testSet": {"blob": "iris-test.json", "minAccuracy": 0.9}}))
     cluster.reconcile((2, "v1"))
     cluster.ready("iris-candidate")
+    cluster.reconcile((2, "v1"), GateFigures(shadow=ShadowFigures()), seconds=0)  # the baseline
     failed = CheckResult("testSet", CheckState.FAILED, "accuracy 0.33 < 0.90 over 3 rows")
     cluster.reconcile((2, "v1"), GateFigures(test_set=failed))
     assert (
@@ -354,3 +360,19 @@ def test_the_candidates_pinned_version_is_reused_and_kept() -> None:
     pin = known_pin(status, url, '"v2"')
     assert pin is not None and pin.snapshot == "2026-12-03T10:00:00Z"
     assert kept_snapshots(status) == {"2026-12-03T10:00:00Z"}
+
+
+def test_answers_from_before_the_candidate_was_ready_do_not_count() -> None:
+    """The candidate's pods start one by one: while the last starts, the first may time out on shadowed requests.
+    The gate judges what is counted once the whole candidate is Ready."""
+    cluster = running(Cluster(release=release_spec(health={"maxErrorRate": 0.05, "minRequests": 50})))
+    cluster.reconcile((2, "v1"))
+    cluster.ready("iris-candidate")
+    warm_up = ShadowFigures(agreed=20, timeouts=30)
+    cluster.reconcile((2, "v1"), GateFigures(shadow=warm_up))
+    assert cluster.gate["phase"] == "Testing" and cluster.gate["baseline"]["timeouts"] == 30
+    cluster.reconcile((2, "v1"), GateFigures(shadow=ShadowFigures(agreed=80, timeouts=31)))
+    assert cluster.gate["phase"] == "Promoting", cluster.gate
+    assert cluster.gate["verdict"] == (
+        "shadow: agreement 1.00 >= 0.90 over 60 samples; health: error rate 0.016, p99 n/a over 61 requests"
+    )

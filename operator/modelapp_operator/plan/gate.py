@@ -203,6 +203,14 @@ def _decide(
         if action is not None:
             return _promote(inputs, wanted, stable, previous, now, by=action.by)
         return GateDecision(stable_release=stable, candidate_release=wanted, status=previous)
+    shadow = inputs.figures.shadow
+    if (
+        shadow is not None
+        and candidate_ready(inputs.candidate_deployment, inputs.replicas)
+        and "baseline" not in previous
+    ):
+        # Counted from here: answers the candidate gave while its other pods were still starting are not its verdict.
+        previous["baseline"] = shadow.record()
     checks = judge_checks(inputs, previous)
     elapsed = (now - (parse_timestamp(str(previous.get("startedAt") or "")) or now)).total_seconds()
     verdict = overall(checks, elapsed, spec.timeout_seconds)
@@ -322,7 +330,8 @@ def judge_checks(inputs: GateInputs, previous: Mapping[str, Any]) -> list[CheckR
             checks.append(figures.test_set)
         else:
             checks.append(_pending("testSet", "runs once the candidate is Ready" if not ready else "running"))
-    shadow = figures.shadow if ready else None
+    baseline = previous.get("baseline")
+    shadow = figures.shadow.since(baseline) if ready and figures.shadow and isinstance(baseline, Mapping) else None
     if spec.shadow is not None:
         if shadow is None:
             checks.append(_pending("shadow", "waiting for the candidate to be Ready"))

@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from modelapp_contract.agreement import Prediction, answers_agree
 
@@ -157,6 +158,32 @@ class ShadowFigures:
     errors: int = 0  # the candidate answered non-200, or not a /predict answer
     timeouts: int = 0
     p99_ms: float | None = None  # upper bound of the histogram bucket holding the 99th percentile
+    buckets: tuple[tuple[float, float], ...] = ()  # the latency histogram: (upper bound s, cumulative count)
+
+    def record(self) -> dict[str, Any]:
+        """As status.gate.baseline keeps it."""
+        return {
+            "agreed": self.agreed, "disagreed": self.disagreed, "errors": self.errors, "timeouts": self.timeouts,
+            "buckets": [{"le": repr(bound), "count": int(count)} for bound, count in self.buckets],
+        }  # fmt: skip
+
+    def since(self, baseline: Mapping[str, Any]) -> ShadowFigures:
+        """What was counted after `baseline` (a record()): the gate judges the candidate from the moment it was
+        Ready, not its start-up. A count that went down (a stable pod restarted) counts from zero."""
+
+        def minus(now: float, then: Any) -> float:
+            return max(0.0, now - (float(then) if isinstance(then, int | float) else 0.0))
+
+        before = {str(b.get("le")): b.get("count") for b in baseline.get("buckets") or [] if isinstance(b, Mapping)}
+        buckets = {bound: minus(count, before.get(repr(bound))) for bound, count in self.buckets}
+        return ShadowFigures(
+            agreed=int(minus(self.agreed, baseline.get("agreed"))),
+            disagreed=int(minus(self.disagreed, baseline.get("disagreed"))),
+            errors=int(minus(self.errors, baseline.get("errors"))),
+            timeouts=int(minus(self.timeouts, baseline.get("timeouts"))),
+            p99_ms=_quantile_bound(buckets, 0.99),
+            buckets=tuple(sorted(buckets.items())),
+        )
 
     @property
     def compared(self) -> int:
@@ -193,6 +220,7 @@ def shadow_figures(samples: Iterable[Sample], candidate: str) -> ShadowFigures:
         errors=int(outcomes.get("error", 0)),
         timeouts=int(outcomes.get("timeout", 0)),
         p99_ms=_quantile_bound(buckets, 0.99),
+        buckets=tuple(sorted(buckets.items())),
     )
 
 
