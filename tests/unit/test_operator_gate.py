@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from modelapp_operator.api.modelapp_types import SpecError, parse_modelapp
 from modelapp_operator.names import ANNOTATION_GATE_ACTION, ANNOTATION_GATE_ACTION_BY, ConditionType, Outcome, Reason
-from modelapp_operator.plan.gate import GateFigures, current_gate_rejections, gate_action, pair_label
+from modelapp_operator.plan.gate import SETTLE_SECONDS, GateFigures, current_gate_rejections, gate_action, pair_label
 from modelapp_operator.plan.reconcile_plan import ReconcileInputs, Resolution, plan_reconcile
 from modelapp_operator.plan.release import ResolvedImage, ResolvedModel, pair_of
 from modelapp_operator.plan.release_gate import CheckResult, CheckState, ShadowFigures
@@ -140,6 +140,13 @@ def running(cluster: Cluster, pair: tuple[int, str] = (1, "v1")) -> Cluster:
     return cluster
 
 
+def settle(cluster: Cluster, pair: tuple[int, str]) -> None:
+    """The candidate is Ready: shadow counts are judged from SETTLE_SECONDS later (the baseline)."""
+    cluster.reconcile(pair, GateFigures(shadow=ShadowFigures()), seconds=0)
+    cluster.reconcile(pair, GateFigures(shadow=ShadowFigures()), seconds=SETTLE_SECONDS + 1)
+    assert cluster.gate["phase"] == "Testing" and cluster.gate["baseline"]["agreed"] == 0
+
+
 def agreeing(n: int) -> GateFigures:
     return GateFigures(shadow=ShadowFigures(agreed=n))
 
@@ -170,7 +177,7 @@ def test_a_candidate_that_disagrees_is_rejected_with_its_figure_and_not_tried_ag
     cluster = running(Cluster())
     cluster.reconcile((2, "v2"))
     cluster.ready("iris-candidate")
-    cluster.reconcile((2, "v2"), GateFigures(shadow=ShadowFigures()), seconds=0)  # the baseline
+    settle(cluster, (2, "v2"))
     cluster.reconcile((2, "v2"), GateFigures(shadow=ShadowFigures(agreed=10)))
     assert cluster.gate["phase"] == "Testing" and "10 of 50 samples" in cluster.gate["message"]
     plan = cluster.reconcile((2, "v2"), GateFigures(shadow=ShadowFigures(agreed=12, disagreed=48)))
@@ -200,7 +207,7 @@ def test_a_passing_candidate_takes_every_user_in_one_switch_then_the_stable_depl
     cluster = running(Cluster())
     cluster.reconcile((2, "v1"))
     cluster.ready("iris-candidate")
-    cluster.reconcile((2, "v1"), GateFigures(shadow=ShadowFigures()), seconds=0)  # the baseline
+    settle(cluster, (2, "v1"))
     plan = cluster.reconcile((2, "v1"), agreeing(60))
     assert cluster.gate["phase"] == "Promoting" and cluster.serving() == "iris-candidate"
     assert [(e.reason) for e in plan.events] == [Reason.GATE_PASSED]
@@ -225,19 +232,19 @@ def test_a_candidate_that_never_gets_enough_samples_is_rejected_at_the_deadline(
     cluster = running(Cluster(release=release_spec(timeoutSeconds=60)))
     cluster.reconcile((2, "v1"))
     cluster.ready("iris-candidate")
-    cluster.reconcile((2, "v1"), GateFigures(shadow=ShadowFigures()), seconds=0)  # the baseline
+    settle(cluster, (2, "v1"))
     cluster.reconcile((2, "v1"), agreeing(3), seconds=30)
     assert cluster.gate["phase"] == "Testing"
     cluster.reconcile((2, "v1"), agreeing(7), seconds=31)
     assert cluster.gate["phase"] == "Rejected"
-    assert cluster.gate["message"] == "timed out after 61 s: shadow: 7 of 50 samples compared"
+    assert cluster.gate["message"] == "timed out after 67 s: shadow: 7 of 50 samples compared"
 
 
 def test_manual_promotion_waits_for_a_person_and_records_who() -> None:
     cluster = running(Cluster(release=release_spec(promotion="Manual")))
     cluster.reconcile((2, "v1"))
     cluster.ready("iris-candidate")
-    cluster.reconcile((2, "v1"), GateFigures(shadow=ShadowFigures()), seconds=0)  # the baseline
+    settle(cluster, (2, "v1"))
     plan = cluster.reconcile((2, "v1"), agreeing(60))
     assert cluster.gate["phase"] == "AwaitingPromotion" and cluster.serving() == "iris"
     assert plan.gate is not None and plan.gate.result == "passed"
@@ -269,7 +276,7 @@ def test_a_newer_change_during_a_gate_replaces_the_candidate() -> None:
     cluster = running(Cluster())
     cluster.reconcile((2, "v1"))
     cluster.ready("iris-candidate")
-    cluster.reconcile((2, "v1"), GateFigures(shadow=ShadowFigures()), seconds=0)  # the baseline
+    settle(cluster, (2, "v1"))
     cluster.reconcile((2, "v1"), agreeing(20))
     plan = cluster.reconcile((3, "v1"))
     assert cluster.pair_of("iris-candidate") == ("3", "v1") and cluster.gate["phase"] == "Testing"
@@ -283,7 +290,7 @@ def test_a_test_set_verdict_is_kept_once_decided() -> None:
     cluster = running(Cluster(release={"strategy": "Gated", "testSet": {"blob": "iris-test.json", "minAccuracy": 0.9}}))
     cluster.reconcile((2, "v1"))
     cluster.ready("iris-candidate")
-    cluster.reconcile((2, "v1"), GateFigures(shadow=ShadowFigures()), seconds=0)  # the baseline
+    settle(cluster, (2, "v1"))
     failed = CheckResult("testSet", CheckState.FAILED, "accuracy 0.33 < 0.90 over 3 rows")
     cluster.reconcile((2, "v1"), GateFigures(test_set=failed))
     assert (
@@ -363,15 +370,15 @@ def test_the_candidates_pinned_version_is_reused_and_kept() -> None:
 
 
 def test_answers_from_before_the_candidate_was_ready_do_not_count() -> None:
-    """The candidate's pods start one by one: while the last starts, the first may time out on shadowed requests.
-    The gate judges what is counted once the whole candidate is Ready."""
+    """The candidate's pods start one by one: requests shadowed to a starting pod time out up to 2 s later. The
+    gate judges what is counted from SETTLE_SECONDS after the whole candidate is Ready."""
     cluster = running(Cluster(release=release_spec(health={"maxErrorRate": 0.05, "minRequests": 50})))
     cluster.reconcile((2, "v1"))
     cluster.ready("iris-candidate")
-    warm_up = ShadowFigures(agreed=20, timeouts=30)
-    cluster.reconcile((2, "v1"), GateFigures(shadow=warm_up))
+    cluster.reconcile((2, "v1"), GateFigures(shadow=ShadowFigures(agreed=20, timeouts=10)))
+    cluster.reconcile((2, "v1"), GateFigures(shadow=ShadowFigures(agreed=25, timeouts=30)), seconds=2)
     assert cluster.gate["phase"] == "Testing" and cluster.gate["baseline"]["timeouts"] == 30
-    cluster.reconcile((2, "v1"), GateFigures(shadow=ShadowFigures(agreed=80, timeouts=31)))
+    cluster.reconcile((2, "v1"), GateFigures(shadow=ShadowFigures(agreed=85, timeouts=31)), seconds=4)
     assert cluster.gate["phase"] == "Promoting", cluster.gate
     assert cluster.gate["verdict"] == (
         "shadow: agreement 1.00 >= 0.90 over 60 samples; health: error rate 0.016, p99 n/a over 61 requests"

@@ -41,6 +41,9 @@ from modelapp_operator.plan.status import Event, parse_timestamp, rollout_state,
 
 # While a gate decides, its ModelApp is reconciled this often (the figures are read each time).
 GATE_TICK_SECONDS = 2.0
+# Shadow counts are judged from this long after the candidate is Ready: more than twice the app's shadow
+# time-out (MODELAPP_SHADOW_TIMEOUT_SECONDS, 2 s), so requests sent to its starting pods are not counted.
+SETTLE_SECONDS = 5.0
 
 
 class GatePhase(StrEnum):
@@ -204,13 +207,13 @@ def _decide(
             return _promote(inputs, wanted, stable, previous, now, by=action.by)
         return GateDecision(stable_release=stable, candidate_release=wanted, status=previous)
     shadow = inputs.figures.shadow
-    if (
-        shadow is not None
-        and candidate_ready(inputs.candidate_deployment, inputs.replicas)
-        and "baseline" not in previous
-    ):
-        # Counted from here: answers the candidate gave while its other pods were still starting are not its verdict.
-        previous["baseline"] = shadow.record()
+    if shadow is not None and candidate_ready(inputs.candidate_deployment, inputs.replicas):
+        # Counted from SETTLE_SECONDS after the whole candidate is Ready: shadowed requests sent while its pods
+        # were starting time out up to the stable pods' shadow time-out later, and are not its verdict.
+        since = parse_timestamp(str(previous.get("baselineAt") or ""))
+        if since is None or (now - since).total_seconds() < SETTLE_SECONDS:
+            previous["baseline"] = shadow.record()
+            previous.setdefault("baselineAt", timestamp(now))
     checks = judge_checks(inputs, previous)
     elapsed = (now - (parse_timestamp(str(previous.get("startedAt") or "")) or now)).total_seconds()
     verdict = overall(checks, elapsed, spec.timeout_seconds)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from modelapp_operator.api.modelapp_types import BlobLocation, ModelApp
-from modelapp_operator.clients.app_pods import TestSetError, parse_test_set, pod_base_urls
+from modelapp_operator.clients.app_pods import CandidateUnreachable, TestSetError, parse_test_set, pod_base_urls
 from modelapp_operator.clients.blob_storage import ModelResolutionError
 from modelapp_operator.plan.autoscaling import scale_selector
 from modelapp_operator.plan.children import shadow_url
@@ -54,7 +54,7 @@ async def read_gate_figures(
     return GateFigures(shadow=shadow, test_set=test_set)
 
 
-async def _run_test_set(clients: Clients, app: ModelApp, blob: str, candidate_url: str) -> CheckResult:
+async def _run_test_set(clients: Clients, app: ModelApp, blob: str, candidate_url: str) -> CheckResult | None:
     """The test set blob (beside the model, the model's credentials and allow-list), run against the candidate."""
     spec = app.spec.release.test_set
     assert spec is not None and clients.app_pods is not None
@@ -71,5 +71,8 @@ async def _run_test_set(clients: Clients, app: ModelApp, blob: str, candidate_ur
         return CheckResult("testSet", CheckState.FAILED, f"test set {blob}: {error.reason}: {error.message}")
     except TestSetError as error:
         return CheckResult("testSet", CheckState.FAILED, f"test set {blob}: {error}")
+    except CandidateUnreachable as error:
+        _log.info("%s/%s: gate: test set not run yet: %s", app.namespace, app.name, error)
+        return None
     threshold = LabelledSetThreshold(min_accuracy=spec.min_accuracy, max_error=spec.max_error)
     return judge_test_set(test_set.expected, answered, threshold)
