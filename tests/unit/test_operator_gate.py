@@ -383,3 +383,20 @@ def test_answers_from_before_the_candidate_was_ready_do_not_count() -> None:
     assert cluster.gate["verdict"] == (
         "shadow: agreement 1.00 >= 0.90 over 60 samples; health: error rate 0.016, p99 n/a over 61 requests"
     )
+
+
+def test_a_status_refresh_from_a_deployment_event_keeps_the_gate() -> None:
+    """A refresh (the stable Deployment's rollout moving) decides nothing about the gate: dropping status.gate there
+    ended a promotion half way on real pods (the Service switched back before the stable pods were on the new pair)."""
+    from modelapp_operator.plan.reconcile_plan import plan_refresh
+
+    cluster = running(Cluster())
+    cluster.reconcile((2, "v1"))
+    cluster.ready("iris-candidate")
+    settle(cluster, (2, "v1"))
+    cluster.reconcile((2, "v1"), agreeing(60))
+    assert cluster.gate["phase"] == "Promoting"
+    app = parse_modelapp(cluster.app_body())
+    refresh = plan_refresh(app, cluster.status, cluster.children[("Deployment", "iris")], cluster.now)
+    assert refresh is not None and refresh.update is not None
+    assert refresh.update.status["gate"]["phase"] == "Promoting"

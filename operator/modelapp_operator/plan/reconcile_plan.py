@@ -144,7 +144,7 @@ class ReconcilePlan:
         obs = self.observation
         if applied_deployment is not None:
             obs = dataclasses.replace(obs, rollout=rollout_state(applied_deployment, obs.desired_replicas))
-        gate = self.gate.status if self.gate is not None else self.previous.get("gate")
+        gate = (self.gate.status or {}) if self.gate is not None else None  # {}: no gate to show
         return _status_update(self.previous, obs, self.now, self.replica_summary, gate)
 
 
@@ -158,9 +158,10 @@ def _status_update(
     status = build_status(previous, obs, now)
     if replica_summary is not None:
         status["replicaSummary"] = replica_summary
+    # gate None: not decided here (a status refresh from a Deployment event): status.gate stays as it is.
     if gate:
         status["gate"] = {**gate, "progress": gate_progress(gate)}
-    else:
+    elif gate is not None:
         status.pop("gate", None)
     changed = dict(previous) != status
     return StatusUpdate(status, changed, tuple(transition_events(previous, status)) if changed else ())
