@@ -1,24 +1,28 @@
 """Push → served with the release gate, beside the plain rolling update, in one run on real pods.
 
-One stack, one ModelApp (2 replicas, bench/push_to_served.py's set-up) whose model is checked by a test set
-(150 labelled iris rows beside the model). Each change pushes a new image to the followed tag; the same
-ModelApp is measured first with `spec.release.strategy: Rolling`, then `Gated` (the test set, drainSeconds 0),
-alternating in rounds so both see the same machine. A poller asks the Service's /version every 20 ms and times:
+One stack, one ModelApp (2 replicas, bench/push_to_served.py's set-up) under a steady 25 requests/s of /predict
+through its Service. Each change pushes a new image to the followed tag (webhook); the same ModelApp takes its
+changes first with `spec.release.strategy: Rolling`, then `Gated` (a shadow check of 200 samples; drainSeconds 0),
+in one run on the same machine (not alternating: turning the shadow check on and off rolls the stable pods).
+A poller asks the Service's /version every 20 ms, another the ModelApp's status every 0.25 s, and times:
 
   push → served   until the Service first answers from the new pair
   push → Ready    until the ModelApp is Ready on the new pair
   mixed window    from the new pair's first answer to the old pair's last: how long users got either
-                  (a rolling update's overlap; with the gate, the proxy's propagation lag of one switch)
+  switch lag      from the ModelApp first reporting the new pair as serving (Rolling: Ready on it; Gated: the
+                  gate Promoting it, the Service switched) to the old pair's last answer (0: none after)
 
-    .venv/bin/python bench/gate_switch.py [--changes 10] [--out bench/out/gate_switch.json]
+    .venv/bin/python bench/gate_switch.py [--changes 20] [--samples 200] [--out bench/out/gate_switch.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,91 +31,159 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from azure.storage.blob import BlobServiceClient  # noqa: E402
 from modelapp_localstack import Stack  # noqa: E402
 from modelapp_localstack.incluster import TENANT_NAMESPACE  # noqa: E402
-from sklearn.datasets import load_iris  # noqa: E402
 
 from bench.push_to_served import (  # noqa: E402
     NAME,
     REPOSITORY,
     TAG,
     _json,
-    _ready_on,
     _version,
     deploy_bench_app,
     percentile,
 )
 
-TEST_SET = f"{NAME}/test-set.json"
-GATED = {"strategy": "Gated", "testSet": {"blob": TEST_SET, "minAccuracy": 0.9}, "drainSeconds": 0}
+ROWS = [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5], [5.9, 3.0, 4.2, 1.5]]
+RATE = 25.0
 
 
-def publish_test_set(azurite: Any) -> dict[str, Any]:
-    features, labels = load_iris(return_X_y=True)
-    document = {"instances": features.round(2).tolist(), "expected": [int(label) for label in labels]}
-    client = BlobServiceClient.from_connection_string(azurite.connection_string)
-    client.get_blob_client("models", TEST_SET).upload_blob(json.dumps(document), overwrite=True)
-    return {}
+class Load:
+    """POST /predict at RATE per second through the Service until stopped; counts what failed."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.sent = self.failed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        body = json.dumps({"instances": ROWS}).encode()
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=5)
+            try:
+                connection.request("POST", "/predict", body, {"Content-Type": "application/json"})
+                response = connection.getresponse()
+                response.read()
+                self.failed += response.status != 200
+            except (OSError, http.client.HTTPException):
+                self.failed += 1
+            finally:
+                connection.close()
+                self.sent += 1
+            next_at += 1.0 / RATE
+            time.sleep(max(0.0, next_at - time.monotonic()))
 
 
-def set_strategy(stack: Stack, release: dict[str, Any]) -> None:
+def set_strategy(stack: Stack, gated: dict[str, Any] | None) -> None:
     assert stack.kube is not None
-    patch = {"spec": {"release": {"strategy": "Rolling", "testSet": None, "drainSeconds": None, **release}}}
+    release = gated or {"strategy": "Rolling", "shadow": None, "drainSeconds": None}
+    patch = {"spec": {"release": release}}
     stack.kube.kubectl("patch", "modelapp", NAME, "-n", TENANT_NAMESPACE, "--type=merge", "-p", json.dumps(patch))
 
 
-def one_change(stack: Stack, registry: Any, base: str) -> dict[str, float]:
+def reported(stack: Stack, digest: str, gated: bool) -> tuple[bool, bool]:
+    """(the ModelApp reports the new pair as serving, it is Ready on it)."""
+    status = _json(stack, "get", "modelapp", NAME, "-n", TENANT_NAMESPACE).get("status") or {}
+    ready_condition = {c["type"]: c for c in status.get("conditions") or []}.get("Ready", {})
+    ready = ready_condition.get("status") == "True" and (status.get("image") or {}).get("digest") == digest
+    gate = status.get("gate") or {}
+    switched = (
+        gate.get("phase") in ("Promoting", "Promoted") and (gate.get("candidate") or {}).get("imageDigest") == digest
+    )
+    return (switched or ready) if gated else ready, ready
+
+
+def one_change(stack: Stack, registry: Any, base: str, gated: bool) -> dict[str, float]:
     old = _version(base).get("image", "").split("@")[-1]
     digest = registry.push_variant(REPOSITORY, TAG, TAG)
     pushed = time.monotonic()
+    marks: dict[str, float] = {}
+    done = threading.Event()
+
+    def watch_status() -> None:
+        while not done.is_set():
+            says, ready = reported(stack, digest, gated)
+            now = time.monotonic() - pushed
+            if says:
+                marks.setdefault("reported", now)
+            if ready:
+                marks.setdefault("ready", now)
+            time.sleep(0.25)
+
+    watcher = threading.Thread(target=watch_status, daemon=True)
+    watcher.start()
     first_new = last_old = None
-    ready = None
-    while ready is None or time.monotonic() - ready < 3.0:  # keep watching 3 s past Ready for late old answers
-        now = time.monotonic()
-        if now - pushed > 400:
-            raise SystemExit(f"never Ready on {digest}")
-        answered = _version(base).get("image", "").split("@")[-1]
-        if answered == digest and first_new is None:
-            first_new = now - pushed
-        if answered == old:
-            last_old = now - pushed
-        if ready is None and first_new is not None and _ready_on(stack, digest):
-            ready = now
-        time.sleep(0.02)
-    assert first_new is not None and ready is not None
+    try:
+        while "ready" not in marks or time.monotonic() - pushed - marks["ready"] < 3.0:  # 3 s past Ready: late answers
+            now = time.monotonic() - pushed
+            if now > 400:
+                raise SystemExit(f"never Ready on {digest}")
+            answered = _version(base).get("image", "").split("@")[-1]
+            if answered == digest and first_new is None:
+                first_new = now
+            if answered == old:
+                last_old = now
+            time.sleep(0.02)
+    finally:
+        done.set()
+        watcher.join(timeout=5)
+    assert first_new is not None
     return {
         "served": first_new,
-        "ready": ready - pushed,
+        "ready": marks["ready"],
         "mixed": max(0.0, (last_old or 0.0) - first_new),
+        "switch_lag": max(0.0, (last_old or 0.0) - marks.get("reported", marks["ready"])),
     }
 
 
 def summary(values: list[dict[str, float]]) -> dict[str, Any]:
     return {
         key: {"p50": percentile([v[key] for v in values], 0.5), "p99": percentile([v[key] for v in values], 0.99),
-              "all": [round(v[key], 3) for v in values]}
-        for key in ("served", "ready", "mixed")
+              "max": max(v[key] for v in values), "all": [round(v[key], 3) for v in values]}
+        for key in values[0]
     }  # fmt: skip
 
 
-def run(changes: int, out: Path) -> dict[str, Any]:
+def run(changes: int, samples: int, out: Path) -> dict[str, Any]:
     load_before = list(os.getloadavg())
     stack = Stack.create(real_nodes=1)
+    gated = {"strategy": "Gated", "shadow": {"minAgreement": 0.95, "minSamples": samples}, "drainSeconds": 0}
     try:
-        registry, _ = deploy_bench_app(stack, replicas=2, before_apply=publish_test_set)
+        registry, _ = deploy_bench_app(stack, replicas=2)
         service = _json(stack, "get", "service", NAME, "-n", TENANT_NAMESPACE)
-        base = f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
+        host, port = service["spec"]["clusterIP"], int(service["spec"]["ports"][0]["port"])
+        base = f"http://{host}:{port}"
         measured: dict[str, list[dict[str, float]]] = {"Rolling": [], "Gated": []}
-        for index in range(changes):
+        with Load(host, port) as load:
             for strategy in ("Rolling", "Gated"):
-                set_strategy(stack, GATED if strategy == "Gated" else {})
-                time.sleep(2)  # the operator applies the strategy (a first Gated one creates the candidate Service)
-                figures = one_change(stack, registry, base)
-                measured[strategy].append(figures)
-                shown = ", ".join(f"{k} {v:.2f}s" for k, v in figures.items())
-                print(f"round {index + 1}/{changes} {strategy}: {shown}", flush=True)
-        result: dict[str, Any] = {"changes_per_strategy": changes, "replicas": 2}
+                # Once per side: turning a shadow check on rolls the stable pods once (they get the address).
+                set_strategy(stack, gated if strategy == "Gated" else None)
+                time.sleep(5)
+                deadline = time.monotonic() + 180
+                while not reported(stack, _version(base).get("image", "").split("@")[-1], False)[1]:
+                    if time.monotonic() > deadline:
+                        raise SystemExit("the ModelApp did not settle after the strategy change")
+                    time.sleep(0.5)
+                time.sleep(5)
+                for index in range(changes):
+                    figures = one_change(stack, registry, base, strategy == "Gated")
+                    measured[strategy].append(figures)
+                    shown = ", ".join(f"{k} {v:.2f}s" for k, v in figures.items())
+                    print(f"{strategy} {index + 1}/{changes}: {shown}", flush=True)
+        result: dict[str, Any] = {
+            "changes_per_strategy": changes, "replicas": 2, "load_requests_per_second": RATE,
+            "shadow_min_samples": samples, "requests": load.sent, "failed_requests": load.failed,
+        }  # fmt: skip
         result.update({strategy: summary(values) for strategy, values in measured.items()})
         result["gated_over_rolling_served_p50"] = result["Gated"]["served"]["p50"] / result["Rolling"]["served"]["p50"]
         result["load_average_before"] = load_before
@@ -125,10 +197,11 @@ def run(changes: int, out: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--changes", type=int, default=10, help="changes per strategy")
+    parser.add_argument("--changes", type=int, default=20, help="changes per strategy")
+    parser.add_argument("--samples", type=int, default=200, help="the shadow check's minSamples")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out" / "gate_switch.json")
     args = parser.parse_args()
-    result = run(args.changes, args.out)
+    result = run(args.changes, args.samples, args.out)
     print(json.dumps({k: ({m: {q: x for q, x in f.items() if q != "all"} for m, f in v.items()}
                           if isinstance(v, dict) else v) for k, v in result.items()}, indent=2))  # fmt: skip
 

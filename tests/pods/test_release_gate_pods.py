@@ -7,6 +7,9 @@ answer."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -14,7 +17,7 @@ from typing import Any
 
 import pytest
 from azure.storage.blob import BlobServiceClient
-from modelapp_localstack import Azurite, KubeCluster
+from modelapp_localstack import Azurite, KubeCluster, Registry
 from modelapp_localstack.incluster import TENANT_NAMESPACE, InClusterOperator
 
 from tests.pods.conftest import Image
@@ -73,6 +76,15 @@ def start_gated(
     return name, blob, etag
 
 
+def gated_under_load(
+    kube: KubeCluster, azurite: Azurite, image: Image, operator: InClusterOperator, model: Path, prefix: str,
+    release: dict[str, Any],
+) -> tuple[str, str, str, ServiceLoad]:
+    """start_gated, then a steady load through its Service: (name, blob, the model's ETag, the load)."""
+    name, blob, etag = start_gated(kube, azurite, image, operator, model, prefix, release)
+    return name, blob, etag, ServiceLoad(*_service_address(kube, name)).start()
+
+
 def gate_of(kube: KubeCluster, name: str) -> dict[str, Any]:
     return dict((_get(kube, "modelapp", name).get("status") or {}).get("gate") or {})
 
@@ -94,9 +106,13 @@ def events(kube: KubeCluster, name: str) -> list[dict[str, Any]]:
     return items
 
 
-def candidate_exists(kube: KubeCluster, name: str) -> bool:
-    found = kube.kubectl("get", "deployment", f"{name}-candidate", "-n", TENANT_NAMESPACE, check=False)
-    return found.returncode == 0
+def candidate_running(kube: KubeCluster, name: str) -> bool:
+    """Whether the candidate Deployment has pods (a decided candidate is scaled to zero, not deleted)."""
+    found = kube.kubectl("get", "deployment", f"{name}-candidate", "-n", TENANT_NAMESPACE, "-o", "json", check=False)
+    if found.returncode != 0:
+        return False
+    deployment = json.loads(found.stdout)
+    return bool(deployment["spec"].get("replicas") or (deployment.get("status") or {}).get("replicas"))
 
 
 def assert_rejected_and_stable(
@@ -112,7 +128,7 @@ def assert_rejected_and_stable(
     assert status["failedPairs"][0]["reason"] == "GateRejected"
     warnings = [e for e in events(kube, name) if e["reason"] == "GateRejected"]
     assert warnings and warnings[0]["type"] == "Warning" and gate["message"] in warnings[0]["message"]
-    _wait("the candidate removed", lambda: not candidate_exists(kube, name), operator, 60)
+    _wait("the candidate scaled to zero", lambda: not candidate_running(kube, name), operator, 60)
 
 
 def test_a_permuted_model_is_kept_out_by_shadow_agreement_under_load(
@@ -125,10 +141,9 @@ def test_a_permuted_model_is_kept_out_by_shadow_agreement_under_load(
 ) -> None:
     release = {"shadow": {"minAgreement": 0.95, "minSamples": 100},
                "health": {"maxErrorRate": 0.05, "maxP99Milliseconds": 5000, "minRequests": 100}}  # fmt: skip
-    name, blob, v1 = start_gated(
+    name, blob, v1, load = gated_under_load(
         kube, azurite, app_image, incluster_operator, model_files["v1"], "gate-shadow", release
     )
-    load = ServiceLoad(*_service_address(kube, name)).start()
     try:
         time.sleep(3)
         permuted = _publish(azurite, permuted_model, blob)
@@ -184,8 +199,9 @@ def test_a_good_candidate_takes_every_user_in_one_switch(
     deeper_model: Path,
 ) -> None:
     release = {"shadow": {"minAgreement": 0.95, "minSamples": 60}, "drainSeconds": 5}
-    name, blob, v1 = start_gated(kube, azurite, app_image, incluster_operator, model_files["v1"], "gate-pass", release)
-    load = ServiceLoad(*_service_address(kube, name)).start()
+    name, blob, v1, load = gated_under_load(
+        kube, azurite, app_image, incluster_operator, model_files["v1"], "gate-pass", release
+    )
     try:
         time.sleep(3)
         again = _publish(azurite, deeper_model, blob)  # the same answers on the load's rows, a new version
@@ -214,4 +230,118 @@ def test_a_good_candidate_takes_every_user_in_one_switch(
     # One step: once the new pair answers, the old one answers only within kube-proxy's propagation lag.
     assert last_old - first_new < 2.0, (last_old, first_new)
     assert all(version == new for at, version in by_pair if at > served_at)
-    assert not candidate_exists(kube, name)
+    assert not candidate_running(kube, name)
+
+
+# A fault injected into a variant of the project's app image (tests only): sitecustomize runs at the interpreter's
+# start and makes the ASGI app answer 500 to every third POST /predict.
+FAULT = b'''"""Test fault: every third POST /predict is answered 500."""
+import itertools
+
+from modelapp_serving import web
+
+_original = web.AsgiPredictApp.__call__
+_count = itertools.count()
+
+
+async def _faulty(self, scope, receive, send):
+    if scope.get("type") == "http" and scope.get("path") == "/predict" and next(_count) % 3 == 0:
+        await send({"type": "http.response.start", "status": 500, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"error": "injected fault"}'})
+        return
+    await _original(self, scope, receive, send)
+
+
+web.AsgiPredictApp.__call__ = _faulty
+'''
+
+
+def test_an_image_that_answers_500_is_kept_out_by_its_health_and_no_user_sees_a_500(
+    kube: KubeCluster,
+    azurite: Azurite,
+    registry: Registry,
+    app_image: Image,
+    incluster_operator: InClusterOperator,
+    model_files: dict[str, Path],
+) -> None:
+    name = f"gate-500-{uuid.uuid4().hex[:5]}"
+    repository = app_image.repository.split("/", 1)[1]
+    registry.push_variant(repository, app_image.tag, name)  # the stable image: a plain build of its own tag
+    own_tag = Image(app_image.repository, name, "")
+    blob = f"{name}/model.onnx"
+    v1 = _publish(azurite, model_files["v1"], blob)
+    release = {"shadow": {"minAgreement": 0.5, "minSamples": 60},
+               "health": {"maxErrorRate": 0.05, "maxP99Milliseconds": 5000, "minRequests": 60}}  # fmt: skip
+    kube.kubectl("apply", "-f", "-", input=json.dumps(gated(name, own_tag, azurite, blob, release)))
+    _ready_with(kube, name, incluster_operator, version=v1)
+    load = ServiceLoad(*_service_address(kube, name)).start()
+    try:
+        time.sleep(3)
+        faulty = registry.push_variant(repository, app_image.tag, name, files={"opt/fault/sitecustomize.py": FAULT},
+                                       env={"PYTHONPATH": "/opt/fault"})  # fmt: skip
+        gate = wait_phase(kube, name, incluster_operator, "Rejected", "Promoting", "Promoted")
+        time.sleep(3)
+    finally:
+        load.stop()
+    summary = load.summary()
+    print(f"an image answering 500 behind the health gate, under load: {summary}; gate: {gate['message']}")
+    assert gate["phase"] == "Rejected" and gate["candidate"]["imageDigest"] == faulty, gate
+    assert "health: error rate 0.3" in gate["message"] and "> 0.050 over" in gate["message"], gate
+    assert summary["failed"] == 0 and summary["rate"] >= MIN_RATE, summary
+    assert _get(kube, "modelapp", name)["status"]["image"]["digest"] != faulty
+
+
+def modelapp_cli(kube: KubeCluster, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "modelapp_operator.cli", *argv], capture_output=True, text=True,
+                          env={**os.environ, "KUBECONFIG": str(kube.kubeconfig)}, timeout=60, check=False)  # fmt: skip
+
+
+def test_manual_promotion_abort_and_a_newer_model_replacing_the_candidate(
+    kube: KubeCluster,
+    azurite: Azurite,
+    app_image: Image,
+    incluster_operator: InClusterOperator,
+    model_files: dict[str, Path],
+    deeper_model: Path,
+    tmp_path: Path,
+) -> None:
+    from modelapp_serving.sample_model import export_onnx
+    from sklearn.datasets import load_iris
+    from sklearn.tree import DecisionTreeClassifier
+
+    features, labels = load_iris(return_X_y=True)
+    four_levels = DecisionTreeClassifier(max_depth=4, random_state=0).fit(features.astype("float32"), labels)
+    another = export_onnx(four_levels, tmp_path / "iris.onnx")
+    release = {"shadow": {"minAgreement": 0.95, "minSamples": 40}, "promotion": "Manual", "drainSeconds": 3}
+    name, blob, v1, load = gated_under_load(
+        kube, azurite, app_image, incluster_operator, model_files["v1"], "gate-manual", release
+    )
+    try:
+        time.sleep(2)
+        first = _publish(azurite, deeper_model, blob)
+        waiting = wait_phase(kube, name, incluster_operator, "AwaitingPromotion", "Rejected")
+        assert waiting["phase"] == "AwaitingPromotion" and waiting["candidate"]["modelVersion"] == first, waiting
+        # A newer model while the first waits for a person: it replaces the candidate.
+        second = _publish(azurite, another, blob)
+        _wait("the newer candidate", lambda: gate_of(kube, name)["candidate"]["modelVersion"] == second,
+              incluster_operator, 120)  # fmt: skip
+        wait_phase(kube, name, incluster_operator, "AwaitingPromotion")
+        aborted = modelapp_cli(kube, "abort", name, "-n", TENANT_NAMESPACE)
+        assert aborted.returncode == 0, aborted.stderr
+        rejected = wait_phase(kube, name, incluster_operator, "Rejected")
+        assert rejected["message"].startswith("aborted by ") and rejected["decidedBy"], rejected
+        third = _publish(azurite, deeper_model, blob)  # the first model again, under a new version
+        waiting = wait_phase(kube, name, incluster_operator, "AwaitingPromotion")
+        assert waiting["candidate"]["modelVersion"] == third, waiting
+        promoted = modelapp_cli(kube, "promote", name, "-n", TENANT_NAMESPACE)
+        assert promoted.returncode == 0, promoted.stderr
+        done = wait_phase(kube, name, incluster_operator, "Promoted")
+        _ready_with(kube, name, incluster_operator, version=third)
+    finally:
+        load.stop()
+    summary = load.summary()
+    print(f"manual promotion, abort and a replaced candidate under load: {summary}; gate: {done['message']}")
+    assert summary["failed"] == 0 and summary["rate"] >= MIN_RATE, summary
+    assert done["decidedBy"] == rejected["decidedBy"]  # the same person, as the API server named them
+    served = {a.pair.split("/", 1)[1] for a in load.answers if a.pair}
+    assert served <= {v1.strip('"'), third.strip('"')}, served  # the aborted and the replaced never answered users

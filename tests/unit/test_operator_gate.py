@@ -97,8 +97,6 @@ class Cluster:
             self.children[(obj["kind"], obj["metadata"]["name"])] = live
             if (obj["kind"], obj["metadata"]["name"]) == ("Deployment", "iris"):
                 applied = live
-        for _, kind, name in plan.delete:
-            del self.children[(kind, name)]
         self.status = plan.status_update(applied).status
         return plan
 
@@ -115,6 +113,10 @@ class Cluster:
             return None
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         return annotations["modelapp.io/image-digest"][-1], annotations["modelapp.io/model-version"].strip('"')
+
+    def candidate_pods(self) -> int:
+        """Replicas of the candidate Deployment (none: 0). A decided candidate is scaled to zero, never deleted."""
+        return int((self.children.get(("Deployment", "iris-candidate")) or {}).get("spec", {}).get("replicas") or 0)
 
     def serving(self) -> str:
         return str(self.children[("Service", "iris")]["spec"]["selector"]["app.kubernetes.io/instance"])
@@ -186,7 +188,7 @@ def test_a_candidate_that_disagrees_is_rejected_with_its_figure_and_not_tried_ag
     assert [(e.type, e.reason) for e in plan.events] == [("Warning", Reason.GATE_REJECTED)]
     assert "agreement 0.20 < 0.90 over 60 samples" in plan.events[0].message
     assert plan.gate is not None and plan.gate.result == "rejected"
-    assert ("Deployment", "iris-candidate") not in cluster.children and cluster.pair_of("iris") == ("1", "v1")
+    assert cluster.candidate_pods() == 0 and cluster.pair_of("iris") == ("1", "v1")
     assert cluster.serving() == "iris"
     head = cluster.status["history"][0]
     assert head["outcome"] == Outcome.REJECTED and head["reason"] == Reason.GATE_REJECTED
@@ -194,7 +196,7 @@ def test_a_candidate_that_disagrees_is_rejected_with_its_figure_and_not_tried_ag
     assert cluster.status["failedPairs"][0]["reason"] == Reason.GATE_REJECTED
     # The same pair again (a poll, a webhook): no candidate, no event, the stable pair keeps serving.
     plan = cluster.reconcile((2, "v2"))
-    assert plan.events == () and ("Deployment", "iris-candidate") not in cluster.children
+    assert plan.events == () and cluster.candidate_pods() == 0
     assert cluster.gate["phase"] == "Rejected" and plan.gate is not None and plan.gate.recheck_after is None
     assert {c["type"]: c["status"] for c in cluster.status["conditions"]}["Ready"] == "True"
     # A changed spec tries it again.
@@ -222,7 +224,7 @@ def test_a_passing_candidate_takes_every_user_in_one_switch_then_the_stable_depl
     assert cluster.serving() == "iris-candidate"  # not Ready on the new pair yet
     cluster.ready("iris")
     plan = cluster.reconcile((2, "v1"))
-    assert cluster.serving() == "iris" and ("Deployment", "iris-candidate") not in cluster.children
+    assert cluster.serving() == "iris" and cluster.candidate_pods() == 0
     assert cluster.gate["phase"] == "Promoted" and [e.reason for e in plan.events] == [Reason.GATE_PROMOTED]
     assert plan.gate is not None and plan.gate.recheck_after is None
     assert ("Service", "iris-candidate") in cluster.children  # its address stays the stable pods' shadow target
@@ -269,7 +271,7 @@ def test_abort_rejects_the_candidate_it_names_only() -> None:
     plan = cluster.reconcile((2, "v1"))
     assert cluster.gate["phase"] == "Rejected" and cluster.gate["message"] == "aborted by bob"
     assert plan.gate is not None and plan.gate.result == "aborted"
-    assert ("Deployment", "iris-candidate") not in cluster.children
+    assert cluster.candidate_pods() == 0
 
 
 def test_a_newer_change_during_a_gate_replaces_the_candidate() -> None:
@@ -307,14 +309,14 @@ def test_rolling_is_unchanged_and_leaves_no_candidate() -> None:
     assert "gate" not in cluster.status
 
 
-def test_switching_back_to_rolling_removes_the_candidate() -> None:
+def test_switching_back_to_rolling_scales_the_candidate_to_zero() -> None:
     cluster = running(Cluster())
     cluster.reconcile((2, "v1"))
     cluster.release = {}
     cluster.generation = 2
     cluster.reconcile((2, "v1"))
-    assert ("Deployment", "iris-candidate") not in cluster.children
-    assert ("Service", "iris-candidate") not in cluster.children
+    assert cluster.candidate_pods() == 0
+    assert ("Service", "iris-candidate") in cluster.children  # kept: it goes with the ModelApp
     assert cluster.pair_of("iris") == ("2", "v1")
 
 
@@ -350,7 +352,7 @@ def test_someone_elses_object_under_the_candidates_name_blocks_the_gate() -> Non
         "metadata": {"name": "iris-candidate", "namespace": "ml", "ownerReferences": []}, "spec": {},
     }  # fmt: skip
     plan = cluster.reconcile((2, "v1"))
-    assert plan.apply == () and plan.delete == ()
+    assert plan.apply == ()
     ready = {c["type"]: c for c in cluster.status["conditions"]}["Ready"]
     assert ready["reason"] == Reason.NAME_CONFLICT and "Deployment ml/iris-candidate exists" in ready["message"]
 

@@ -78,10 +78,10 @@ def test_namespaced_role_grants_exactly_what_the_operator_uses() -> None:
     assert granted == {
         ("modelapp.io", "modelapps"): {"get", "list", "watch"},  # it writes only their status
         ("modelapp.io", "modelapps/status"): {"get", "patch"},
-        ("apps", "deployments"): {"get", "list", "watch", "create", "patch", "delete"},  # delete: a gate's candidate
+        ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
         ("autoscaling", "horizontalpodautoscalers"): {"get", "create", "patch", "delete"},  # spec.autoscaling
         ("", "pods"): {"list"},  # a stalled rollout's pods: the app's refusal (termination message)
-        ("", "services"): {"get", "list", "watch", "create", "patch", "delete"},  # the watch feeds the operator's copy
+        ("", "services"): {"get", "list", "watch", "create", "patch"},  # the watch feeds the operator's copy
         ("", "secrets"): {"get"},
         ("", "configmaps"): {"get"},  # the public key of spec.model.signature
         ("", "events"): {"create", "patch", "list"},

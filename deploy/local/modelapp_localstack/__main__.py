@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"modelapp-stack: unknown component(s) {unknown}; choose from {COMPONENTS}", file=sys.stderr)
             return 2
         signal.signal(signal.SIGTERM, _terminate)
+        # "Press Ctrl-C" must hold even when started from a script's background job, where the shell leaves
+        # SIGINT ignored and Python then keeps it so (the stack would never be stopped and cleaned up by it).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         stack = Stack.create(args.run_dir, keep_run_dir=args.keep, real_nodes=1 if args.real_node else 0)
         try:
             started = time.monotonic()

@@ -205,7 +205,10 @@ class Demo:
             status = body.get("status") or {}
             conditions = {c["type"]: c for c in status.get("conditions") or []}
             ready = conditions.get(ConditionType.READY) or {}
+            gate = status.get("gate") or {}
             line = f"Ready={ready.get('status', '?')} {ready.get('reason', '')}: {ready.get('message', '')}"
+            if gate.get("phase"):
+                line += f"; gate {gate['phase']}: {gate.get('message', '')}"
             if line != shown:
                 self.say(line)
                 shown = line
@@ -223,8 +226,11 @@ class Demo:
         if self.stack is None or self.stack.kube is None:
             return ""
         pods = self.stack.kube.kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide", check=False).stdout
-        logs = self.operator.logs(40) if self.operator else ""
-        return f"--- pods ---\n{pods}\n--- operator ---\n{logs}"
+        gate = json.dumps((self.modelapp().get("status") or {}).get("gate"))
+        # The operator's own lines, without its periodic poll reports (they fill any tail of the log).
+        lines = (self.operator.logs(2000) if self.operator else "").splitlines()
+        logs = "\n".join([line for line in lines if "watch poll" not in line][-60:])
+        return f"--- pods ---\n{pods}\n--- status.gate ---\n{gate}\n--- operator ---\n{logs}"
 
     def show_pods(self) -> None:
         assert self.stack is not None and self.stack.kube is not None
@@ -424,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     demo = Demo(run_dir=run_dir)
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops it even when started in the background
     code = 0
     try:
         demo.run()

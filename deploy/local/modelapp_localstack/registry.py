@@ -101,15 +101,18 @@ class Registry:
             raise StackError(f"blob upload failed: {status} {body[:200]!r}")
         return digest
 
-    def _push_unique_layer(self, repository: str, path: str) -> tuple[dict[str, Any], str]:
-        """Push a gzipped layer holding one file of random content at `path`; return its manifest
+    def _push_unique_layer(
+        self, repository: str, path: str, files: dict[str, bytes]
+    ) -> tuple[dict[str, Any], str]:
+        """Push a gzipped layer holding one file of random content at `path` (and `files`); return its manifest
         descriptor and its diff ID (the uncompressed tar's digest, for the image config)."""
-        payload = secrets.token_hex(16).encode()
         tar_bytes = io.BytesIO()
         with tarfile.open(fileobj=tar_bytes, mode="w") as archive:
-            info = tarfile.TarInfo(path)
-            info.size = len(payload)
-            archive.addfile(info, io.BytesIO(payload))
+            for name, payload in {path: secrets.token_hex(16).encode(), **files}.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                info.mode = 0o644
+                archive.addfile(info, io.BytesIO(payload))
         layer = gzip.compress(tar_bytes.getvalue(), mtime=0)
         descriptor = {"mediaType": OCI_LAYER, "digest": self._push_blob(repository, layer), "size": len(layer)}
         return descriptor, "sha256:" + hashlib.sha256(tar_bytes.getvalue()).hexdigest()
@@ -155,7 +158,7 @@ class Registry:
 
     def push_random_image(self, repository: str, tag: str) -> str:
         """Push a small, unique, real OCI image (one layer with one file); return its digest."""
-        layer, diff_id = self._push_unique_layer(repository, "payload.txt")
+        layer, diff_id = self._push_unique_layer(repository, "payload.txt", {})
         config = json.dumps({
             "architecture": "amd64", "os": "linux",
             "config": {"Cmd": ["/payload.txt"]},
@@ -169,11 +172,21 @@ class Registry:
             "layers": [layer],
         })
 
-    def push_variant(self, repository: str, source_tag: str, tag: str) -> str:
+    def push_variant(
+        self,
+        repository: str,
+        source_tag: str,
+        tag: str,
+        *,
+        files: dict[str, bytes] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> str:
         """Push `source_tag`'s image plus one small unique layer as `tag`; return the new digest.
 
         What a CI build of a code change looks like to a node: the same base layers, one new top
-        layer. The manifest is rewritten (config diff_ids and layers) and pushed under `tag`."""
+        layer. The manifest is rewritten (config diff_ids and layers) and pushed under `tag`.
+        files (path in the image -> content) and env go into that layer and the config: a test's own
+        variant of the project's image (a fault to inject), never a pulled one."""
         status, _, body = self._request("GET", f"/v2/{repository}/manifests/{source_tag}",
                                         headers={"Accept": OCI_MANIFEST})
         if status != 200:
@@ -183,8 +196,11 @@ class Registry:
         if status != 200:
             raise StackError(f"cannot read the config of {repository}:{source_tag}: HTTP {status}")
         config = json.loads(config_body)
-        layer, diff_id = self._push_unique_layer(repository, "etc/modelapp-build-id")
+        layer, diff_id = self._push_unique_layer(repository, "etc/modelapp-build-id", files or {})
         config["rootfs"]["diff_ids"].append(diff_id)
+        if env:
+            settings = config.setdefault("config", {})
+            settings["Env"] = [*(settings.get("Env") or []), *(f"{k}={v}" for k, v in env.items())]
         config.pop("history", None)
         new_config = json.dumps(config).encode()
         config_digest = self._push_blob(repository, new_config)

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 from modelapp_contract.agreement import Prediction
+from modelapp_contract.container import PAIR_HEADER
 from modelapp_operator.clients.limits import ResponseTooLarge, read_capped
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -75,8 +76,11 @@ class AppPodsClient:
             found.extend((sample.name, dict(sample.labels), float(sample.value)) for sample in family.samples)
         return found
 
-    async def predictions(self, base_url: str, instances: Sequence[Any]) -> list[Prediction]:
-        """The candidate's answers to the test set's rows, in batches; raises TestSetError when it fails one."""
+    async def predictions(self, base_url: str, instances: Sequence[Any], pair: str | None = None) -> list[Prediction]:
+        """The candidate's answers to the test set's rows, in batches; raises TestSetError when it fails one.
+
+        pair: the candidate's ModelApp-Pair ("<digest>/<version>"): an answer naming another pair is not the
+        candidate's (a pod of an earlier candidate still terminating behind the Service): CandidateUnreachable."""
         answers: list[Prediction] = []
         for start in range(0, len(instances), TEST_SET_BATCH):
             batch = list(instances[start : start + TEST_SET_BATCH])
@@ -84,6 +88,7 @@ class AppPodsClient:
                 async with self._http().post(f"{base_url}/predict", json={"instances": batch}) as response:
                     body = await read_capped(response, PREDICT_MAX_BYTES)
                     status = response.status
+                    answered_by = response.headers.get(PAIR_HEADER)
             except (aiohttp.ClientConnectionError, TimeoutError) as error:
                 # Not reached (yet): the Service's new endpoints may still be on their way to the proxy.
                 rows = f"rows {start}-{start + len(batch) - 1}"
@@ -92,6 +97,8 @@ class AppPodsClient:
                 raise TestSetError(
                     f"the candidate's answer to rows {start}-{start + len(batch) - 1}: {error}"
                 ) from None
+            if pair is not None and answered_by is not None and answered_by != pair:
+                raise CandidateUnreachable(f"rows {start}-{start + len(batch) - 1} were answered by {answered_by}")
             if status != 200:
                 raise TestSetError(f"the candidate answered {status} to rows {start}-{start + len(batch) - 1}")
             try:

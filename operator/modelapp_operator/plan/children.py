@@ -274,10 +274,11 @@ def child_metadata(app: ModelApp, *, candidate: bool = False) -> dict[str, Any]:
 
 
 def build_deployment(
-    app: ModelApp, release: Release, *, candidate: bool = False, shadow_url: str | None = None
+    app: ModelApp, release: Release, *, candidate: bool = False, shadow_url: str | None = None, idle: bool = False
 ) -> dict[str, Any]:
     """The stable Deployment, or the gate's candidate (`candidate`: its own name, labels and selector;
-    as many replicas, so it can take every user when the gate switches the Service to it)."""
+    as many replicas, so it can take every user when the gate switches the Service to it; `idle`: none,
+    no candidate is being decided)."""
     spec = app.spec
     return _with_applied_hash(
         {
@@ -285,7 +286,7 @@ def build_deployment(
             "kind": "Deployment",
             "metadata": child_metadata(app, candidate=candidate),
             "spec": {
-                "replicas": max(spec.replicas, 1) if candidate else spec.replicas,
+                "replicas": (0 if idle else max(spec.replicas, 1)) if candidate else spec.replicas,
                 "revisionHistoryLimit": 10,
                 "progressDeadlineSeconds": spec.rollout.progress_deadline_seconds,
                 "selector": {"matchLabels": selector_labels(app, candidate=candidate)},

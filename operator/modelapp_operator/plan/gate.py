@@ -6,9 +6,10 @@ beside it (Deployment `<name>-candidate`, Service `<name>-candidate`); users kee
 only. Its checks (plan/release_gate.py: the test set, shadow agreement, health) are judged on every
 tick. Pass: the user-facing Service's selector switches to the candidate's pods in one step; after
 `drainSeconds` the stable Deployment is rolled to W while it serves nothing, and once it is Ready on W
-the selector switches back (both sides now answer with W) and the candidate goes. Fail, time-out or
-`modelapp abort`: the candidate goes, S is untouched, and W is recorded as a failed pair (reason
-GateRejected) that is not tried again until the pair or the spec (its generation) changes.
+the selector switches back (both sides now answer with W) and the candidate is scaled to zero. Fail,
+time-out or `modelapp abort`: the candidate is scaled to zero, S is untouched, and W is recorded as a
+failed pair (reason GateRejected) that is not tried again until the pair or the spec (its generation)
+changes.
 
 Why the stable Deployment is rolled to W rather than the Service staying on the candidate: the stable
 Deployment keeps its name, history, scale subresource, autoscaler and rollback as for a Rolling
@@ -26,6 +27,7 @@ from typing import Any, Literal
 from modelapp_operator.api.modelapp_types import ModelApp
 from modelapp_operator.api.release_spec import ReleaseSpec
 from modelapp_operator.names import ANNOTATION_GATE_ACTION, ANNOTATION_GATE_ACTION_BY, Reason
+from modelapp_operator.plan.history import deployed_pair
 from modelapp_operator.plan.release import Pair, Release, describe_pair, entry_pair, pin_fields, release_pair
 from modelapp_operator.plan.release_gate import (
     AgreementThreshold,
@@ -162,7 +164,9 @@ def _settle(inputs: GateInputs, previous: dict[str, Any], gate_pair: Pair | None
             recheck_after=GATE_TICK_SECONDS,
         )
     previous.update(phase=GatePhase.PROMOTED, finishedAt=timestamp(now), message=previous.get("verdict", "promoted"))
-    event = Event("Normal", Reason.GATE_PROMOTED, f"{_describe(stable)} serves every user; the candidate is removed")
+    event = Event(
+        "Normal", Reason.GATE_PROMOTED, f"{_describe(stable)} serves every user; the candidate is scaled to zero"
+    )
     return GateDecision(stable_release=stable, status=previous, events=(event,))
 
 
@@ -207,7 +211,7 @@ def _decide(
             return _promote(inputs, wanted, stable, previous, now, by=action.by)
         return GateDecision(stable_release=stable, candidate_release=wanted, status=previous)
     shadow = inputs.figures.shadow
-    if shadow is not None and candidate_ready(inputs.candidate_deployment, inputs.replicas):
+    if shadow is not None and candidate_ready(inputs.candidate_deployment, inputs.replicas, previous):
         # Counted from SETTLE_SECONDS after the whole candidate is Ready: shadowed requests sent while its pods
         # were starting time out up to the stable pods' shadow time-out later, and are not its verdict.
         since = parse_timestamp(str(previous.get("baselineAt") or ""))
@@ -323,7 +327,7 @@ def _reject(
 def judge_checks(inputs: GateInputs, previous: Mapping[str, Any]) -> list[CheckResult]:
     """The spec's checks on this tick's figures; a test set decided on an earlier tick keeps its verdict."""
     spec, figures = inputs.release_spec, inputs.figures
-    ready = candidate_ready(inputs.candidate_deployment, inputs.replicas)
+    ready = candidate_ready(inputs.candidate_deployment, inputs.replicas, previous)
     checks: list[CheckResult] = []
     if spec.test_set is not None:
         decided = _recorded_check(previous, "testSet")
@@ -352,7 +356,15 @@ def judge_checks(inputs: GateInputs, previous: Mapping[str, Any]) -> list[CheckR
     return checks
 
 
-def candidate_ready(deployment: Mapping[str, Any] | None, replicas: int) -> bool:
+def candidate_ready(deployment: Mapping[str, Any] | None, replicas: int, gate: Mapping[str, Any]) -> bool:
+    """Whether the candidate Deployment runs the gate's candidate pair, scaled up, its rollout complete. A copy
+    read before the apply that started this candidate (the previous candidate's, or one scaled to zero) is not:
+    on real pods such a copy let the test set run while only the rejected candidate's terminating pods
+    answered on the Service (kube-proxy serves terminating endpoints when no other is ready)."""
+    if deployment is None or deployed_pair(deployment) != _gate_pair(gate):
+        return False
+    if not int(((deployment.get("spec") or {}).get("replicas")) or 0):
+        return False
     state = rollout_state(deployment, max(replicas, 1))
     return state is not None and state.complete
 

@@ -132,7 +132,6 @@ class ReconcilePlan:
     rolled_back: bool = False
     failure: Failure | None = None
     replica_summary: str | None = None  # overrides status.replicaSummary (an invalid spec keeps the old one)
-    delete: tuple[tuple[str, str, str], ...] = ()  # (apiVersion, kind, name) of children no longer wanted
     gate: GateDecision | None = None  # the release gate's step (its status replaces status.gate)
 
     @property
@@ -253,23 +252,25 @@ def plan_reconcile(inputs: ReconcileInputs, now: datetime) -> ReconcilePlan:
         pods = None
     apply: list[dict[str, Any]] = []
     events: list[Event] = [*gate.events] if blocked is None else []
-    delete: list[tuple[str, str, str]] = []
     if blocked is None:
         desired_service = build_service(app, serve_candidate=gate.serve == "candidate")
         if needs_apply(inputs.service, desired_service):
             apply.append(desired_service)
         if gated:
+            # Kept for the ModelApp's life (its address is the stable pods' shadow target); it goes with the
+            # ModelApp (owner reference).
             desired_candidate_service = build_candidate_service(app)
             if needs_apply(inputs.candidate_service, desired_candidate_service):
                 apply.append(desired_candidate_service)
-        elif inputs.candidate_service is not None:
-            delete.append(("v1", "Service", candidate_name(app)))
-        if gate.candidate_release is not None:
-            desired_candidate = build_deployment(app, gate.candidate_release, candidate=True)
+        # No candidate wanted: an existing candidate Deployment is scaled to zero, not deleted, so the operator
+        # needs no right to delete Deployments (its children go with the ModelApp, by owner reference).
+        candidate_release = gate.candidate_release or (release if inputs.candidate_deployment is not None else None)
+        if candidate_release is not None:
+            desired_candidate = build_deployment(
+                app, candidate_release, candidate=True, idle=gate.candidate_release is None
+            )
             if needs_apply(inputs.candidate_deployment, desired_candidate):
                 apply.append(desired_candidate)
-        elif inputs.candidate_deployment is not None:
-            delete.append(("apps/v1", "Deployment", candidate_name(app)))
         url = shadow_url(inputs.candidate_service) if gated else None
         defer = gated and app.spec.release.shadow is not None and url is None and inputs.deployment is None
         if defer:
@@ -314,7 +315,6 @@ def plan_reconcile(inputs: ReconcileInputs, now: datetime) -> ReconcilePlan:
         release=release,
         rolled_back=rollout.rollback is not None,
         failure=_failure(blocked, inputs.image_resolution, inputs.model_resolution),
-        delete=tuple(delete),
         gate=gate if blocked is None else None,
     )
 

@@ -183,11 +183,6 @@ class ChildCache:
             if watched is not None and not watched.is_older_than(self._applied[key]):
                 del self._applied[key]
 
-    def deleted(self, kind: str, namespace: str, name: str) -> None:
-        """We deleted it: our last apply's answer must not stand in for it until the watch's DELETED arrives."""
-        self._applied.pop((kind, namespace, name), None)
-        self._distrusted.add((kind, namespace, name))
-
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         assert self.lookup is not None
         watched = self.lookup(kind, namespace, name)

@@ -37,7 +37,7 @@ async def read_gate_figures(
     """While a gate tests and its candidate is Ready: the stable pods' shadow counts and, once, the test set."""
     gate = app.status.get("gate") or {}
     read_shadow, run_test_set = wants_figures(app.spec.release, gate)
-    if clients.app_pods is None or not candidate_ready(deployment, app.spec.replicas):
+    if clients.app_pods is None or not candidate_ready(deployment, app.spec.replicas, gate):
         return GateFigures()
     shadow: ShadowFigures | None = None
     test_set: CheckResult | None = None
@@ -50,11 +50,13 @@ async def read_gate_figures(
         shadow = shadow_figures(read.samples, label)
     url = shadow_url(service)
     if run_test_set and app.spec.release.test_set is not None and url is not None:
-        test_set = await _run_test_set(clients, app, app.spec.release.test_set.blob, url)
+        test_set = await _run_test_set(clients, app, app.spec.release.test_set.blob, url, gate_candidate(gate))
     return GateFigures(shadow=shadow, test_set=test_set)
 
 
-async def _run_test_set(clients: Clients, app: ModelApp, blob: str, candidate_url: str) -> CheckResult | None:
+async def _run_test_set(
+    clients: Clients, app: ModelApp, blob: str, candidate_url: str, pair: str | None
+) -> CheckResult | None:
     """The test set blob (beside the model, the model's credentials and allow-list), run against the candidate."""
     spec = app.spec.release.test_set
     assert spec is not None and clients.app_pods is not None
@@ -66,7 +68,7 @@ async def _run_test_set(clients: Clients, app: ModelApp, blob: str, candidate_ur
         credential = await model_credential(app, clients.kube)
         check_account(app, location, credential, clients.sources)
         test_set = parse_test_set(await clients.blob_reader.read_blob(location, credential))
-        answered = await clients.app_pods.predictions(candidate_url, test_set.instances)
+        answered = await clients.app_pods.predictions(candidate_url, test_set.instances, pair)
     except ModelResolutionError as error:
         return CheckResult("testSet", CheckState.FAILED, f"test set {blob}: {error.reason}: {error.message}")
     except TestSetError as error:

@@ -198,12 +198,6 @@ async def _reconcile_once(body: Mapping[str, Any], trigger: Trigger, deps: Depen
     applied_deployment = await _apply(deps, key, body, plan, absent)
     if plan.delete_autoscaler and autoscaler is not None:
         await clients.kube.delete_child(HPA_API_VERSION, HPA_KIND, *key, str(autoscaler["metadata"]["uid"]))
-    for api_version, kind, name in plan.delete:
-        existing = next((child for k, n, child in children if (k, n) == (kind, name)), None)
-        if existing is not None:
-            _must_lead(clients)
-            await clients.kube.delete_child(api_version, kind, app.namespace, name, str(existing["metadata"]["uid"]))
-            deps.state.children.deleted(kind, app.namespace, name)
     if plan.gate is not None and plan.gate.result is not None:
         METRICS.gate_result(plan.gate.result)
     METRICS.rollout_applied(key, deployment, applied_deployment, rollback=plan.rolled_back)
