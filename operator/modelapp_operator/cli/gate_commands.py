@@ -23,7 +23,7 @@ from modelapp_operator.cli.commands import (
     patch_modelapp,
     read_modelapp,
 )
-from modelapp_operator.cli.kube import KubeApiError, KubeClient
+from modelapp_operator.cli.kube import KubeApiError
 from modelapp_operator.names import ANNOTATION_GATE_ACTION, ANNOTATION_GATE_ACTION_BY, ANNOTATION_RECONCILE_REQUEST
 
 DECIDING_PHASES = ("Testing", "AwaitingPromotion")
@@ -56,23 +56,13 @@ def build_gate_action_patch(action: str, candidate: str, user: str, now: datetim
     }
 
 
-def whoami(client: KubeClient) -> str:
-    """The user the API server authenticates this kubeconfig as (SelfSubjectReview)."""
-    review = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
-    answer = client.request("POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews", review) or {}
-    user = ((answer.get("status") or {}).get("userInfo") or {}).get("username")
-    if not isinstance(user, str) or not user:
-        raise KubeApiError(0, "Unknown", "the API server did not say who this kubeconfig's user is")
-    return user
-
-
 def cmd_gate_action(args: argparse.Namespace) -> int:
     """modelapp promote|abort NAME: override the gate's candidate."""
     client, namespace = connect(args)
     body = read_modelapp(client, namespace, args.name)
     try:
         candidate = candidate_label(body)
-        user = whoami(client)
+        user = client.username()
     except GateActionError as error:
         raise CliError(EXIT_ERROR, f"modelapp {namespace}/{args.name}: {error}") from None
     except KubeApiError as error:

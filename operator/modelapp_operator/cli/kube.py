@@ -263,5 +263,15 @@ class KubeClient:
         answer = self.request("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews", review) or {}
         return bool((answer.get("status") or {}).get("allowed"))
 
+    def username(self) -> str:
+        """The user the API server authenticates this kubeconfig as (SelfSubjectReview, which every
+        authenticated user may create): the name a release gate action records."""
+        review = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+        answer = self.request("POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews", review) or {}
+        user = ((answer.get("status") or {}).get("userInfo") or {}).get("username")
+        if not isinstance(user, str) or not user:
+            raise KubeApiError(0, "Unknown", "the API server did not say who this kubeconfig's user is")
+        return user
+
     def patch_modelapp(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         return self.merge_patch(API_VERSION, PLURAL, namespace, name, patch)

@@ -18,6 +18,7 @@ release, so the gate adds two states instead of a second set of them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -211,14 +212,15 @@ def _decide(
             return _promote(inputs, wanted, stable, previous, now, by=action.by)
         return GateDecision(stable_release=stable, candidate_release=wanted, status=previous)
     shadow = inputs.figures.shadow
-    if shadow is not None and candidate_ready(inputs.candidate_deployment, inputs.replicas, previous):
+    ready = candidate_ready(inputs.candidate_deployment, inputs.replicas, previous)
+    if shadow is not None and ready:
         # Counted from SETTLE_SECONDS after the whole candidate is Ready: shadowed requests sent while its pods
         # were starting time out up to the stable pods' shadow time-out later, and are not its verdict.
         since = parse_timestamp(str(previous.get("baselineAt") or ""))
         if since is None or (now - since).total_seconds() < SETTLE_SECONDS:
             previous["baseline"] = shadow.record()
             previous.setdefault("baselineAt", timestamp(now))
-    checks = judge_checks(inputs, previous)
+    checks = judge_checks(inputs, previous, ready)
     elapsed = (now - (parse_timestamp(str(previous.get("startedAt") or "")) or now)).total_seconds()
     verdict = overall(checks, elapsed, spec.timeout_seconds)
     previous.update(checks=[_check_status(c) for c in checks], message=verdict.message)
@@ -255,17 +257,8 @@ def _promote(
     why = f"promoted by {by}" if by is not None else f"passed: {previous.get('verdict', '')}"
     previous["message"] = f"{why}; users are answered by the candidate"
     event = Event("Normal", Reason.GATE_PASSED, f"candidate {_describe(wanted)} {why}; the Service now selects it")
-    decision = _promoting(inputs, wanted, stable, previous, now)
     result = "overridden" if by is not None else "passed"
-    return GateDecision(
-        stable_release=decision.stable_release,
-        candidate_release=wanted,
-        serve="candidate",
-        status=previous,
-        events=(event,),
-        recheck_after=decision.recheck_after,
-        result=result,
-    )
+    return dataclasses.replace(_promoting(inputs, wanted, stable, previous, now), events=(event,), result=result)
 
 
 def _promoting(
@@ -324,10 +317,10 @@ def _reject(
     )
 
 
-def judge_checks(inputs: GateInputs, previous: Mapping[str, Any]) -> list[CheckResult]:
-    """The spec's checks on this tick's figures; a test set decided on an earlier tick keeps its verdict."""
+def judge_checks(inputs: GateInputs, previous: Mapping[str, Any], ready: bool) -> list[CheckResult]:
+    """The spec's checks on this tick's figures; a test set decided on an earlier tick keeps its verdict.
+    ready: the candidate runs its pair, scaled up and rolled out (candidate_ready)."""
     spec, figures = inputs.release_spec, inputs.figures
-    ready = candidate_ready(inputs.candidate_deployment, inputs.replicas, previous)
     checks: list[CheckResult] = []
     if spec.test_set is not None:
         decided = _recorded_check(previous, "testSet")
